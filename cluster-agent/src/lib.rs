@@ -1,0 +1,2 @@
+//! l2mesh cluster agent library: onboarding, intent sources (Kubernetes or a
+//! manifest directory), desired node state, node sync and the CNI plugin.
