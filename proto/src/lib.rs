@@ -11,6 +11,8 @@
 
 use std::fmt;
 
+pub mod join;
+
 /// `l2mesh.broker.v1`: onboarding, reports, the cluster view and admin calls.
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod broker {
