@@ -71,6 +71,7 @@ mod tests {
                 name: "blue".into(),
                 vni: 4097,
                 mtu: 1390,
+                pod_cidr: "10.1.0.0/24".into(),
             }],
             peers: vec![PeerSpec {
                 public_key: vec![7; 32],
