@@ -15,28 +15,24 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run as a Kubernetes controller.
-    Kubernetes,
-    /// Run on hosts without Kubernetes, reading manifests from a directory.
-    Standalone {
-        /// Directory of L2Network manifests and the node list.
-        #[arg(long, env = "L2MESH_MANIFESTS")]
-        manifests: std::path::PathBuf,
-        /// Directory where the agent keeps its identity.
-        #[arg(long, env = "L2MESH_STATE_DIR")]
-        state_dir: std::path::PathBuf,
-    },
-    /// Print the CustomResourceDefinitions as YAML.
+    /// Print the CustomResourceDefinitions as YAML (what deploy/crds/ holds).
     Crd,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    eprintln!(
-        "l2mesh-agent: {:?} is not built yet; nothing was done",
-        cli.command
-    );
-    ExitCode::from(2)
+    let result = match cli.command {
+        Command::Crd => l2mesh_cluster_agent::crd::crds_yaml()
+            .map(|text| print!("{text}"))
+            .map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("l2mesh-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

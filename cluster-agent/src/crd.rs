@@ -1,0 +1,365 @@
+//! The `L2Network` custom resource (group `l2mesh.io`) and its validation.
+//!
+//! The same type is read from the Kubernetes API and, in standalone mode, from
+//! YAML manifests in a directory, so validation lives here and not in an
+//! admission webhook.
+
+use ipnet::Ipv4Net;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every l2mesh resource.
+pub const GROUP: &str = "l2mesh.io";
+/// API version of `L2Network`.
+pub const VERSION: &str = "v1alpha1";
+/// Default pod MTU: 1500 underlay minus WireGuard, VXLAN and Ethernet headers.
+pub const DEFAULT_MTU: u32 = 1390;
+/// Smallest MTU accepted (the IPv4 minimum).
+pub const MIN_MTU: u32 = 576;
+/// Largest MTU accepted (jumbo underlay minus overhead).
+pub const MAX_MTU: u32 = 8890;
+
+/// Whether a network stays inside this cluster or spans clusters through the broker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Scope {
+    /// Only this cluster's nodes; the VNI is allocated by the agent (1..=4095).
+    #[default]
+    Local,
+    /// Joined through the broker with other clusters; the VNI comes from the broker.
+    MultiCluster,
+}
+
+/// An isolated layer-2 network that pods attach to as a secondary interface.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "l2mesh.io",
+    version = "v1alpha1",
+    kind = "L2Network",
+    plural = "l2networks",
+    shortname = "l2net",
+    namespaced,
+    status = "L2NetworkStatus",
+    printcolumn = r#"{"name":"Scope","type":"string","jsonPath":".spec.scope"}"#,
+    printcolumn = r#"{"name":"VNI","type":"integer","jsonPath":".status.vni"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct L2NetworkSpec {
+    /// `local` (default) or `multiCluster`.
+    #[serde(default)]
+    pub scope: Scope,
+    /// MTU of the pod interfaces; default 1390.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// IPv4 range (CIDR) pods get addresses from; none means no l2mesh IPAM.
+    /// For multi-cluster networks the broker's range wins; this one must match it if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_range: Option<String>,
+    /// Name of the network at the broker (multiCluster only); defaults to the resource name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_network: Option<String>,
+}
+
+/// Observed state of an `L2Network`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct L2NetworkStatus {
+    /// `Ready`, `Admitted` (multi-cluster: the broker's answer) and `PeersConnected`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// VXLAN network identifier in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+    /// Clusters admitted to this network, this one included.
+    #[serde(default)]
+    pub member_clusters: Vec<String>,
+    /// Pod interfaces plugged into the network, per node.
+    #[serde(default)]
+    pub attached_pods: Vec<AttachedPod>,
+    /// Health of the tunnels this network's traffic uses.
+    #[serde(default)]
+    pub link_health: Vec<LinkHealthStatus>,
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A status condition in the usual Kubernetes shape.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Ready`, `Admitted` or `PeersConnected`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// CamelCase machine-readable reason.
+    #[serde(default)]
+    pub reason: String,
+    /// Human-readable explanation.
+    #[serde(default)]
+    pub message: String,
+    /// RFC 3339 time of the last status change.
+    #[serde(default)]
+    pub last_transition_time: String,
+}
+
+/// One pod interface on a node's bridge for this network.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachedPod {
+    pub node: String,
+    /// Host-side interface name.
+    pub interface: String,
+}
+
+/// Health of one tunnel (node to node, or gateway to remote gateway).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkHealthStatus {
+    /// Node that reports the link.
+    pub node: String,
+    /// Peer node or `cluster/node` of a remote gateway.
+    pub peer: String,
+    pub up: bool,
+    /// Milliseconds since the last handshake, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handshake_age_ms: Option<u64>,
+}
+
+/// Why an `L2Network` manifest was rejected. Nothing is changed when this is returned.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ValidationError {
+    #[error("L2Network {0}: metadata.name is missing: give the network a name")]
+    MissingName(String),
+    #[error(
+        "L2Network {name}: name {name:?} is not a DNS-1123 label (lowercase letters, digits and '-', at most 63 characters, starting and ending with a letter or digit): rename it"
+    )]
+    BadName { name: String },
+    #[error(
+        "L2Network {name}: mtu {mtu} is outside {MIN_MTU}..={MAX_MTU}: pick an MTU in that range or leave it out for {DEFAULT_MTU}"
+    )]
+    BadMtu { name: String, mtu: u32 },
+    #[error(
+        "L2Network {name}: ipRange {range:?} is not an IPv4 CIDR like 10.10.0.0/16: fix spec.ipRange"
+    )]
+    BadRange { name: String, range: String },
+    #[error(
+        "L2Network {name}: ipRange {range} is too small (prefix /{prefix}); use /28 or larger so every node gets addresses"
+    )]
+    RangeTooSmall {
+        name: String,
+        range: String,
+        prefix: u8,
+    },
+    #[error(
+        "L2Network {name}: brokerNetwork is only meaningful with scope multiCluster: remove it or set scope: multiCluster"
+    )]
+    BrokerNetworkOnLocal { name: String },
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+impl L2Network {
+    /// `namespace/name` for messages and keys.
+    #[must_use]
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}",
+            self.metadata.namespace.as_deref().unwrap_or("default"),
+            self.metadata.name.as_deref().unwrap_or("")
+        )
+    }
+
+    /// The MTU in effect.
+    #[must_use]
+    pub fn mtu(&self) -> u32 {
+        self.spec.mtu.unwrap_or(DEFAULT_MTU)
+    }
+
+    /// The name the network has at the broker (multi-cluster scope).
+    #[must_use]
+    pub fn broker_name(&self) -> String {
+        self.spec
+            .broker_network
+            .clone()
+            .unwrap_or_else(|| self.metadata.name.clone().unwrap_or_default())
+    }
+
+    /// The name the network has on the nodes (dataplane, CNI config).
+    /// Multi-cluster networks use the broker name; local ones their own name,
+    /// prefixed with the namespace outside `default` so names never clash.
+    #[must_use]
+    pub fn dataplane_name(&self) -> String {
+        match self.spec.scope {
+            Scope::MultiCluster => self.broker_name(),
+            Scope::Local => {
+                let name = self.metadata.name.clone().unwrap_or_default();
+                match self.metadata.namespace.as_deref() {
+                    None | Some("default") => name,
+                    Some(ns) => format!("{ns}.{name}"),
+                }
+            }
+        }
+    }
+
+    /// The parsed IP range, if any.
+    pub fn ip_range(&self) -> Result<Option<Ipv4Net>, ValidationError> {
+        let name = self.key();
+        match self.spec.ip_range.as_deref().map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(range) => {
+                let net: Ipv4Net = range.parse().map_err(|_| ValidationError::BadRange {
+                    name: name.clone(),
+                    range: range.to_owned(),
+                })?;
+                if net.prefix_len() > 28 {
+                    return Err(ValidationError::RangeTooSmall {
+                        name,
+                        range: range.to_owned(),
+                        prefix: net.prefix_len(),
+                    });
+                }
+                Ok(Some(net.trunc()))
+            }
+        }
+    }
+
+    /// Check everything a manifest can get wrong.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let key = self.key();
+        let name = self
+            .metadata
+            .name
+            .as_deref()
+            .ok_or_else(|| ValidationError::MissingName(key.clone()))?;
+        if !is_dns_label(name) {
+            return Err(ValidationError::BadName {
+                name: name.to_owned(),
+            });
+        }
+        if let Some(mtu) = self.spec.mtu
+            && !(MIN_MTU..=MAX_MTU).contains(&mtu)
+        {
+            return Err(ValidationError::BadMtu { name: key, mtu });
+        }
+        self.ip_range()?;
+        if self.spec.scope == Scope::Local && self.spec.broker_network.is_some() {
+            return Err(ValidationError::BrokerNetworkOnLocal { name: key });
+        }
+        Ok(())
+    }
+}
+
+/// The CustomResourceDefinitions as one multi-document YAML text.
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt as _;
+    let crd = L2Network::crd();
+    Ok(format!(
+        "# Generated by `l2mesh-agent crd`; do not edit.\n---\n{}",
+        serde_yaml::to_string(&crd)?
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(yaml: &str) -> L2Network {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn checked_in_crds_are_current() {
+        let generated = crds_yaml().unwrap();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds/l2network.yaml");
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            generated == checked_in,
+            "deploy/crds/l2network.yaml is stale: run `cargo run -p l2mesh-cluster-agent --bin l2mesh-agent -- crd > deploy/crds/l2network.yaml`"
+        );
+    }
+
+    #[test]
+    fn crd_has_group_scope_and_status_subresource() {
+        let text = crds_yaml().unwrap();
+        assert!(text.contains("name: l2networks.l2mesh.io"));
+        assert!(text.contains("scope: Namespaced"));
+        assert!(text.contains("status: {}"));
+        assert!(text.contains("multiCluster"));
+    }
+
+    #[test]
+    fn a_minimal_manifest_gets_defaults() {
+        let n = net(
+            "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: blue}\nspec: {}\n",
+        );
+        n.validate().unwrap();
+        assert_eq!(n.spec.scope, Scope::Local);
+        assert_eq!(n.mtu(), DEFAULT_MTU);
+        assert_eq!(n.dataplane_name(), "blue");
+        assert_eq!(n.ip_range().unwrap(), None);
+    }
+
+    #[test]
+    fn names_and_keys() {
+        let n = net(
+            "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: red, namespace: team}\nspec: {scope: multiCluster, brokerNetwork: shared-red, ipRange: 10.9.0.0/16}\n",
+        );
+        n.validate().unwrap();
+        assert_eq!(n.key(), "team/red");
+        assert_eq!(n.dataplane_name(), "shared-red");
+        assert_eq!(n.broker_name(), "shared-red");
+        let local = net(
+            "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: red, namespace: team}\nspec: {}\n",
+        );
+        assert_eq!(local.dataplane_name(), "team.red");
+    }
+
+    #[test]
+    fn bad_manifests_get_specific_errors() {
+        let base =
+            "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: NAME}\nspec: SPEC\n";
+        let make = |name: &str, spec: &str| net(&base.replace("NAME", name).replace("SPEC", spec));
+        assert!(matches!(
+            make("Blue_1", "{}").validate(),
+            Err(ValidationError::BadName { .. })
+        ));
+        assert!(matches!(
+            make("b", "{mtu: 100}").validate(),
+            Err(ValidationError::BadMtu { mtu: 100, .. })
+        ));
+        assert!(matches!(
+            make("b", "{ipRange: 10.0.0.0/33}").validate(),
+            Err(ValidationError::BadRange { .. })
+        ));
+        assert!(matches!(
+            make("b", "{ipRange: 10.0.0.0/30}").validate(),
+            Err(ValidationError::RangeTooSmall { prefix: 30, .. })
+        ));
+        assert!(matches!(
+            make("b", "{brokerNetwork: x}").validate(),
+            Err(ValidationError::BrokerNetworkOnLocal { .. })
+        ));
+        let msg = make("b", "{ipRange: nope}")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("spec.ipRange"), "{msg}");
+        assert!(
+            serde_yaml::from_str::<L2Network>(
+                &base.replace("NAME", "b").replace("SPEC", "{scope: galaxy}")
+            )
+            .is_err()
+        );
+    }
+}

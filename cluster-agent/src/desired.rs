@@ -1,0 +1,581 @@
+//! The pure core: from the cluster's nodes (and what they said in their
+//! hellos), its L2Networks and the broker's view, compute every node's
+//! desired dataplane state, the gateways to report, and each network's status.
+//! No I/O here; both the Kubernetes controller and standalone mode call it.
+
+use crate::crd::{L2Network, Scope};
+use crate::ipam::Allocations;
+use ipnet::Ipv4Net;
+use l2mesh_proto::broker::{Admission, AdmissionState, ClusterView, Gateway, PeerGateway};
+use l2mesh_proto::node::{DesiredState, NetworkSpec, NodeIdentity, PeerGroup, PeerSpec};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Keepalive for every tunnel: keeps NAT and conntrack state alive and makes
+/// link health measurable even when a network is idle.
+pub const PERSISTENT_KEEPALIVE_SECS: u32 = 25;
+
+/// A node of this cluster as the operator declared it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeEntry {
+    pub name: String,
+    /// Gateway nodes also tunnel to the gateways of other clusters.
+    #[serde(default)]
+    pub gateway: bool,
+    /// Underlay `ip:port` other nodes use to reach this one; overrides the
+    /// endpoints the node reports itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+/// What a node's dataplane told the agent in its `NodeHello`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hello {
+    pub public_key: Vec<u8>,
+    pub listen_port: u32,
+    pub endpoints: Vec<String>,
+}
+
+/// What became of one L2Network this round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkOutcome {
+    /// `namespace/name` of the L2Network.
+    pub key: String,
+    /// Name on the nodes.
+    pub name: String,
+    pub scope: Scope,
+    pub mtu: u32,
+    /// Set when the network is active on the nodes.
+    pub vni: Option<u32>,
+    /// The range pods of this cluster get addresses from (local: ipRange;
+    /// multi-cluster: the broker's share for this cluster).
+    pub cluster_range: Option<Ipv4Net>,
+    /// The network's whole range (pods use its prefix length).
+    pub range: Option<Ipv4Net>,
+    /// Multi-cluster: whether the broker admitted this cluster, and why not.
+    pub admission: Option<(AdmissionState, String)>,
+    /// Problem that keeps the network from being ready.
+    pub problem: Option<String>,
+    pub members: Vec<String>,
+    pub remote_peers: Vec<PeerGateway>,
+}
+
+impl NetworkOutcome {
+    /// Whether the network is installed on the nodes.
+    #[must_use]
+    pub fn active(&self) -> bool {
+        self.vni.is_some()
+    }
+}
+
+/// Resolve each L2Network against the allocations and the broker view.
+/// `admissions` are the broker's latest answers to `RequestNetworks`; those in
+/// the view win when both exist.
+pub fn resolve_networks(
+    networks: &[L2Network],
+    view: Option<&ClusterView>,
+    admissions: &[Admission],
+    allocs: &mut Allocations,
+) -> Vec<NetworkOutcome> {
+    let mut seen_names: BTreeMap<String, String> = BTreeMap::new();
+    let mut out = Vec::new();
+    let mut sorted: Vec<&L2Network> = networks.iter().collect();
+    // Oldest first would be nicer, but key order is stable and deterministic
+    // in both modes; a clash is reported on the later key.
+    sorted.sort_by_key(|n| n.key());
+    for net in sorted {
+        let mut o = NetworkOutcome {
+            key: net.key(),
+            name: net.dataplane_name(),
+            scope: net.spec.scope,
+            mtu: net.mtu(),
+            vni: None,
+            cluster_range: None,
+            range: None,
+            admission: None,
+            problem: None,
+            members: Vec::new(),
+            remote_peers: Vec::new(),
+        };
+        if let Err(e) = net.validate() {
+            o.problem = Some(e.to_string());
+            out.push(o);
+            continue;
+        }
+        if let Some(other) = seen_names.get(&o.name) {
+            o.problem = Some(format!(
+                "network name {:?} on the nodes is already used by L2Network {other}: rename one of them",
+                o.name
+            ));
+            out.push(o);
+            continue;
+        }
+        seen_names.insert(o.name.clone(), o.key.clone());
+        let own_range = net.ip_range().ok().flatten();
+        match net.spec.scope {
+            Scope::Local => match allocs.local_vni(&o.name) {
+                Ok(vni) => {
+                    o.vni = Some(vni);
+                    o.range = own_range;
+                    o.cluster_range = own_range;
+                }
+                Err(e) => o.problem = Some(e.to_string()),
+            },
+            Scope::MultiCluster => resolve_multi(&mut o, net, own_range, view, admissions),
+        }
+        out.push(o);
+    }
+    // Local VNIs of networks that are gone are released (and reused only
+    // after the rest of the space).
+    let keep: BTreeSet<String> = out
+        .iter()
+        .filter(|o| o.scope == Scope::Local && o.vni.is_some())
+        .map(|o| o.name.clone())
+        .collect();
+    allocs.vnis.retain(&keep);
+    out
+}
+
+fn resolve_multi(
+    o: &mut NetworkOutcome,
+    net: &L2Network,
+    own_range: Option<Ipv4Net>,
+    view: Option<&ClusterView>,
+    admissions: &[Admission],
+) {
+    let broker_name = net.broker_name();
+    let admission = view
+        .into_iter()
+        .flat_map(|v| v.admissions.iter())
+        .chain(admissions.iter())
+        .find(|a| a.network == broker_name);
+    if let Some(a) = admission {
+        o.admission = Some((a.state(), a.reason.clone()));
+    }
+    let Some(vn) = view.and_then(|v| v.networks.iter().find(|n| n.name == broker_name)) else {
+        if o.admission.is_none() {
+            o.admission = Some((
+                AdmissionState::Unspecified,
+                "waiting for the broker's answer".to_owned(),
+            ));
+        }
+        return;
+    };
+    o.admission = Some((AdmissionState::Admitted, String::new()));
+    o.vni = Some(vn.vni);
+    if vn.mtu != 0 {
+        o.mtu = vn.mtu;
+    }
+    o.range = vn.cidr.parse().ok();
+    o.cluster_range = vn.cluster_cidr.parse().ok();
+    if let (Some(mine), Some(theirs)) = (own_range, o.range)
+        && mine != theirs
+    {
+        o.problem = Some(format!(
+            "spec.ipRange {mine} differs from the broker's range {theirs}: the broker's range is used; fix or remove spec.ipRange"
+        ));
+    }
+    o.members = vn.members.clone();
+    o.remote_peers = vn.peers.clone();
+}
+
+/// Everything the nodes should have, plus what to tell the broker.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterPlan {
+    /// Node name → desired state (revision left 0; the server stamps it).
+    pub nodes: BTreeMap<String, DesiredState>,
+    /// Gateways to report to the broker.
+    pub gateways: Vec<Gateway>,
+    /// Broker network names to request.
+    pub requested_networks: Vec<String>,
+    /// Problems that are not about one network (e.g. tunnel subnet exhausted).
+    pub problems: Vec<String>,
+}
+
+fn endpoint_of(node: &NodeEntry, hello: &Hello) -> Vec<String> {
+    match &node.endpoint {
+        Some(e) => vec![e.clone()],
+        None => hello.endpoints.clone(),
+    }
+}
+
+/// Compute every node's desired state.
+pub fn plan(
+    nodes: &[NodeEntry],
+    hellos: &BTreeMap<String, Hello>,
+    networks: &[NetworkOutcome],
+    tunnel_subnet: Ipv4Net,
+    allocs: &mut Allocations,
+) -> ClusterPlan {
+    let mut plan = ClusterPlan {
+        requested_networks: networks
+            .iter()
+            // Invalid or clashing manifests are not asked for; admitted ones
+            // with a warning (range mismatch) still are.
+            .filter(|n| n.scope == Scope::MultiCluster && (n.problem.is_none() || n.vni.is_some()))
+            .map(|n| n.name.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        ..ClusterPlan::default()
+    };
+    // Tunnel IPs: stable per node; released when a node leaves the list.
+    let names: BTreeSet<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    allocs.tunnel_ips.retain(&names);
+    let mut tunnel_ips = BTreeMap::new();
+    for node in nodes {
+        match allocs.tunnel_ip(&node.name, tunnel_subnet) {
+            Ok(ip) => {
+                tunnel_ips.insert(node.name.clone(), ip.to_string());
+            }
+            Err(e) => plan.problems.push(format!("node {}: {e}", node.name)),
+        }
+    }
+    let active: Vec<&NetworkOutcome> = networks.iter().filter(|n| n.active()).collect();
+    let all_vnis: Vec<u32> = active
+        .iter()
+        .filter_map(|n| n.vni)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    // Node slices of each network's range; released when a node leaves.
+    for n in &active {
+        if let Some(slices) = allocs.slices.get_mut(&n.name) {
+            slices.retain(&names);
+        }
+    }
+    allocs
+        .slices
+        .retain(|name, _| active.iter().any(|n| &n.name == name));
+
+    for node in nodes {
+        let Some(tunnel_ip) = tunnel_ips.get(&node.name) else {
+            continue;
+        };
+        let mut state = DesiredState {
+            revision: 0,
+            identity: Some(NodeIdentity {
+                node_name: node.name.clone(),
+                tunnel_ip: tunnel_ip.clone(),
+                listen_port: 0,
+            }),
+            networks: Vec::new(),
+            peers: Vec::new(),
+        };
+        for n in &active {
+            let pod_cidr = match n.cluster_range {
+                Some(range) => match allocs.node_slice(&n.name, &node.name, range) {
+                    Ok(s) => s.to_string(),
+                    Err(e) => {
+                        plan.problems
+                            .push(format!("network {}: node {}: {e}", n.key, node.name));
+                        String::new()
+                    }
+                },
+                None => String::new(),
+            };
+            state.networks.push(NetworkSpec {
+                name: n.name.clone(),
+                vni: n.vni.unwrap_or_default(),
+                mtu: n.mtu,
+                pod_cidr,
+            });
+        }
+        for other in nodes {
+            if other.name == node.name {
+                continue;
+            }
+            let (Some(hello), Some(ip)) = (hellos.get(&other.name), tunnel_ips.get(&other.name))
+            else {
+                continue;
+            };
+            state.peers.push(PeerSpec {
+                public_key: hello.public_key.clone(),
+                endpoint: endpoint_of(other, hello)
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default(),
+                tunnel_ip: ip.clone(),
+                vnis: all_vnis.clone(),
+                group: PeerGroup::Local.into(),
+                persistent_keepalive: PERSISTENT_KEEPALIVE_SECS,
+                name: other.name.clone(),
+            });
+        }
+        if node.gateway {
+            state.peers.extend(remote_peers(&active));
+        }
+        plan.nodes.insert(node.name.clone(), state);
+    }
+    for node in nodes.iter().filter(|n| n.gateway) {
+        if let (Some(hello), Some(ip)) = (hellos.get(&node.name), tunnel_ips.get(&node.name)) {
+            plan.gateways.push(Gateway {
+                node: node.name.clone(),
+                public_key: hello.public_key.clone(),
+                endpoints: endpoint_of(node, hello),
+                tunnel_ip: ip.clone(),
+            });
+        }
+    }
+    plan
+}
+
+/// Remote gateways of every active multi-cluster network, one peer per key
+/// with the VNIs of all networks it serves.
+fn remote_peers(active: &[&NetworkOutcome]) -> Vec<PeerSpec> {
+    let mut by_key: BTreeMap<Vec<u8>, PeerSpec> = BTreeMap::new();
+    for n in active.iter().filter(|n| n.scope == Scope::MultiCluster) {
+        let Some(vni) = n.vni else { continue };
+        for p in &n.remote_peers {
+            let entry = by_key
+                .entry(p.public_key.clone())
+                .or_insert_with(|| PeerSpec {
+                    public_key: p.public_key.clone(),
+                    endpoint: p.endpoints.first().cloned().unwrap_or_default(),
+                    tunnel_ip: p.tunnel_ip.clone(),
+                    vnis: Vec::new(),
+                    group: PeerGroup::Remote.into(),
+                    persistent_keepalive: PERSISTENT_KEEPALIVE_SECS,
+                    name: format!("{}/{}", p.cluster, p.node),
+                });
+            if !entry.vnis.contains(&vni) {
+                entry.vnis.push(vni);
+                entry.vnis.sort_unstable();
+            }
+        }
+    }
+    by_key.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use l2mesh_proto::broker::ViewNetwork;
+
+    fn l2net(name: &str, spec: &str) -> L2Network {
+        serde_yaml::from_str(&format!(
+            "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {{name: {name}, namespace: default}}\nspec: {spec}\n"
+        ))
+        .unwrap()
+    }
+
+    fn node(name: &str, gateway: bool) -> NodeEntry {
+        NodeEntry {
+            name: name.into(),
+            gateway,
+            endpoint: Some(format!("192.0.2.{}:51820", name.len())),
+        }
+    }
+
+    fn hello(key: u8) -> Hello {
+        Hello {
+            public_key: vec![key; 32],
+            listen_port: 51820,
+            endpoints: vec!["198.51.100.1:51820".into()],
+        }
+    }
+
+    fn view() -> ClusterView {
+        ClusterView {
+            revision: 4,
+            cluster_name: "edge".into(),
+            tunnel_subnet: "100.64.1.0/24".into(),
+            networks: vec![ViewNetwork {
+                name: "shared".into(),
+                vni: 4100,
+                mtu: 1380,
+                cidr: "10.50.0.0/16".into(),
+                cluster_cidr: "10.50.16.0/20".into(),
+                peers: vec![PeerGateway {
+                    cluster: "cloud".into(),
+                    node: "gw".into(),
+                    public_key: vec![9; 32],
+                    endpoints: vec!["203.0.113.5:51820".into()],
+                    tunnel_ip: "100.64.2.1".into(),
+                }],
+                members: vec!["cloud".into(), "edge".into()],
+            }],
+            admissions: vec![],
+        }
+    }
+
+    fn subnet() -> Ipv4Net {
+        "100.64.1.0/24".parse().unwrap()
+    }
+
+    #[test]
+    fn local_and_admitted_multi_networks_resolve() {
+        let mut allocs = Allocations::default();
+        let nets = vec![
+            l2net("blue", "{ipRange: 10.1.0.0/16}"),
+            l2net("shared", "{scope: multiCluster}"),
+        ];
+        let out = resolve_networks(&nets, Some(&view()), &[], &mut allocs);
+        assert_eq!(out[0].vni, Some(1));
+        assert_eq!(out[0].cluster_range, Some("10.1.0.0/16".parse().unwrap()));
+        assert_eq!(out[1].vni, Some(4100));
+        assert_eq!(out[1].mtu, 1380);
+        assert_eq!(out[1].cluster_range, Some("10.50.16.0/20".parse().unwrap()));
+        assert_eq!(
+            out[1].admission.as_ref().unwrap().0,
+            AdmissionState::Admitted
+        );
+    }
+
+    #[test]
+    fn denied_network_is_inactive_with_the_brokers_reason() {
+        let mut allocs = Allocations::default();
+        let nets = vec![l2net("secret", "{scope: multiCluster}")];
+        let denied = Admission {
+            network: "secret".into(),
+            state: AdmissionState::Denied.into(),
+            reason: "cluster edge is not allowed on network secret".into(),
+        };
+        let out = resolve_networks(&nets, Some(&view()), &[denied], &mut allocs);
+        assert!(!out[0].active());
+        let (state, reason) = out[0].admission.clone().unwrap();
+        assert_eq!(state, AdmissionState::Denied);
+        assert!(reason.contains("not allowed"));
+        // Without any answer yet it waits.
+        let out = resolve_networks(&nets, None, &[], &mut allocs);
+        assert_eq!(
+            out[0].admission.as_ref().unwrap().0,
+            AdmissionState::Unspecified
+        );
+    }
+
+    #[test]
+    fn invalid_and_clashing_networks_are_reported_not_applied() {
+        let mut allocs = Allocations::default();
+        let mut other_ns = l2net("blue", "{scope: multiCluster, brokerNetwork: blue}");
+        other_ns.metadata.namespace = Some("team".into());
+        let nets = vec![l2net("blue", "{}"), other_ns, l2net("bad", "{mtu: 5}")];
+        let out = resolve_networks(&nets, None, &[], &mut allocs);
+        let by_key: BTreeMap<_, _> = out.iter().map(|o| (o.key.clone(), o)).collect();
+        assert!(
+            by_key["default/bad"]
+                .problem
+                .as_ref()
+                .unwrap()
+                .contains("mtu")
+        );
+        assert!(by_key["default/blue"].active());
+        assert!(
+            by_key["team/blue"]
+                .problem
+                .as_ref()
+                .unwrap()
+                .contains("already used")
+        );
+    }
+
+    #[test]
+    fn local_vnis_are_stable_across_rounds_and_released_when_deleted() {
+        let mut allocs = Allocations::default();
+        let a = resolve_networks(
+            &[l2net("a", "{}"), l2net("b", "{}")],
+            None,
+            &[],
+            &mut allocs,
+        );
+        assert_eq!((a[0].vni, a[1].vni), (Some(1), Some(2)));
+        let b = resolve_networks(&[l2net("b", "{}")], None, &[], &mut allocs);
+        assert_eq!(b[0].vni, Some(2));
+        let c = resolve_networks(
+            &[l2net("b", "{}"), l2net("c", "{}")],
+            None,
+            &[],
+            &mut allocs,
+        );
+        assert_eq!(c[1].vni, Some(3));
+    }
+
+    fn full_plan() -> ClusterPlan {
+        let mut allocs = Allocations::default();
+        let nets = vec![
+            l2net("blue", "{ipRange: 10.1.0.0/16}"),
+            l2net("shared", "{scope: multiCluster}"),
+        ];
+        let out = resolve_networks(&nets, Some(&view()), &[], &mut allocs);
+        let nodes = vec![
+            node("gw1", true),
+            node("worker", false),
+            node("silent", false),
+        ];
+        let hellos: BTreeMap<String, Hello> = [
+            ("gw1".to_owned(), hello(1)),
+            ("worker".to_owned(), hello(2)),
+        ]
+        .into();
+        plan(&nodes, &hellos, &out, subnet(), &mut allocs)
+    }
+
+    #[test]
+    fn non_gateways_peer_only_with_their_own_cluster() {
+        let p = full_plan();
+        let worker = &p.nodes["worker"];
+        assert_eq!(worker.peers.len(), 1, "only gw1 has said hello");
+        let gw = &worker.peers[0];
+        assert_eq!(gw.group(), PeerGroup::Local);
+        assert_eq!(gw.name, "gw1");
+        assert_eq!(gw.vnis, vec![1, 4100]);
+        assert_eq!(
+            gw.endpoint, "192.0.2.3:51820",
+            "the nodes file endpoint wins"
+        );
+        assert_eq!(gw.tunnel_ip, "100.64.1.1");
+        assert_eq!(worker.identity.as_ref().unwrap().tunnel_ip, "100.64.1.2");
+    }
+
+    #[test]
+    fn gateways_also_peer_with_remote_gateways_of_shared_networks() {
+        let p = full_plan();
+        let gw = &p.nodes["gw1"];
+        let groups: Vec<(String, PeerGroup)> = gw
+            .peers
+            .iter()
+            .map(|x| (x.name.clone(), x.group()))
+            .collect();
+        assert_eq!(
+            groups,
+            vec![
+                ("worker".to_owned(), PeerGroup::Local),
+                ("cloud/gw".to_owned(), PeerGroup::Remote)
+            ]
+        );
+        let remote = &gw.peers[1];
+        assert_eq!(
+            remote.vnis,
+            vec![4100],
+            "remote peers carry only shared VNIs"
+        );
+        assert_eq!(remote.endpoint, "203.0.113.5:51820");
+        assert_eq!(p.gateways.len(), 1);
+        assert_eq!(p.gateways[0].node, "gw1");
+        assert_eq!(p.requested_networks, vec!["shared".to_owned()]);
+    }
+
+    #[test]
+    fn every_node_gets_networks_with_disjoint_pod_slices() {
+        let p = full_plan();
+        let mut slices = BTreeSet::new();
+        for state in p.nodes.values() {
+            assert_eq!(state.networks.len(), 2);
+            let shared = state.networks.iter().find(|n| n.name == "shared").unwrap();
+            assert_eq!(shared.mtu, 1380);
+            let s: Ipv4Net = shared.pod_cidr.parse().unwrap();
+            assert!("10.50.16.0/20".parse::<Ipv4Net>().unwrap().contains(&s));
+            assert!(slices.insert(s), "slice {s} handed out twice");
+        }
+        assert!(
+            p.nodes.contains_key("silent"),
+            "nodes without hello still get a state"
+        );
+    }
+
+    #[test]
+    fn plan_is_deterministic_for_same_inputs() {
+        assert_eq!(full_plan(), full_plan());
+    }
+}
