@@ -1,0 +1,84 @@
+//! The persisted records. Plain data; the rules live in [`crate::state`].
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+/// An onboarding token. Only the SHA-256 of the secret is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    pub id: String,
+    pub cluster: String,
+    pub secret_sha256: [u8; 32],
+    pub created_unix: i64,
+    pub expires_unix: i64,
+    pub uses_total: u32,
+    pub uses_left: u32,
+    pub revoked: bool,
+}
+
+/// A gateway node of a cluster, as last reported by its agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gateway {
+    pub node: String,
+    pub public_key: Vec<u8>,
+    pub endpoints: Vec<String>,
+    pub tunnel_ip: Ipv4Addr,
+}
+
+/// Link health of one tunnel, as last reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Link {
+    pub peer_cluster: String,
+    pub peer_public_key: Vec<u8>,
+    pub up: bool,
+    pub last_handshake_age_ms: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// A joined cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cluster {
+    pub name: String,
+    /// Index of this cluster's /24 inside 100.64.0.0/10.
+    pub subnet_index: u32,
+    /// SHA-256 of the DER of the one client certificate that speaks for it.
+    pub cert_sha256: [u8; 32],
+    pub joined_unix: i64,
+    pub last_seen_unix: i64,
+    pub gateways: Vec<Gateway>,
+    /// Multi-cluster networks its L2Networks ask for (sorted, unique).
+    pub requested: BTreeSet<String>,
+    pub links: Vec<Link>,
+    /// Revision of the last view computed for it, and that view's hash, so
+    /// an unchanged view is recognised across restarts.
+    pub view_rev: u64,
+    pub view_sha256: [u8; 32],
+}
+
+/// A multi-cluster network declared by the admin.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub name: String,
+    pub vni: u32,
+    pub mtu: u32,
+    pub cidr: Option<IpNet>,
+    pub allowed: BTreeSet<String>,
+    pub allow_all: bool,
+    pub created_unix: i64,
+    /// Member cluster -> index of its slice of `cidr`; kept while it stays a
+    /// member so its pods' addresses do not move when others come and go.
+    pub slots: BTreeMap<String, u32>,
+}
+
+/// Counters that must survive restarts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Highest view revision handed out.
+    pub revision: u64,
+    /// Where the next automatic VNI search starts, so a deleted network's VNI
+    /// is not handed out again right away.
+    pub next_vni: u32,
+}

@@ -1,0 +1,229 @@
+use super::*;
+
+fn gw(node: &str, key: u8, ip: &str) -> Gateway {
+    Gateway {
+        node: node.into(),
+        public_key: vec![key; 32],
+        endpoints: vec!["192.0.2.1:51820".into()],
+        tunnel_ip: ip.parse().unwrap(),
+    }
+}
+
+fn joined(names: &[&str]) -> State {
+    let mut s = State::default();
+    for (i, n) in names.iter().enumerate() {
+        let id = format!("t{i}");
+        s.create_token(n, id.clone(), "sec", 60, 1, 0).unwrap();
+        s.join(&id, "sec", n, [i as u8; 32], 1).unwrap();
+    }
+    s.take_dirty();
+    s
+}
+
+#[test]
+fn token_checks_name_each_failure() {
+    let mut s = State::default();
+    s.create_token("edge", "a".into(), "secret", 100, 1, 0).unwrap();
+    assert_eq!(
+        s.check_token("zz", "secret", "edge", 1),
+        Err(JoinDenied::UnknownToken("zz".into()))
+    );
+    assert_eq!(
+        s.check_token("a", "nope", "edge", 1),
+        Err(JoinDenied::WrongSecret("a".into()))
+    );
+    assert_eq!(
+        s.check_token("a", "secret", "edge", 100),
+        Err(JoinDenied::Expired("a".into()))
+    );
+    assert!(matches!(
+        s.check_token("a", "secret", "other", 1),
+        Err(JoinDenied::WrongCluster { .. })
+    ));
+    s.join("a", "secret", "edge", [1; 32], 1).unwrap();
+    assert_eq!(
+        s.check_token("a", "secret", "edge", 1),
+        Err(JoinDenied::UsedUp("a".into()))
+    );
+    s.create_token("edge", "b".into(), "secret", 100, 2, 0).unwrap();
+    s.revoke_token("b").unwrap();
+    assert_eq!(
+        s.check_token("b", "secret", "edge", 1),
+        Err(JoinDenied::Revoked("b".into()))
+    );
+}
+
+#[test]
+fn secrets_are_stored_hashed() {
+    let mut s = State::default();
+    let t = s.create_token("edge", "a".into(), "plain-secret", 10, 1, 0).unwrap();
+    assert_eq!(t.secret_sha256, sha256(b"plain-secret"));
+    assert!(!format!("{t:?}").contains("plain-secret"));
+}
+
+#[test]
+fn failed_join_changes_nothing() {
+    let mut s = State::default();
+    s.create_token("edge", "a".into(), "secret", 100, 1, 0).unwrap();
+    s.take_dirty();
+    assert!(s.join("a", "bad", "edge", [1; 32], 1).is_err());
+    assert!(s.take_dirty().is_empty());
+    assert_eq!(s.tokens["a"].uses_left, 1);
+    assert!(s.clusters.is_empty());
+}
+
+#[test]
+fn join_allocates_distinct_subnets_and_rejoin_replaces_the_cert() {
+    let mut s = joined(&["a", "b"]);
+    assert_eq!(tunnel_subnet(s.clusters["a"].subnet_index).to_string(), "100.64.0.0/24");
+    assert_eq!(tunnel_subnet(s.clusters["b"].subnet_index).to_string(), "100.64.1.0/24");
+    assert_eq!(s.cluster_for_cert(&[0; 32]), Some("a"));
+    s.create_token("a", "again".into(), "x", 60, 1, 0).unwrap();
+    s.join("again", "x", "a", [9; 32], 2).unwrap();
+    assert_eq!(s.cluster_for_cert(&[0; 32]), None);
+    assert_eq!(s.cluster_for_cert(&[9; 32]), Some("a"));
+    assert_eq!(s.clusters["a"].subnet_index, 0);
+}
+
+#[test]
+fn vni_allocation_and_conflicts() {
+    let mut s = State::default();
+    let (n, _) = s.create_network("n1", 0, 0, "", vec![], true, 0).unwrap();
+    assert_eq!(n.vni, VNI_MIN);
+    assert_eq!(n.mtu, DEFAULT_MTU);
+    let (n2, _) = s.create_network("n2", 0, 0, "", vec![], true, 0).unwrap();
+    assert_eq!(n2.vni, VNI_MIN + 1);
+    assert!(matches!(
+        s.create_network("n3", VNI_MIN, 0, "", vec![], true, 0),
+        Err(Error::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        s.create_network("n3", 100, 0, "", vec![], true, 0),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        s.create_network("n3", VNI_MAX + 1, 0, "", vec![], true, 0),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        s.create_network("n1", 0, 0, "", vec![], true, 0),
+        Err(Error::AlreadyExists(_))
+    ));
+    // A deleted network's VNI is not handed out again right away.
+    s.delete_network("n1").unwrap();
+    let (n3, _) = s.create_network("n3", 0, 0, "", vec![], true, 0).unwrap();
+    assert_eq!(n3.vni, VNI_MIN + 2);
+}
+
+#[test]
+fn bad_network_input_is_rejected() {
+    let mut s = State::default();
+    for (cidr, allow, all) in [
+        ("10.0.0.0/30", vec!["a".to_string()], false),
+        ("banana", vec!["a".to_string()], false),
+        ("", vec![], false),
+        ("", vec!["Bad_Name".to_string()], false),
+    ] {
+        assert!(matches!(
+            s.create_network("n", 0, 0, cidr, allow, all, 0),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+    assert!(s.create_network("n", 0, 100, "", vec![], true, 0).is_err());
+    assert!(s.create_network("UPPER", 0, 0, "", vec![], true, 0).is_err());
+    assert!(s.networks.is_empty());
+}
+
+#[test]
+fn acl_admits_only_allowed_requesters() {
+    let mut s = joined(&["a", "b", "c"]);
+    s.create_network("blue", 0, 0, "", vec!["a".into(), "b".into()], false, 0)
+        .unwrap();
+    for c in ["a", "b", "c"] {
+        s.request_networks(c, vec!["blue".into(), "nope".into()]).unwrap();
+    }
+    assert_eq!(s.admission("a", "blue"), Admission::Admitted);
+    assert!(matches!(s.admission("c", "blue"), Admission::Denied(_)));
+    assert!(matches!(s.admission("a", "nope"), Admission::Unknown(_)));
+    assert_eq!(s.members("blue"), vec!["a".to_string(), "b".to_string()]);
+    assert_eq!(s.networks_of("c"), Vec::<String>::new());
+}
+
+#[test]
+fn slices_are_stable_when_others_come_and_go() {
+    let mut s = joined(&["a", "b", "c"]);
+    s.create_network("blue", 0, 0, "10.10.0.0/16", vec![], true, 0).unwrap();
+    s.request_networks("b", vec!["blue".into()]).unwrap();
+    s.request_networks("c", vec!["blue".into()]).unwrap();
+    assert_eq!(s.networks["blue"].slots["b"], 0);
+    assert_eq!(s.networks["blue"].slots["c"], 1);
+    s.request_networks("a", vec!["blue".into()]).unwrap();
+    assert_eq!(s.networks["blue"].slots["a"], 2);
+    assert_eq!(s.networks["blue"].slots["b"], 0);
+    s.request_networks("b", vec![]).unwrap();
+    assert_eq!(s.networks["blue"].slots.get("b"), None);
+    assert_eq!(s.networks["blue"].slots["c"], 1);
+    let cidr: IpNet = "10.10.0.0/16".parse().unwrap();
+    assert_eq!(cluster_slice(&cidr, 1).unwrap().to_string(), "10.10.1.0/24");
+}
+
+#[test]
+fn full_cidr_denies_with_a_reason() {
+    let mut s = joined(&["a", "b"]);
+    // A /24 gives 16 slices of /28; shrink capacity by using a /28-sized pool.
+    s.create_network("tiny", 0, 0, "10.0.0.0/28", vec![], true, 0).unwrap();
+    s.request_networks("a", vec!["tiny".into()]).unwrap();
+    s.request_networks("b", vec!["tiny".into()]).unwrap();
+    assert_eq!(s.admission("a", "tiny"), Admission::Admitted);
+    assert!(matches!(s.admission("b", "tiny"), Admission::Denied(r) if r.contains("slice")));
+}
+
+#[test]
+fn gateway_reports_are_validated() {
+    let mut s = joined(&["a", "b"]);
+    let ok = gw("n1", 1, "100.64.0.1");
+    assert!(s.report_gateways("a", vec![ok.clone()]).is_ok());
+    // Outside its own subnet: someone else's tunnel address.
+    assert!(s.report_gateways("a", vec![gw("n1", 1, "100.64.1.1")]).is_err());
+    assert!(s.report_gateways("a", vec![gw("n1", 1, "100.64.0.0")]).is_err());
+    let mut short = ok.clone();
+    short.public_key = vec![1; 31];
+    assert!(s.report_gateways("a", vec![short]).is_err());
+    let mut bad_ep = ok.clone();
+    bad_ep.endpoints = vec!["nowhere".into()];
+    assert!(s.report_gateways("a", vec![bad_ep]).is_err());
+    assert!(s.report_gateways("a", vec![ok.clone(), gw("n1", 2, "100.64.0.2")]).is_err());
+    assert!(s.report_gateways("a", vec![ok, gw("n2", 3, "100.64.0.1")]).is_err());
+    assert_eq!(s.clusters["a"].gateways.len(), 1);
+}
+
+#[test]
+fn affected_sets_follow_membership() {
+    let mut s = joined(&["a", "b", "c"]);
+    s.create_network("blue", 0, 0, "", vec![], true, 0).unwrap();
+    s.request_networks("a", vec!["blue".into()]).unwrap();
+    s.request_networks("b", vec!["blue".into()]).unwrap();
+    let affected = s.report_gateways("a", vec![gw("g", 1, "100.64.0.1")]).unwrap();
+    assert_eq!(affected, BTreeSet::from(["a".to_string(), "b".to_string()]));
+    let (_, affected) = s.remove_cluster("b").unwrap();
+    assert_eq!(affected, BTreeSet::from(["a".to_string()]));
+    assert!(s.cluster_for_cert(&[1; 32]).is_none());
+    assert_eq!(s.members("blue"), vec!["a".to_string()]);
+}
+
+#[test]
+fn names_are_validated() {
+    assert!(validate_name("cluster", "edge-1").is_ok());
+    for bad in ["", "-a", "a-", "A", "a_b", &"x".repeat(64)] {
+        assert!(validate_name("cluster", bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn record_view_bumps_only_on_change() {
+    let mut s = joined(&["a"]);
+    let r1 = s.record_view("a", [1; 32]).unwrap();
+    assert_eq!(s.record_view("a", [1; 32]), Some(r1));
+    let r2 = s.record_view("a", [2; 32]).unwrap();
+    assert!(r2 > r1);
+}
