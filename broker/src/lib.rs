@@ -7,3 +7,5 @@ pub mod state;
 pub mod view;
 
 pub use error::{Error, Result};
+pub mod pki;
+pub mod store;

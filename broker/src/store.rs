@@ -1,0 +1,133 @@
+//! Persistence on sled: one tree, one JSON record per key. A mutation's keys
+//! go in one atomic batch and are flushed before the caller acknowledges.
+
+use crate::error::{Error, Result};
+use crate::model::{Cluster, Meta, Network, Token};
+use crate::state::{Key, State};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+const TOKEN: &str = "token/";
+const CLUSTER: &str = "cluster/";
+const NETWORK: &str = "network/";
+const META: &str = "meta";
+
+/// The sled database in the data directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: sled::Db,
+}
+
+fn key_bytes(key: &Key) -> String {
+    match key {
+        Key::Token(id) => format!("{TOKEN}{id}"),
+        Key::Cluster(n) => format!("{CLUSTER}{n}"),
+        Key::Network(n) => format!("{NETWORK}{n}"),
+        Key::Meta => META.to_owned(),
+    }
+}
+
+fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value).map_err(|e| Error::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+impl Store {
+    /// Open (or create) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        Ok(Self {
+            db: sled::open(path)?,
+        })
+    }
+
+    /// Read everything into a [`State`].
+    pub fn load(&self) -> Result<State> {
+        let mut tokens = Vec::new();
+        let mut clusters = Vec::new();
+        let mut networks = Vec::new();
+        let mut meta = Meta::default();
+        for item in self.db.iter() {
+            let (k, v) = item?;
+            if k.starts_with(TOKEN.as_bytes()) {
+                tokens.push(decode::<Token>(&k, &v)?);
+            } else if k.starts_with(CLUSTER.as_bytes()) {
+                clusters.push(decode::<Cluster>(&k, &v)?);
+            } else if k.starts_with(NETWORK.as_bytes()) {
+                networks.push(decode::<Network>(&k, &v)?);
+            } else if &*k == META.as_bytes() {
+                meta = decode(&k, &v)?;
+            }
+        }
+        Ok(State::from_records(tokens, clusters, networks, meta))
+    }
+
+    /// Write the `dirty` keys of `state` in one atomic batch (absent records
+    /// are deleted) and flush to disk.
+    pub async fn persist(&self, state: &State, dirty: &BTreeSet<Key>) -> Result<()> {
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for key in dirty {
+            let k = key_bytes(key);
+            let value = match key {
+                Key::Token(id) => state.tokens.get(id).map(|v| encode(&k, v)).transpose()?,
+                Key::Cluster(n) => state.clusters.get(n).map(|v| encode(&k, v)).transpose()?,
+                Key::Network(n) => state.networks.get(n).map(|v| encode(&k, v)).transpose()?,
+                Key::Meta => Some(encode(&k, &state.meta)?),
+            };
+            match value {
+                Some(v) => batch.insert(k.as_bytes(), v),
+                None => batch.remove(k.as_bytes()),
+            }
+        }
+        self.db.apply_batch(batch)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn state_round_trips_and_deletes_are_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let mut s = State::default();
+        s.create_token("edge", "t1".into(), "sec", 60, 2, 0).unwrap();
+        s.join("t1", "sec", "edge", [3; 32], 1).unwrap();
+        s.create_network("blue", 0, 0, "10.0.0.0/16", vec![], true, 0)
+            .unwrap();
+        s.create_network("red", 0, 0, "", vec![], true, 0).unwrap();
+        s.request_networks("edge", vec!["blue".into()]).unwrap();
+        let dirty = s.take_dirty();
+        store.persist(&s, &dirty).await.unwrap();
+        s.delete_network("red").unwrap();
+        let dirty = s.take_dirty();
+        store.persist(&s, &dirty).await.unwrap();
+        drop(store);
+
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.tokens, s.tokens);
+        assert_eq!(loaded.clusters, s.clusters);
+        assert_eq!(loaded.networks, s.networks);
+        assert_eq!(loaded.meta, s.meta);
+        assert_eq!(loaded.tokens["t1"].uses_left, 1);
+        assert_eq!(loaded.cluster_for_cert(&[3; 32]), Some("edge"));
+        assert!(!loaded.networks.contains_key("red"));
+    }
+}
