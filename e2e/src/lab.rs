@@ -1,0 +1,97 @@
+//! A topology with its processes and log directory, torn down in order:
+//! processes first, then namespaces, then logs (kept when a test panics).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::plan::TopologySpec;
+use crate::process::{ProcId, ProcSpec, Processes};
+use crate::topology::Topology;
+use crate::{Error, Result};
+
+/// Set to keep the log directory even when the test passes.
+pub const KEEP_LOGS_ENV: &str = "L2MESH_E2E_KEEP_LOGS";
+
+/// A directory removed on drop, unless the thread is panicking (a failing
+/// test) or `L2MESH_E2E_KEEP_LOGS` is set: then it is kept and its path
+/// printed.
+#[derive(Debug)]
+pub struct LogDir {
+    path: PathBuf,
+}
+
+impl LogDir {
+    /// `$TMPDIR/<prefix>logs`.
+    pub fn create(prefix: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("{prefix}logs"));
+        std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for LogDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os(KEEP_LOGS_ENV).is_some() {
+            eprintln!("l2mesh-e2e: logs kept in {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A running lab. Field order is teardown order.
+#[derive(Debug)]
+pub struct Lab {
+    procs: Processes,
+    topology: Topology,
+    logs: LogDir,
+}
+
+impl Lab {
+    /// Builds the topology for `spec` quietly.
+    pub fn build(spec: TopologySpec) -> Result<Self> {
+        Self::build_with_progress(spec, &mut |_| {})
+    }
+
+    /// Builds the topology, reporting each step.
+    pub fn build_with_progress(spec: TopologySpec, progress: &mut dyn FnMut(&str)) -> Result<Self> {
+        let topology = Topology::build(spec, progress)?;
+        let logs = LogDir::create(topology.prefix())?;
+        Ok(Self {
+            procs: Processes::new(logs.path()),
+            topology,
+            logs,
+        })
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn procs(&self) -> &Processes {
+        &self.procs
+    }
+
+    pub fn log_dir(&self) -> &Path {
+        self.logs.path()
+    }
+
+    /// Starts a process (see [`Processes::spawn`]).
+    pub fn spawn(&self, spec: ProcSpec) -> Result<ProcId> {
+        self.procs.spawn(spec)
+    }
+
+    /// See [`Processes::wait_until`].
+    pub fn wait_until(
+        &self,
+        description: &str,
+        timeout: Duration,
+        condition: impl FnMut() -> bool,
+    ) -> Result<()> {
+        self.procs.wait_until(description, timeout, condition)
+    }
+}
