@@ -1,0 +1,496 @@
+//! `l2mesh-cni`: CNI spec 1.0 ADD, DEL, CHECK and VERSION.
+//!
+//! ADD creates a veth pair with the pod end (requested name, MAC, MTU) in the
+//! pod's namespace, asks the node's dataplane to plug the host end into the
+//! network's bridge (`Dataplane.AttachPort`, which also says the MTU and the
+//! node's pod CIDR slice), then configures addresses from l2mesh IPAM, static
+//! `ips`, or a delegated IPAM plugin.
+
+pub mod delegate;
+pub mod link;
+pub mod store;
+pub mod types;
+
+use crate::ipam;
+use ipnet::Ipv4Net;
+use l2mesh_proto::node::dataplane_client::DataplaneClient;
+use l2mesh_proto::node::{AttachPortRequest, DetachPortRequest, PortResult, StatusRequest};
+use link::Ns;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use types::{CniEnv, CniError, CniResult, Interface, IpConfig, NetConf, code};
+
+/// Run one CNI command. `Ok(Some(json))` is printed on stdout.
+pub async fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<String>, CniError> {
+    match env.command.as_str() {
+        "VERSION" => Ok(Some(
+            serde_json::json!({
+                "cniVersion": types::CNI_VERSION,
+                "supportedVersions": types::SUPPORTED_VERSIONS,
+            })
+            .to_string(),
+        )),
+        "ADD" => {
+            let result = add(env, &NetConf::parse(stdin)?, stdin).await?;
+            serde_json::to_string(&result)
+                .map(Some)
+                .map_err(|e| CniError::new(code::IO_FAILURE, e.to_string(), ""))
+        }
+        "DEL" => del(env, &NetConf::parse(stdin)?, stdin)
+            .await
+            .map(|()| None),
+        "CHECK" => check(env, &NetConf::parse(stdin)?, stdin)
+            .await
+            .map(|()| None),
+        "" => Err(CniError::new(
+            code::INVALID_ENV,
+            "CNI_COMMAND is not set",
+            "l2mesh-cni is a CNI plugin: the container runtime (or Multus) runs it",
+        )),
+        other => Err(CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, VERSION"),
+            "",
+        )),
+    }
+}
+
+fn netns_must_exist(env: &CniEnv) -> Result<(), CniError> {
+    if Path::new(&env.netns).exists() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!("the network namespace {} does not exist", env.netns),
+            "the container is gone; nothing was changed",
+        ))
+    }
+}
+
+async fn client(conf: &NetConf) -> Result<DataplaneClient<tonic::transport::Channel>, CniError> {
+    let socket = conf.socket();
+    crate::uds::connect(&socket)
+        .await
+        .map(DataplaneClient::new)
+        .map_err(|e| {
+            CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!("cannot reach the l2mesh dataplane at {}: {e}", socket.display()),
+                "is l2mesh-dataplane running on this node? check dataplaneSocket in the network configuration",
+            )
+        })
+}
+
+fn status_error(network: &str, op: &str, s: &tonic::Status) -> CniError {
+    match s.code() {
+        tonic::Code::NotFound => CniError::new(
+            code::INVALID_CONFIG,
+            format!("network {network:?} is not known to the dataplane on this node"),
+            format!(
+                "create the L2Network first, or fix \"name\"/\"network\" in the configuration ({})",
+                s.message()
+            ),
+        ),
+        tonic::Code::InvalidArgument => {
+            CniError::new(code::INVALID_CONFIG, format!("{op}: {}", s.message()), "")
+        }
+        _ => CniError::new(
+            code::TRY_AGAIN_LATER,
+            format!("dataplane {op} failed: {}", s.message()),
+            "",
+        ),
+    }
+}
+
+fn io_err(msg: String) -> CniError {
+    CniError::new(code::IO_FAILURE, msg, "")
+}
+
+fn requested_mac(conf: &NetConf, env: &CniEnv) -> Result<Option<String>, CniError> {
+    let Some(mac) = conf.runtime_config.mac.clone().or_else(|| env.arg("MAC")) else {
+        return Ok(None);
+    };
+    let parts: Vec<&str> = mac.split(':').collect();
+    let ok = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok());
+    if !ok {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("MAC address {mac:?} is malformed"),
+            "use six hex octets like 02:00:00:00:00:01",
+        ));
+    }
+    Ok(Some(mac.to_lowercase()))
+}
+
+fn requested_ips(conf: &NetConf, env: &CniEnv) -> Result<Vec<Ipv4Net>, CniError> {
+    let mut ips: Vec<String> = conf.runtime_config.ips.clone();
+    if let Some(arg) = env.arg("IP") {
+        ips.extend(arg.split(',').map(str::to_owned));
+    }
+    ips.iter()
+        .map(|s| {
+            s.parse::<Ipv4Net>()
+                .or_else(|_| s.parse::<Ipv4Addr>().map(Ipv4Net::from))
+                .map_err(|_| {
+                    CniError::new(
+                        code::INVALID_CONFIG,
+                        format!("static address {s:?} is not an IPv4 address or CIDR"),
+                        "use a form like 10.1.0.7/16",
+                    )
+                })
+        })
+        .collect()
+}
+
+fn data_dir(conf: &NetConf) -> PathBuf {
+    conf.ipam
+        .as_ref()
+        .and_then(|i| i.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(types::DEFAULT_IPAM_DIR))
+}
+
+/// Addresses for the pod from l2mesh IPAM.
+fn l2mesh_ipam(
+    conf: &NetConf,
+    env: &CniEnv,
+    port: &PortResult,
+    statics: &[Ipv4Net],
+) -> Result<Vec<IpConfig>, CniError> {
+    let range: Option<Ipv4Net> = match conf.ipam.as_ref().and_then(|i| i.subnet.as_deref()) {
+        Some(s) => Some(s.parse().map_err(|_| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("ipam.subnet {s:?} is not an IPv4 CIDR"),
+                "set it to the L2Network's ipRange or leave it out",
+            )
+        })?),
+        None => None,
+    };
+    let slice: Option<Ipv4Net> = port.pod_cidr.parse().ok();
+    let store = store::Store::open(&data_dir(conf), conf.network()).map_err(io_err)?;
+    let used = store.used().map_err(io_err)?;
+    let mut out = Vec::new();
+    let ipam_err = |e: ipam::AllocError| {
+        CniError::new(code::IPAM_FAILURE, e.to_string(), "nothing was attached")
+    };
+    if statics.is_empty() {
+        let slice = slice.ok_or_else(|| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("network {:?} has no IP range on this node", conf.network()),
+                "set spec.ipRange on the L2Network, use a delegated IPAM plugin, or leave ipam out",
+            )
+        })?;
+        let ip = ipam::pick_pod_address(slice, range, &used, store.last()).map_err(ipam_err)?;
+        if !store
+            .reserve(ip, &env.container_id, &env.ifname)
+            .map_err(io_err)?
+        {
+            return Err(ipam_err(ipam::AllocError::InUse(ip)));
+        }
+        let prefix = range.unwrap_or(slice).prefix_len();
+        out.push(format!("{ip}/{prefix}"));
+    } else {
+        for s in statics {
+            let within = range.or(slice).unwrap_or(*s);
+            ipam::check_static(s.addr(), within, &used).map_err(ipam_err)?;
+            if !store
+                .reserve(s.addr(), &env.container_id, &env.ifname)
+                .map_err(io_err)?
+            {
+                return Err(ipam_err(ipam::AllocError::InUse(s.addr())));
+            }
+            let prefix = if s.prefix_len() == 32 {
+                within.prefix_len()
+            } else {
+                s.prefix_len()
+            };
+            out.push(format!("{}/{prefix}", s.addr()));
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|address| IpConfig {
+            address,
+            gateway: None,
+            interface: Some(1),
+        })
+        .collect())
+}
+
+enum Ipam<'a> {
+    None,
+    L2mesh,
+    Delegate(&'a str),
+}
+
+fn ipam_kind(conf: &NetConf) -> Ipam<'_> {
+    match conf.ipam.as_ref().map(|i| i.type_.as_str()) {
+        None | Some("") => Ipam::None,
+        Some("l2mesh") => Ipam::L2mesh,
+        Some(other) => Ipam::Delegate(other),
+    }
+}
+
+async fn add(env: &CniEnv, conf: &NetConf, stdin: &[u8]) -> Result<CniResult, CniError> {
+    env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
+    netns_must_exist(env)?;
+    let mac = requested_mac(conf, env)?;
+    let statics = requested_ips(conf, env)?;
+    let mut dp = client(conf).await?;
+    let host = link::host_ifname(&env.container_id, &env.ifname);
+    let network = conf.network().to_owned();
+    // A leftover from an ADD that died halfway would make the name clash.
+    link::delete(Ns::Host, &host).map_err(io_err)?;
+    let first_mtu = conf.mtu.unwrap_or(crate::crd::DEFAULT_MTU);
+    link::create_veth(&env.netns, &env.ifname, &host, first_mtu, mac.as_deref()).map_err(|e| {
+        CniError::new(
+            code::IO_FAILURE,
+            format!("cannot create interface {} in the pod: {e}", env.ifname),
+            "nothing was attached",
+        )
+    })?;
+    let port = match dp
+        .attach_port(AttachPortRequest {
+            network: network.clone(),
+            ifname: host.clone(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            cleanup(conf, &host, false).await;
+            return Err(status_error(&network, "AttachPort", &s));
+        }
+    };
+    let result = finish_add(env, conf, stdin, &host, &port, &statics).await;
+    if result.is_err() {
+        if let Ipam::L2mesh = ipam_kind(conf)
+            && let Ok(store) = store::Store::open(&data_dir(conf), &network)
+        {
+            let _ = store.release(&env.container_id, &env.ifname);
+        }
+        cleanup(conf, &host, true).await;
+    }
+    result
+}
+
+/// Undo a half-done ADD; errors are ignored because the ADD error is what
+/// the runtime must see.
+async fn cleanup(conf: &NetConf, host: &str, attached: bool) {
+    let _ = link::delete(Ns::Host, host);
+    if attached && let Ok(mut dp) = client(conf).await {
+        let _ = dp
+            .detach_port(DetachPortRequest {
+                network: conf.network().to_owned(),
+                ifname: host.to_owned(),
+            })
+            .await;
+    }
+}
+
+async fn finish_add(
+    env: &CniEnv,
+    conf: &NetConf,
+    stdin: &[u8],
+    host: &str,
+    port: &PortResult,
+    statics: &[Ipv4Net],
+) -> Result<CniResult, CniError> {
+    let pod = Ns::Pod(&env.netns);
+    let mtu = conf
+        .mtu
+        .or((port.mtu != 0).then_some(port.mtu))
+        .unwrap_or(crate::crd::DEFAULT_MTU);
+    if mtu != conf.mtu.unwrap_or(crate::crd::DEFAULT_MTU) {
+        link::set_mtu(Ns::Host, host, mtu).map_err(io_err)?;
+        link::set_mtu(pod, &env.ifname, mtu).map_err(io_err)?;
+    }
+    let mut result = CniResult {
+        cni_version: conf.cni_version.clone(),
+        dns: serde_json::json!({}),
+        ..CniResult::default()
+    };
+    match ipam_kind(conf) {
+        Ipam::None => {
+            result.ips = statics
+                .iter()
+                .map(|s| IpConfig {
+                    address: s.to_string(),
+                    gateway: None,
+                    interface: Some(1),
+                })
+                .collect();
+        }
+        Ipam::L2mesh => result.ips = l2mesh_ipam(conf, env, port, statics)?,
+        Ipam::Delegate(plugin) => {
+            let delegated = delegate::exec(env, plugin, "ADD", stdin)?.unwrap_or_default();
+            result.ips = delegated
+                .ips
+                .into_iter()
+                .map(|ip| IpConfig {
+                    interface: Some(1),
+                    ..ip
+                })
+                .collect();
+            result.routes = delegated.routes;
+            result.dns = delegated.dns;
+        }
+    }
+    for ip in &result.ips {
+        link::add_address(pod, &env.ifname, &ip.address).map_err(io_err)?;
+    }
+    link::set_up(pod, &env.ifname).map_err(io_err)?;
+    link::set_up(Ns::Host, host).map_err(io_err)?;
+    for route in &result.routes {
+        link::add_route(pod, &env.ifname, &route.dst, route.gw.as_deref()).map_err(io_err)?;
+    }
+    let host_info = link::link_info(Ns::Host, host).unwrap_or_default();
+    let pod_info = link::link_info(pod, &env.ifname).unwrap_or_default();
+    result.interfaces = vec![
+        Interface {
+            name: host.to_owned(),
+            mac: host_info.mac,
+            mtu: Some(host_info.mtu),
+            sandbox: String::new(),
+        },
+        Interface {
+            name: env.ifname.clone(),
+            mac: pod_info.mac,
+            mtu: Some(pod_info.mtu),
+            sandbox: env.netns.clone(),
+        },
+    ];
+    Ok(result)
+}
+
+async fn del(env: &CniEnv, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
+    env.require(&["CNI_CONTAINERID", "CNI_IFNAME"])?;
+    let host = link::host_ifname(&env.container_id, &env.ifname);
+    match ipam_kind(conf) {
+        Ipam::None => {}
+        Ipam::L2mesh => {
+            let store = store::Store::open(&data_dir(conf), conf.network()).map_err(io_err)?;
+            store
+                .release(&env.container_id, &env.ifname)
+                .map_err(io_err)?;
+        }
+        Ipam::Delegate(plugin) => {
+            delegate::exec(env, plugin, "DEL", stdin)?;
+        }
+    }
+    // DEL must succeed when the dataplane is gone: the port disappears with
+    // the veth anyway, the detach only lets the dataplane forget it sooner.
+    if let Ok(mut dp) = client(conf).await
+        && let Err(s) = dp
+            .detach_port(DetachPortRequest {
+                network: conf.network().to_owned(),
+                ifname: host.clone(),
+            })
+            .await
+    {
+        tracing::debug!(error = %s, "detach port");
+    }
+    link::delete(Ns::Host, &host).map_err(io_err)?;
+    if !env.netns.is_empty() && Path::new(&env.netns).exists() {
+        link::delete(Ns::Pod(&env.netns), &env.ifname).map_err(io_err)?;
+    }
+    Ok(())
+}
+
+fn check_failed(msg: String) -> CniError {
+    CniError::new(code::CHECK_FAILED, msg, "delete and re-add the attachment")
+}
+
+async fn check(env: &CniEnv, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
+    env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
+    let prev: CniResult = conf
+        .prev_result
+        .clone()
+        .ok_or_else(|| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                "CHECK needs prevResult in the configuration",
+                "the runtime passes the ADD result as prevResult",
+            )
+        })
+        .and_then(|v| {
+            serde_json::from_value(v)
+                .map_err(|e| CniError::new(code::DECODE_FAILURE, format!("prevResult: {e}"), ""))
+        })?;
+    netns_must_exist(env)?;
+    let pod = Ns::Pod(&env.netns);
+    let host = link::host_ifname(&env.container_id, &env.ifname);
+    let info = link::link_info(pod, &env.ifname)
+        .ok_or_else(|| check_failed(format!("interface {} is missing in the pod", env.ifname)))?;
+    if let Some(want) = prev.interfaces.iter().find(|i| i.name == env.ifname) {
+        if !want.mac.is_empty() && !want.mac.eq_ignore_ascii_case(&info.mac) {
+            return Err(check_failed(format!(
+                "interface {} has MAC {} instead of {}",
+                env.ifname, info.mac, want.mac
+            )));
+        }
+        if let Some(mtu) = want.mtu
+            && mtu != info.mtu
+        {
+            return Err(check_failed(format!(
+                "interface {} has MTU {} instead of {mtu}",
+                env.ifname, info.mtu
+            )));
+        }
+    }
+    let have = link::addresses(pod, &env.ifname).map_err(io_err)?;
+    for ip in &prev.ips {
+        if !have.contains(&ip.address) {
+            return Err(check_failed(format!(
+                "address {} is missing on {}",
+                ip.address, env.ifname
+            )));
+        }
+    }
+    let host_info = link::link_info(Ns::Host, &host)
+        .ok_or_else(|| check_failed(format!("host interface {host} is missing")))?;
+    if !host_info.up {
+        return Err(check_failed(format!("host interface {host} is down")));
+    }
+    match ipam_kind(conf) {
+        Ipam::None => {}
+        Ipam::L2mesh => {
+            let store = store::Store::open(&data_dir(conf), conf.network()).map_err(io_err)?;
+            let owned = store
+                .owned_by(&env.container_id, &env.ifname)
+                .map_err(io_err)?;
+            for ip in &prev.ips {
+                let addr = ip.address.split('/').next().unwrap_or_default();
+                if !owned.iter().any(|o| o.to_string() == addr) {
+                    return Err(check_failed(format!(
+                        "address {addr} has no l2mesh IPAM lease"
+                    )));
+                }
+            }
+        }
+        Ipam::Delegate(plugin) => {
+            delegate::exec(env, plugin, "CHECK", stdin)?;
+        }
+    }
+    let mut dp = client(conf).await?;
+    let status = dp
+        .get_status(StatusRequest {})
+        .await
+        .map_err(|s| status_error(conf.network(), "GetStatus", &s))?
+        .into_inner();
+    let attached = status
+        .networks
+        .iter()
+        .any(|n| n.name == conf.network() && n.ports.iter().any(|p| p == &host));
+    if !attached {
+        return Err(check_failed(format!(
+            "{host} is not a port of network {} on this node",
+            conf.network()
+        )));
+    }
+    Ok(())
+}
