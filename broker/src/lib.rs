@@ -7,5 +7,14 @@ pub mod state;
 pub mod view;
 
 pub use error::{Error, Result};
+pub mod grpc_admin;
+pub mod grpc_cluster;
+pub mod hub;
+pub mod limiter;
+pub mod metrics;
 pub mod pki;
+pub mod server;
 pub mod store;
+
+pub use server::{Broker, ServeConfig};
+pub mod client;

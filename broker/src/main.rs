@@ -1,13 +1,26 @@
 //! `l2mesh-broker`: the central service and its admin CLI.
 
+mod cli_admin;
+
 use clap::{Parser, Subcommand};
+use l2mesh_broker::{Broker, ServeConfig};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// The l2mesh broker: holds clusters, networks, onboarding tokens and the CA,
 /// and streams to each cluster agent the view it needs.
 #[derive(Debug, Parser)]
 #[command(name = "l2mesh-broker", version, about, long_about = None)]
 struct Cli {
+    /// Directory holding the store, the CA and the admin credential.
+    #[arg(
+        long,
+        global = true,
+        env = "L2MESH_DATA_DIR",
+        default_value = "/var/lib/l2mesh-broker"
+    )]
+    data_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -15,33 +28,127 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker (gRPC over TLS, state in an embedded store).
-    Serve {
-        /// Directory holding the store, the CA and the admin credential.
-        #[arg(
-            long,
-            env = "L2MESH_DATA_DIR",
-            default_value = "/var/lib/l2mesh-broker"
-        )]
-        data_dir: std::path::PathBuf,
-        /// Address the gRPC API listens on.
-        #[arg(long, env = "L2MESH_LISTEN", default_value = "0.0.0.0:7443")]
-        listen: std::net::SocketAddr,
-    },
+    Serve(ServeArgs),
     /// Manage onboarding tokens (talks to a running broker).
-    Token,
+    Token(cli_admin::AdminArgs<cli_admin::TokenCmd>),
     /// Manage multi-cluster networks (talks to a running broker).
-    Network,
+    Network(cli_admin::AdminArgs<cli_admin::NetworkCmd>),
     /// List or remove clusters (talks to a running broker).
-    Cluster,
+    Cluster(cli_admin::AdminArgs<cli_admin::ClusterCmd>),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address the gRPC API listens on.
+    #[arg(long, env = "L2MESH_LISTEN", default_value = "0.0.0.0:7443")]
+    listen: std::net::SocketAddr,
+    /// Address (`host:port`) agents reach the broker at; goes into join
+    /// strings and the server certificate. Repeatable; default: --listen.
+    #[arg(long, env = "L2MESH_ADVERTISE", value_delimiter = ',')]
+    advertise: Vec<String>,
+    /// Address of the HTTP health (`/healthz`) and Prometheus (`/metrics`) endpoint.
+    #[arg(long, env = "L2MESH_METRICS_LISTEN", default_value = "127.0.0.1:9443")]
+    metrics_listen: std::net::SocketAddr,
+    /// TTL of tokens created without `--ttl`, e.g. 1h, 30m, 90s.
+    #[arg(long, env = "L2MESH_TOKEN_TTL", default_value = "1h", value_parser = cli_admin::parse_duration)]
+    token_ttl: Duration,
+    /// Failed joins allowed per source address per minute (0 disables the limit).
+    #[arg(long, env = "L2MESH_JOIN_FAILURES_PER_MINUTE", default_value_t = 10)]
+    join_failures_per_minute: u32,
+    /// Largest accepted request message, in bytes.
+    #[arg(long, env = "L2MESH_MAX_REQUEST_BYTES", default_value_t = 1 << 20)]
+    max_request_bytes: usize,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for metrics", args.metrics_listen))?;
+    let local = listener.local_addr()?;
+    let advertise = if args.advertise.is_empty() {
+        vec![local.to_string()]
+    } else {
+        args.advertise
+    };
+    let mut config = ServeConfig::new(data_dir, advertise);
+    config.default_token_ttl = args.token_ttl;
+    config.join_failures_per_minute = args.join_failures_per_minute;
+    config.max_request_bytes = args.max_request_bytes;
+    let broker = Broker::open(config.clone())
+        .await
+        .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
+    tracing::info!(
+        listen = %local,
+        metrics = %metrics.local_addr()?,
+        advertise = ?config.advertise,
+        ca_pin = %broker.ca_pin(),
+        admin_credential = %broker.admin_credential_path().display(),
+        "broker serving"
+    );
+    broker
+        .serve(listener, Some(metrics), shutdown_signal())
+        .await?;
+    tracing::info!("broker stopped");
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    eprintln!(
-        "l2mesh-broker: {:?} is not built yet; nothing was done",
-        cli.command
-    );
-    ExitCode::from(2)
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("L2MESH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("l2mesh-broker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(cli.data_dir, args).await,
+            Command::Token(a) => cli_admin::token(&cli.data_dir, a).await,
+            Command::Network(a) => cli_admin::network(&cli.data_dir, a).await,
+            Command::Cluster(a) => cli_admin::cluster(&cli.data_dir, a).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("l2mesh-broker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,8 +11,7 @@ use crate::state::sha256;
 use l2mesh_proto::join::{BROKER_SERVER_NAME, JoinString};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -91,7 +90,8 @@ pub fn write_private(path: &Path, contents: &str) -> Result<()> {
 }
 
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))
+    std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))
 }
 
 /// The host part of `host:port` (brackets of IPv6 removed).
@@ -200,8 +200,9 @@ impl Pki {
             &format!("{CLUSTER_CN_PREFIX}{cluster}"),
             ExtendedKeyUsagePurpose::ClientAuth,
         );
-        params.subject_alt_names =
-            vec![SanType::URI(format!("l2mesh://cluster/{cluster}").try_into()?)];
+        params.subject_alt_names = vec![SanType::URI(
+            format!("l2mesh://cluster/{cluster}").try_into()?,
+        )];
         let signed = CertificateSigningRequestParams {
             params,
             public_key: csr.public_key,
@@ -235,7 +236,8 @@ impl AdminCredential {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(text.as_bytes())
             .collect::<std::result::Result<_, _>>()
             .map_err(|_| bad("unreadable certificate"))?;
-        let key = PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(|_| bad("no private key"))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(|_| bad("no private key"))?;
         match certs.as_slice() {
             [cert, ca] => Ok(Self {
                 cert: cert.to_vec(),
@@ -260,7 +262,10 @@ mod tests {
         assert_eq!(a.admin_sha256, b.admin_sha256);
         assert_ne!(a.server_key_pem, b.server_key_pem);
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(dir.path().join("ca.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0);
     }
 

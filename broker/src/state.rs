@@ -121,7 +121,9 @@ pub enum JoinDenied {
     Expired(String),
     #[error("token {0:?} has no uses left: ask the broker admin for a new join string")]
     UsedUp(String),
-    #[error("token {id:?} is for cluster {expected:?}, not {got:?}: join with the name the token was made for")]
+    #[error(
+        "token {id:?} is for cluster {expected:?}, not {got:?}: join with the name the token was made for"
+    )]
     WrongCluster {
         id: String,
         expected: String,
@@ -328,13 +330,15 @@ impl State {
         let used: BTreeSet<u32> = self.clusters.values().map(|c| c.subnet_index).collect();
         (0..TUNNEL_SUBNETS)
             .find(|i| !used.contains(i))
-            .ok_or_else(|| Error::Exhausted("all tunnel subnets of 100.64.0.0/10 are in use".into()))
+            .ok_or_else(|| {
+                Error::Exhausted("all tunnel subnets of 100.64.0.0/10 are in use".into())
+            })
     }
 
     fn cluster_mut(&mut self, name: &str) -> Result<&mut Cluster> {
-        self.clusters
-            .get_mut(name)
-            .ok_or_else(|| Error::NotFound(format!("no cluster named {name:?}: see `cluster list`")))
+        self.clusters.get_mut(name).ok_or_else(|| {
+            Error::NotFound(format!("no cluster named {name:?}: see `cluster list`"))
+        })
     }
 
     /// Note that the cluster called in; persisted with its next write.
@@ -402,10 +406,9 @@ impl State {
 
     /// Forget a cluster everywhere. Returns it and the clusters whose view changes.
     pub fn remove_cluster(&mut self, name: &str) -> Result<(Cluster, BTreeSet<String>)> {
-        let cluster = self
-            .clusters
-            .remove(name)
-            .ok_or_else(|| Error::NotFound(format!("no cluster named {name:?}: see `cluster list`")))?;
+        let cluster = self.clusters.remove(name).ok_or_else(|| {
+            Error::NotFound(format!("no cluster named {name:?}: see `cluster list`"))
+        })?;
         self.touch(Key::Cluster(name.to_owned()));
         for net in &cluster.requested {
             self.reconcile_slots(net);
@@ -445,9 +448,7 @@ impl State {
             None
         } else {
             let net: IpNet = cidr.trim().parse().map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "cidr {cidr:?} is not a network like 10.10.0.0/16"
-                ))
+                Error::InvalidArgument(format!("cidr {cidr:?} is not a network like 10.10.0.0/16"))
             })?;
             if net.prefix_len() > net.max_prefix_len() - 4 {
                 return Err(Error::InvalidArgument(format!(
@@ -470,7 +471,11 @@ impl State {
                 "say which clusters may join: --allow CLUSTER (repeatable) or --allow-all".into(),
             ));
         }
-        let vni = if vni == 0 { self.free_vni()? } else { self.check_vni(vni)? };
+        let vni = if vni == 0 {
+            self.free_vni()?
+        } else {
+            self.check_vni(vni)?
+        };
         let network = Network {
             name: name.to_owned(),
             vni,
@@ -487,9 +492,11 @@ impl State {
         self.touch(Key::Network(name.to_owned()));
         self.reconcile_slots(name);
         let affected = self.requesters_of(&BTreeSet::from([name.to_owned()]));
-        let network = self.networks.get(name).cloned().ok_or_else(|| {
-            Error::NotFound(format!("network {name:?} vanished"))
-        })?;
+        let network = self
+            .networks
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("network {name:?} vanished")))?;
         Ok((network, affected))
     }
 
@@ -519,10 +526,9 @@ impl State {
 
     /// Delete a network. Returns it and the clusters whose view changes.
     pub fn delete_network(&mut self, name: &str) -> Result<(Network, BTreeSet<String>)> {
-        let network = self
-            .networks
-            .remove(name)
-            .ok_or_else(|| Error::NotFound(format!("no network named {name:?}: see `network list`")))?;
+        let network = self.networks.remove(name).ok_or_else(|| {
+            Error::NotFound(format!("no network named {name:?}: see `network list`"))
+        })?;
         self.touch(Key::Network(name.to_owned()));
         let affected = self.requesters_of(&BTreeSet::from([name.to_owned()]));
         Ok((network, affected))

@@ -23,7 +23,8 @@ fn joined(names: &[&str]) -> State {
 #[test]
 fn token_checks_name_each_failure() {
     let mut s = State::default();
-    s.create_token("edge", "a".into(), "secret", 100, 1, 0).unwrap();
+    s.create_token("edge", "a".into(), "secret", 100, 1, 0)
+        .unwrap();
     assert_eq!(
         s.check_token("zz", "secret", "edge", 1),
         Err(JoinDenied::UnknownToken("zz".into()))
@@ -45,7 +46,8 @@ fn token_checks_name_each_failure() {
         s.check_token("a", "secret", "edge", 1),
         Err(JoinDenied::UsedUp("a".into()))
     );
-    s.create_token("edge", "b".into(), "secret", 100, 2, 0).unwrap();
+    s.create_token("edge", "b".into(), "secret", 100, 2, 0)
+        .unwrap();
     s.revoke_token("b").unwrap();
     assert_eq!(
         s.check_token("b", "secret", "edge", 1),
@@ -56,7 +58,9 @@ fn token_checks_name_each_failure() {
 #[test]
 fn secrets_are_stored_hashed() {
     let mut s = State::default();
-    let t = s.create_token("edge", "a".into(), "plain-secret", 10, 1, 0).unwrap();
+    let t = s
+        .create_token("edge", "a".into(), "plain-secret", 10, 1, 0)
+        .unwrap();
     assert_eq!(t.secret_sha256, sha256(b"plain-secret"));
     assert!(!format!("{t:?}").contains("plain-secret"));
 }
@@ -64,7 +68,8 @@ fn secrets_are_stored_hashed() {
 #[test]
 fn failed_join_changes_nothing() {
     let mut s = State::default();
-    s.create_token("edge", "a".into(), "secret", 100, 1, 0).unwrap();
+    s.create_token("edge", "a".into(), "secret", 100, 1, 0)
+        .unwrap();
     s.take_dirty();
     assert!(s.join("a", "bad", "edge", [1; 32], 1).is_err());
     assert!(s.take_dirty().is_empty());
@@ -75,8 +80,14 @@ fn failed_join_changes_nothing() {
 #[test]
 fn join_allocates_distinct_subnets_and_rejoin_replaces_the_cert() {
     let mut s = joined(&["a", "b"]);
-    assert_eq!(tunnel_subnet(s.clusters["a"].subnet_index).to_string(), "100.64.0.0/24");
-    assert_eq!(tunnel_subnet(s.clusters["b"].subnet_index).to_string(), "100.64.1.0/24");
+    assert_eq!(
+        tunnel_subnet(s.clusters["a"].subnet_index).to_string(),
+        "100.64.0.0/24"
+    );
+    assert_eq!(
+        tunnel_subnet(s.clusters["b"].subnet_index).to_string(),
+        "100.64.1.0/24"
+    );
     assert_eq!(s.cluster_for_cert(&[0; 32]), Some("a"));
     s.create_token("a", "again".into(), "x", 60, 1, 0).unwrap();
     s.join("again", "x", "a", [9; 32], 2).unwrap();
@@ -130,7 +141,10 @@ fn bad_network_input_is_rejected() {
         ));
     }
     assert!(s.create_network("n", 0, 100, "", vec![], true, 0).is_err());
-    assert!(s.create_network("UPPER", 0, 0, "", vec![], true, 0).is_err());
+    assert!(
+        s.create_network("UPPER", 0, 0, "", vec![], true, 0)
+            .is_err()
+    );
     assert!(s.networks.is_empty());
 }
 
@@ -140,7 +154,8 @@ fn acl_admits_only_allowed_requesters() {
     s.create_network("blue", 0, 0, "", vec!["a".into(), "b".into()], false, 0)
         .unwrap();
     for c in ["a", "b", "c"] {
-        s.request_networks(c, vec!["blue".into(), "nope".into()]).unwrap();
+        s.request_networks(c, vec!["blue".into(), "nope".into()])
+            .unwrap();
     }
     assert_eq!(s.admission("a", "blue"), Admission::Admitted);
     assert!(matches!(s.admission("c", "blue"), Admission::Denied(_)));
@@ -152,7 +167,8 @@ fn acl_admits_only_allowed_requesters() {
 #[test]
 fn slices_are_stable_when_others_come_and_go() {
     let mut s = joined(&["a", "b", "c"]);
-    s.create_network("blue", 0, 0, "10.10.0.0/16", vec![], true, 0).unwrap();
+    s.create_network("blue", 0, 0, "10.10.0.0/16", vec![], true, 0)
+        .unwrap();
     s.request_networks("b", vec!["blue".into()]).unwrap();
     s.request_networks("c", vec!["blue".into()]).unwrap();
     assert_eq!(s.networks["blue"].slots["b"], 0);
@@ -171,7 +187,8 @@ fn slices_are_stable_when_others_come_and_go() {
 fn full_cidr_denies_with_a_reason() {
     let mut s = joined(&["a", "b"]);
     // A /24 gives 16 slices of /28; shrink capacity by using a /28-sized pool.
-    s.create_network("tiny", 0, 0, "10.0.0.0/28", vec![], true, 0).unwrap();
+    s.create_network("tiny", 0, 0, "10.0.0.0/28", vec![], true, 0)
+        .unwrap();
     s.request_networks("a", vec!["tiny".into()]).unwrap();
     s.request_networks("b", vec!["tiny".into()]).unwrap();
     assert_eq!(s.admission("a", "tiny"), Admission::Admitted);
@@ -184,16 +201,28 @@ fn gateway_reports_are_validated() {
     let ok = gw("n1", 1, "100.64.0.1");
     assert!(s.report_gateways("a", vec![ok.clone()]).is_ok());
     // Outside its own subnet: someone else's tunnel address.
-    assert!(s.report_gateways("a", vec![gw("n1", 1, "100.64.1.1")]).is_err());
-    assert!(s.report_gateways("a", vec![gw("n1", 1, "100.64.0.0")]).is_err());
+    assert!(
+        s.report_gateways("a", vec![gw("n1", 1, "100.64.1.1")])
+            .is_err()
+    );
+    assert!(
+        s.report_gateways("a", vec![gw("n1", 1, "100.64.0.0")])
+            .is_err()
+    );
     let mut short = ok.clone();
     short.public_key = vec![1; 31];
     assert!(s.report_gateways("a", vec![short]).is_err());
     let mut bad_ep = ok.clone();
     bad_ep.endpoints = vec!["nowhere".into()];
     assert!(s.report_gateways("a", vec![bad_ep]).is_err());
-    assert!(s.report_gateways("a", vec![ok.clone(), gw("n1", 2, "100.64.0.2")]).is_err());
-    assert!(s.report_gateways("a", vec![ok, gw("n2", 3, "100.64.0.1")]).is_err());
+    assert!(
+        s.report_gateways("a", vec![ok.clone(), gw("n1", 2, "100.64.0.2")])
+            .is_err()
+    );
+    assert!(
+        s.report_gateways("a", vec![ok, gw("n2", 3, "100.64.0.1")])
+            .is_err()
+    );
     assert_eq!(s.clusters["a"].gateways.len(), 1);
 }
 
@@ -203,7 +232,9 @@ fn affected_sets_follow_membership() {
     s.create_network("blue", 0, 0, "", vec![], true, 0).unwrap();
     s.request_networks("a", vec!["blue".into()]).unwrap();
     s.request_networks("b", vec!["blue".into()]).unwrap();
-    let affected = s.report_gateways("a", vec![gw("g", 1, "100.64.0.1")]).unwrap();
+    let affected = s
+        .report_gateways("a", vec![gw("g", 1, "100.64.0.1")])
+        .unwrap();
     assert_eq!(affected, BTreeSet::from(["a".to_string(), "b".to_string()]));
     let (_, affected) = s.remove_cluster("b").unwrap();
     assert_eq!(affected, BTreeSet::from(["a".to_string()]));

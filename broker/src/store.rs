@@ -107,7 +107,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
         let mut s = State::default();
-        s.create_token("edge", "t1".into(), "sec", 60, 2, 0).unwrap();
+        s.create_token("edge", "t1".into(), "sec", 60, 2, 0)
+            .unwrap();
         s.join("t1", "sec", "edge", [3; 32], 1).unwrap();
         s.create_network("blue", 0, 0, "10.0.0.0/16", vec![], true, 0)
             .unwrap();

@@ -19,12 +19,22 @@ fn world() -> State {
         s.report_gateways(n, vec![gw("gw", i as u8 + 1, &format!("100.64.{i}.1"))])
             .unwrap();
     }
-    s.create_network("blue", 0, 0, "10.1.0.0/16", vec!["a".into(), "b".into()], false, 0)
-        .unwrap();
+    s.create_network(
+        "blue",
+        0,
+        0,
+        "10.1.0.0/16",
+        vec!["a".into(), "b".into()],
+        false,
+        0,
+    )
+    .unwrap();
     s.create_network("red", 0, 0, "", vec!["b".into(), "c".into()], false, 0)
         .unwrap();
-    s.request_networks("a", vec!["blue".into(), "red".into()]).unwrap();
-    s.request_networks("b", vec!["blue".into(), "red".into()]).unwrap();
+    s.request_networks("a", vec!["blue".into(), "red".into()])
+        .unwrap();
+    s.request_networks("b", vec!["blue".into(), "red".into()])
+        .unwrap();
     s.request_networks("c", vec!["red".into()]).unwrap();
     s
 }

@@ -1,0 +1,262 @@
+//! A small client for the broker: TLS with the CA pinned by the join string,
+//! joining with a CSR, then mTLS with the issued certificate. Used by the
+//! admin CLI, the tests and the benchmark; the cluster agent may reuse it.
+
+use crate::error::{Error, Result};
+use crate::pki::AdminCredential;
+use crate::state::sha256;
+use hyper_util::rt::TokioIo;
+use l2mesh_proto::broker as pb;
+use l2mesh_proto::broker::broker_admin_client::BrokerAdminClient;
+use l2mesh_proto::broker::broker_client::BrokerClient;
+use l2mesh_proto::join::{BROKER_SERVER_NAME, JoinString};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Trusts a server whose chain carries the CA with this SHA-256 and whose
+/// certificate that CA signed for [`BROKER_SERVER_NAME`].
+#[derive(Debug)]
+pub struct PinnedCa {
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| sha256(c) == self.pin)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the broker's CA does not match the pin in the join string: wrong broker address, or someone in between"
+                        .into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&self.provider),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A rustls client config pinned to `ca_sha256`, with an optional client
+/// certificate.
+pub fn tls_config(
+    ca_sha256: [u8; 32],
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Transport(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa {
+            pin: ca_sha256,
+            provider,
+        }));
+    let mut config = match identity {
+        Some((certs, key)) => builder
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| Error::Transport(format!("client certificate: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Connect to the first reachable of `addrs` (`host:port`).
+pub async fn connect(addrs: &[String], config: Arc<ClientConfig>) -> Result<Channel> {
+    let mut last = Error::Transport("no broker address given".into());
+    for addr in addrs {
+        match connect_one(addr, Arc::clone(&config)).await {
+            Ok(ch) => return Ok(ch),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn connect_one(addr: &str, config: Arc<ClientConfig>) -> Result<Channel> {
+    let target = addr.to_owned();
+    let connector = tower::service_fn(move |_: Uri| {
+        let target = target.clone();
+        let config = Arc::clone(&config);
+        async move {
+            let tcp = TcpStream::connect(&target).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(BROKER_SERVER_NAME)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Error::InvalidArgument(format!("broker address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| {
+            use std::error::Error as _;
+            let mut msg = e.to_string();
+            let mut src = e.source();
+            while let Some(s) = src {
+                msg = format!("{msg}: {s}");
+                src = s.source();
+            }
+            Error::Transport(format!("cannot reach the broker at {addr}: {msg}"))
+        })
+}
+
+/// What a successful join gives a cluster. Keep `key_pem` private.
+#[derive(Clone)]
+pub struct ClusterCredential {
+    pub cluster: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+    pub tunnel_subnet: String,
+    pub brokers: Vec<String>,
+}
+
+impl std::fmt::Debug for ClusterCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCredential")
+            .field("cluster", &self.cluster)
+            .field("tunnel_subnet", &self.tunnel_subnet)
+            .field("brokers", &self.brokers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A fresh key and a CSR for it (PEM key, PEM CSR).
+pub fn make_csr() -> Result<(String, String)> {
+    let key = rcgen::KeyPair::generate()?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)?
+        .pem()?;
+    Ok((key.serialize_pem(), csr))
+}
+
+/// Join the broker named in `join` with a fresh key.
+pub async fn join(join: &JoinString) -> Result<ClusterCredential> {
+    let pin = join
+        .ca_pin_sha256()
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let (key_pem, csr_pem) = make_csr()?;
+    let channel = connect(&join.brokers, tls_config(pin, None)?).await?;
+    let resp = BrokerClient::new(channel)
+        .join(pb::JoinRequest {
+            token_id: join.id.clone(),
+            token_secret: join.secret.clone(),
+            cluster_name: join.cluster.clone(),
+            csr_pem,
+        })
+        .await?
+        .into_inner();
+    let ca = CertificateDer::from_pem_slice(resp.ca_cert_pem.as_bytes())
+        .map_err(|e| Error::Pki(format!("broker sent a bad CA: {e}")))?;
+    if sha256(&ca) != pin {
+        return Err(Error::Pki(
+            "the CA in the join response does not match the pin".into(),
+        ));
+    }
+    Ok(ClusterCredential {
+        cluster: resp.cluster_name,
+        cert_pem: resp.client_cert_pem,
+        key_pem,
+        ca_pem: resp.ca_cert_pem,
+        tunnel_subnet: resp.tunnel_subnet,
+        brokers: join.brokers.clone(),
+    })
+}
+
+impl ClusterCredential {
+    /// mTLS rustls config for this cluster.
+    pub fn tls_config(&self) -> Result<Arc<ClientConfig>> {
+        let ca = CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
+            .map_err(|e| Error::Pki(format!("CA: {e}")))?;
+        let cert = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|e| Error::Pki(format!("client certificate: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| Error::Pki(format!("client key: {e}")))?;
+        tls_config(sha256(&ca), Some((vec![cert], key)))
+    }
+
+    /// An mTLS client for the `Broker` service.
+    pub async fn connect(&self) -> Result<BrokerClient<Channel>> {
+        Ok(
+            BrokerClient::new(connect(&self.brokers, self.tls_config()?).await?)
+                .max_decoding_message_size(256 << 20),
+        )
+    }
+}
+
+/// An mTLS client for the `BrokerAdmin` service.
+pub async fn admin_client(
+    addrs: &[String],
+    cred: &AdminCredential,
+) -> Result<BrokerAdminClient<Channel>> {
+    let identity = (
+        vec![CertificateDer::from(cred.cert.clone())],
+        cred.key.clone_key(),
+    );
+    let config = tls_config(sha256(&cred.ca), Some(identity))?;
+    Ok(BrokerAdminClient::new(connect(addrs, config).await?))
+}

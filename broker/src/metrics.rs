@@ -1,0 +1,118 @@
+//! Prometheus metrics and the health endpoint on their own HTTP port.
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+type Labels = Vec<(String, String)>;
+
+/// The broker's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Join attempts by result (`ok`, `denied`, `rate_limited`, `bad_request`).
+    pub joins: Family<Labels, Counter>,
+    /// gRPC calls by method and status code.
+    pub calls: Family<Labels, Counter>,
+    /// Views sent on watch streams.
+    pub views_sent: Counter,
+    /// Open watch streams.
+    pub watchers: Gauge,
+    /// Joined clusters.
+    pub clusters: Gauge,
+    /// Declared networks.
+    pub networks: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("l2mesh_broker");
+        let joins = Family::<Labels, Counter>::default();
+        let calls = Family::<Labels, Counter>::default();
+        let views_sent = Counter::default();
+        let watchers = Gauge::default();
+        let clusters = Gauge::default();
+        let networks = Gauge::default();
+        registry.register("joins", "Join attempts by result", joins.clone());
+        registry.register("calls", "gRPC calls by method and code", calls.clone());
+        registry.register(
+            "views_sent",
+            "Views sent on watch streams",
+            views_sent.clone(),
+        );
+        registry.register("watchers", "Open watch streams", watchers.clone());
+        registry.register("clusters", "Joined clusters", clusters.clone());
+        registry.register(
+            "networks",
+            "Declared multi-cluster networks",
+            networks.clone(),
+        );
+        Self {
+            registry,
+            joins,
+            calls,
+            views_sent,
+            watchers,
+            clusters,
+            networks,
+        }
+    }
+}
+
+impl Metrics {
+    /// Count a join result.
+    pub fn join(&self, result: &str) {
+        self.joins
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc();
+    }
+
+    /// Count a call and its outcome.
+    pub fn call(&self, method: &str, code: tonic::Code) {
+        self.calls
+            .get_or_create(&vec![
+                ("method".to_owned(), method.to_owned()),
+                ("code".to_owned(), format!("{code:?}")),
+            ])
+            .inc();
+    }
+
+    /// Text exposition format.
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// `/healthz` and `/metrics`.
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let m = Arc::clone(&metrics);
+                async move {
+                    (
+                        StatusCode::OK,
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                        .into_response()
+                }
+            }),
+        )
+}
