@@ -6,7 +6,40 @@
 //! - [`config`]: validation of the desired state and its diff.
 //! - [`engine`]: boringtun tunnels around the switch, still without I/O.
 
+pub mod api;
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod engine;
+pub mod file;
+pub mod keys;
+pub mod netdev;
 pub mod switch;
 pub mod wire;
+
+/// Errors of the dataplane library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid desired state: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("netlink: {0}")]
+    Netlink(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("no network named {0:?} on this node; apply a desired state that contains it first")]
+    NoSuchNetwork(String),
+    #[error("no interface named {0:?}; create it (e.g. the pod veth) before attaching it")]
+    NoSuchInterface(String),
+    #[error("interface {ifname:?} is not attached to bridge {bridge:?} of network {network:?}")]
+    NotAttached {
+        ifname: String,
+        network: String,
+        bridge: String,
+    },
+    #[error("interface {0:?} is a device the dataplane owns; attach pod interfaces only")]
+    OwnedInterface(String),
+    #[error("key file {path}: {reason}")]
+    Key { path: String, reason: String },
+    #[error("state file {path}: {reason}")]
+    State { path: String, reason: String },
+}

@@ -1,7 +1,15 @@
-//! `l2mesh-dataplane`: the per-node daemon and its status CLI.
+//! `l2mesh-dataplane`: the per-node daemon and its CLI.
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use l2mesh_dataplane::config::key_b64;
+use l2mesh_dataplane::{api, client, daemon, file};
+use l2mesh_proto::node::{
+    AttachPortRequest, DetachPortRequest, NodeStatus, PeerGroup, RotateKeyRequest, StatusRequest,
+};
 
 /// The l2mesh node dataplane: Linux bridges and TAPs per network, WireGuard
 /// tunnels (boringtun) to peers, and the MAC-learning switch between them.
@@ -15,26 +23,259 @@ struct Cli {
         env = "L2MESH_DATAPLANE_SOCKET",
         default_value = "/run/l2mesh/dataplane.sock"
     )]
-    socket: std::path::PathBuf,
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the daemon.
-    Run,
+    /// Run the daemon (needs CAP_NET_ADMIN for bridges and TAPs).
+    Run {
+        /// Directory for the node private key and the last applied state.
+        #[arg(
+            long,
+            env = "L2MESH_STATE_DIR",
+            default_value = "/var/lib/l2mesh/dataplane"
+        )]
+        state_dir: PathBuf,
+        /// UDP port of the WireGuard socket (0 picks a free one).
+        #[arg(long, env = "L2MESH_LISTEN_PORT", default_value_t = daemon::DEFAULT_LISTEN_PORT)]
+        listen_port: u16,
+    },
     /// Print peers and networks of a running daemon as tables.
-    Status,
+    Status {
+        /// Print the raw status as JSON-like debug output instead of tables.
+        #[arg(long, env = "L2MESH_STATUS_RAW")]
+        raw: bool,
+    },
+    /// Apply a desired state from a JSON file (see the README of the crate).
+    Apply {
+        /// JSON file: {revision, node_name, tunnel_ip, listen_port, networks: [..], peers: [..]}.
+        file: PathBuf,
+    },
+    /// Put a host interface into a network's bridge.
+    Attach { network: String, ifname: String },
+    /// Take a host interface out of a network's bridge.
+    Detach { network: String, ifname: String },
+    /// Print this node's WireGuard public key (base64).
+    Pubkey,
+    /// Generate a new node key pair; prints the new public key.
+    RotateKey,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    eprintln!(
-        "l2mesh-dataplane: {:?} is not built yet; nothing was done",
-        cli.command
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("L2MESH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("l2mesh-dataplane: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("l2mesh-dataplane: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let socket = cli.socket;
+    match cli.command {
+        Command::Run {
+            state_dir,
+            listen_port,
+        } => {
+            let d = daemon::Daemon::start(&state_dir, listen_port)
+                .await
+                .context("starting the dataplane")?;
+            let listener =
+                api::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+            tracing::info!(
+                socket = %socket.display(),
+                port = d.local_port(),
+                public_key = %key_b64(&d.public_key()),
+                "dataplane running"
+            );
+            api::serve(listener, std::sync::Arc::clone(&d), shutdown_signal()).await?;
+            d.stop();
+            let _ = std::fs::remove_file(&socket);
+            tracing::info!("dataplane stopped; bridges are kept for the next start");
+            Ok(())
+        }
+        Command::Status { raw } => {
+            let mut c = client::connect(&socket)
+                .await
+                .with_context(|| connect_hint(&socket))?;
+            let s = c.get_status(StatusRequest {}).await?.into_inner();
+            if raw {
+                println!("{s:#?}");
+            } else {
+                print!("{}", render_status(&s));
+            }
+            Ok(())
+        }
+        Command::Apply { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let desired =
+                file::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let mut c = client::connect(&socket)
+                .await
+                .with_context(|| connect_hint(&socket))?;
+            let r = c.apply(desired).await?.into_inner();
+            println!("applied revision {}", r.applied_revision);
+            for ch in r.changes {
+                println!("  {ch}");
+            }
+            Ok(())
+        }
+        Command::Attach { network, ifname } => {
+            let mut c = client::connect(&socket)
+                .await
+                .with_context(|| connect_hint(&socket))?;
+            let r = c
+                .attach_port(AttachPortRequest { network, ifname })
+                .await?
+                .into_inner();
+            println!(
+                "bridge={} mtu={} vni={} pod_cidr={}",
+                r.bridge, r.mtu, r.vni, r.pod_cidr
+            );
+            Ok(())
+        }
+        Command::Detach { network, ifname } => {
+            let mut c = client::connect(&socket)
+                .await
+                .with_context(|| connect_hint(&socket))?;
+            c.detach_port(DetachPortRequest { network, ifname }).await?;
+            Ok(())
+        }
+        Command::Pubkey => {
+            let mut c = client::connect(&socket)
+                .await
+                .with_context(|| connect_hint(&socket))?;
+            let s = c.get_status(StatusRequest {}).await?.into_inner();
+            println!("{}", key_b64(&s.public_key));
+            Ok(())
+        }
+        Command::RotateKey => {
+            let mut c = client::connect(&socket)
+                .await
+                .with_context(|| connect_hint(&socket))?;
+            let r = c.rotate_key(RotateKeyRequest {}).await?.into_inner();
+            println!("{}", key_b64(&r.public_key));
+            Ok(())
+        }
+    }
+}
+
+fn connect_hint(socket: &std::path::Path) -> String {
+    format!(
+        "connecting to {} (is `l2mesh-dataplane run` running? see --socket)",
+        socket.display()
+    )
+}
+
+fn render_status(s: &NodeStatus) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "node {}  key {}  port {}  tunnel_ip {}  revision {}",
+        s.node_name,
+        key_b64(&s.public_key),
+        s.listen_port,
+        s.tunnel_ip,
+        s.applied_revision
     );
-    ExitCode::from(2)
+    let drops = |d: &[l2mesh_proto::node::DropCounter]| {
+        d.iter()
+            .map(|c| format!("{}={}", c.reason, c.count))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let _ = writeln!(o, "\nPEERS");
+    let _ = writeln!(
+        o,
+        "{:<16} {:<7} {:<22} {:>10} {:>10} {:>10} {:>10} {:>10}  DROPS",
+        "NAME", "GROUP", "ENDPOINT", "HANDSHAKE", "RX_PKTS", "RX_BYTES", "TX_PKTS", "TX_BYTES"
+    );
+    for p in &s.peers {
+        let group = match p.group() {
+            PeerGroup::Local => "local",
+            PeerGroup::Remote => "remote",
+            PeerGroup::Unspecified => "-",
+        };
+        let hs = p
+            .last_handshake_age_ms
+            .map(|ms| format!("{}s", ms / 1000))
+            .unwrap_or_else(|| "never".into());
+        let _ = writeln!(
+            o,
+            "{:<16} {:<7} {:<22} {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
+            p.name,
+            group,
+            if p.endpoint.is_empty() {
+                "-"
+            } else {
+                &p.endpoint
+            },
+            hs,
+            p.rx_packets,
+            p.rx_bytes,
+            p.tx_packets,
+            p.tx_bytes,
+            drops(&p.drops)
+        );
+    }
+    let _ = writeln!(o, "\nNETWORKS");
+    let _ = writeln!(
+        o,
+        "{:<16} {:>8} {:>5} {:<12} {:<18} PORTS",
+        "NAME", "VNI", "MTU", "BRIDGE", "POD_CIDR"
+    );
+    for n in &s.networks {
+        let _ = writeln!(
+            o,
+            "{:<16} {:>8} {:>5} {:<12} {:<18} {}",
+            n.name,
+            n.vni,
+            n.mtu,
+            n.bridge,
+            n.pod_cidr,
+            n.ports.join(",")
+        );
+        for m in &n.macs {
+            let _ = writeln!(o, "    {}  {:<24} {}s", m.mac, m.port, m.age_ms / 1000);
+        }
+    }
+    if !s.drops.is_empty() {
+        let _ = writeln!(o, "\nNODE DROPS {}", drops(&s.drops));
+    }
+    o
 }
 
 #[cfg(test)]
@@ -44,5 +285,27 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn status_renders_tables() {
+        let s = l2mesh_proto::node::NodeStatus {
+            node_name: "n1".into(),
+            peers: vec![l2mesh_proto::node::PeerStatus {
+                name: "peer-b".into(),
+                ..Default::default()
+            }],
+            networks: vec![l2mesh_proto::node::NetworkStatus {
+                name: "blue".into(),
+                vni: 7,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let out = super::render_status(&s);
+        assert!(
+            out.contains("peer-b") && out.contains("blue") && out.contains("never"),
+            "{out}"
+        );
     }
 }
