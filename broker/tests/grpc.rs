@@ -1,0 +1,621 @@
+//! gRPC tests against a real broker on 127.0.0.1, port 0.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{TestBroker, gateway, next_view, request, view_until};
+use l2mesh_broker::client::{self, tls_config};
+use l2mesh_proto::broker as pb;
+use l2mesh_proto::broker::broker_client::BrokerClient;
+use l2mesh_proto::join::JoinString;
+use std::time::Duration;
+use tonic::Code;
+
+async fn try_join(j: &JoinString) -> Result<client::ClusterCredential, tonic::Status> {
+    client::join(j).await.map_err(tonic::Status::from)
+}
+
+#[tokio::test]
+async fn valid_join_gives_a_working_certificate_and_consumes_the_token() {
+    let b = TestBroker::start().await;
+    let j = b.token("edge-1", 600, 1).await;
+    let cred = client::join(&j).await.unwrap();
+    assert_eq!(cred.cluster, "edge-1");
+    assert_eq!(cred.tunnel_subnet, "100.64.0.0/24");
+    let mut c = cred.connect().await.unwrap();
+    c.report_gateways(pb::GatewayReport {
+        gateways: vec![gateway("gw-1", 1, "100.64.0.1")],
+    })
+    .await
+    .unwrap();
+    let tokens = b
+        .admin()
+        .await
+        .list_tokens(pb::ListTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tokens.tokens[0].uses_left, 0);
+    let clusters = b
+        .admin()
+        .await
+        .list_clusters(pb::ListClustersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(clusters.clusters.len(), 1);
+    assert_eq!(clusters.clusters[0].gateways[0].node, "gw-1");
+    assert!(clusters.clusters[0].last_seen_unix > 0);
+    // The join string never reaches the token list.
+    assert!(!format!("{tokens:?}").contains(&j.secret));
+}
+
+#[tokio::test]
+async fn every_bad_token_case_is_refused_and_changes_nothing() {
+    let b = TestBroker::start().await;
+    let good = b.token("edge-1", 600, 1).await;
+    let short = b.token("edge-1", 1, 1).await;
+    let revoked = b.token("edge-1", 600, 1).await;
+    b.admin()
+        .await
+        .revoke_token(pb::RevokeTokenRequest {
+            id: revoked.id.clone(),
+        })
+        .await
+        .unwrap();
+    let used = b.token("edge-2", 600, 1).await;
+    client::join(&used).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let before = b
+        .admin()
+        .await
+        .list_tokens(pb::ListTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut unknown = good.clone();
+    unknown.id = "tok-000000000000".into();
+    let mut wrong_secret = good.clone();
+    wrong_secret.secret = "not-the-secret".into();
+    let mut wrong_cluster = good.clone();
+    wrong_cluster.cluster = "edge-9".into();
+    let cases = [
+        (unknown, Code::Unauthenticated, "unknown token"),
+        (wrong_secret, Code::Unauthenticated, "does not match"),
+        (revoked, Code::Unauthenticated, "revoked"),
+        (short, Code::Unauthenticated, "expired"),
+        (used, Code::Unauthenticated, "no uses left"),
+        (wrong_cluster, Code::PermissionDenied, "is for cluster"),
+    ];
+    for (j, code, text) in cases {
+        let err = try_join(&j).await.unwrap_err();
+        assert_eq!(err.code(), code, "{text}: {err:?}");
+        assert!(err.message().contains(text), "{text}: {}", err.message());
+        assert!(!err.message().contains(&j.secret));
+    }
+    // A bad CSR with a good token.
+    let mut c = BrokerClient::new(
+        client::connect(
+            &good.brokers,
+            tls_config(good.ca_pin_sha256().unwrap(), None).unwrap(),
+        )
+        .await
+        .unwrap(),
+    );
+    let err = c
+        .join(pb::JoinRequest {
+            token_id: good.id.clone(),
+            token_secret: good.secret.clone(),
+            cluster_name: good.cluster.clone(),
+            csr_pem:
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+                    .into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    let after = b
+        .admin()
+        .await
+        .list_tokens(pb::ListTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before, after, "a refused join must change nothing");
+    let clusters = b
+        .admin()
+        .await
+        .list_clusters(pb::ListClustersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(clusters.clusters.len(), 1, "only edge-2 joined");
+    // The good token still works after all that.
+    client::join(&good).await.unwrap();
+}
+
+#[tokio::test]
+async fn failed_joins_are_rate_limited() {
+    let b = TestBroker::start_with(|c| c.join_failures_per_minute = 2).await;
+    let good = b.token("edge-1", 600, 1).await;
+    let mut bad = good.clone();
+    bad.secret = "wrong".into();
+    for _ in 0..2 {
+        assert_eq!(
+            try_join(&bad).await.unwrap_err().code(),
+            Code::Unauthenticated
+        );
+    }
+    let err = try_join(&good).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+}
+
+#[tokio::test]
+async fn a_wrong_ca_pin_is_refused_before_sending_the_secret() {
+    let b = TestBroker::start().await;
+    let mut j = b.token("edge-1", 600, 1).await;
+    j.ca = JoinString::format_pin(&[7; 32]);
+    let err = client::join(&j).await.unwrap_err().to_string();
+    assert!(err.contains("pin"), "{err}");
+    let tokens = b
+        .admin()
+        .await
+        .list_tokens(pb::ListTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tokens.tokens[0].uses_left, 1);
+}
+
+#[tokio::test]
+async fn client_certificates_from_a_foreign_ca_are_refused() {
+    let b = TestBroker::start().await;
+    let other = TestBroker::start().await;
+    // The other broker's admin credential, pinned to the first broker's CA.
+    let foreign = other.admin_credential();
+    let mine = b.admin_credential();
+    let identity = (
+        vec![rustls::pki_types::CertificateDer::from(
+            foreign.cert.clone(),
+        )],
+        foreign.key.clone_key(),
+    );
+    let pin = l2mesh_broker::state::sha256(&mine.ca);
+    let result = async {
+        let ch = client::connect(&[b.addr.clone()], tls_config(pin, Some(identity))?).await?;
+        pb::broker_admin_client::BrokerAdminClient::new(ch)
+            .list_tokens(pb::ListTokensRequest {})
+            .await?;
+        Ok::<_, l2mesh_broker::Error>(())
+    }
+    .await;
+    assert!(
+        result.is_err(),
+        "a foreign CA's certificate must not be accepted"
+    );
+    // A cluster certificate of the other broker: same.
+    let (cred, _) = other.join("edge-1").await;
+    let mut cred = cred;
+    cred.brokers = vec![b.addr.clone()];
+    cred.ca_pem = std::fs::read_to_string(b.dir.join("ca.pem")).unwrap();
+    let result = async {
+        cred.connect()
+            .await?
+            .report_gateways(pb::GatewayReport::default())
+            .await?;
+        Ok::<_, l2mesh_broker::Error>(())
+    }
+    .await;
+    assert!(result.is_err());
+}
+
+#[tokio::test]
+async fn calls_need_the_right_kind_of_certificate() {
+    let b = TestBroker::start().await;
+    let j = b.token("edge-1", 600, 1).await;
+    // No client certificate: only Join works.
+    let ch = client::connect(
+        &j.brokers,
+        tls_config(j.ca_pin_sha256().unwrap(), None).unwrap(),
+    )
+    .await
+    .unwrap();
+    let err = BrokerClient::new(ch.clone())
+        .report_gateways(pb::GatewayReport::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = pb::broker_admin_client::BrokerAdminClient::new(ch)
+        .list_clusters(pb::ListClustersRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // A cluster certificate cannot call admin APIs.
+    let cred = client::join(&j).await.unwrap();
+    let ch = client::connect(&cred.brokers, cred.tls_config().unwrap())
+        .await
+        .unwrap();
+    let err = pb::broker_admin_client::BrokerAdminClient::new(ch)
+        .create_token(pb::CreateTokenRequest {
+            cluster: "edge-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // The admin certificate cannot act as a cluster.
+    let admin = b.admin_credential();
+    let identity = (
+        vec![rustls::pki_types::CertificateDer::from(admin.cert.clone())],
+        admin.key.clone_key(),
+    );
+    let ch = client::connect(
+        &[b.addr.clone()],
+        tls_config(l2mesh_broker::state::sha256(&admin.ca), Some(identity)).unwrap(),
+    )
+    .await
+    .unwrap();
+    let err = BrokerClient::new(ch)
+        .watch(pb::WatchRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn a_cluster_cannot_read_or_write_what_is_not_its_own() {
+    let b = TestBroker::start().await;
+    let (_, mut a) = b.join("alpha").await;
+    let (_, mut c) = b.join("gamma").await;
+    b.network("blue", &["alpha"]).await;
+    b.network("secret", &["gamma"]).await;
+    c.report_gateways(pb::GatewayReport {
+        gateways: vec![gateway("gw", 3, "100.64.1.1")],
+    })
+    .await
+    .unwrap();
+    request(&mut c, &["secret"]).await;
+    // alpha asks for gamma's network: denied, and learns nothing of it.
+    let r = request(&mut a, &["blue", "secret"]).await;
+    let secret = r.admissions.iter().find(|x| x.network == "secret").unwrap();
+    assert_eq!(secret.state(), pb::AdmissionState::Denied);
+    let mut w = a
+        .watch(pb::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let v = next_view(&mut w).await;
+    assert_eq!(v.cluster_name, "alpha");
+    assert_eq!(v.networks.len(), 1);
+    assert_eq!(v.networks[0].name, "blue");
+    assert!(!format!("{v:?}").contains("gamma"), "{v:?}");
+    // alpha cannot claim gamma's tunnel address (a write into gamma's range).
+    let err = a
+        .report_gateways(pb::GatewayReport {
+            gateways: vec![gateway("gw", 9, "100.64.1.1")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // gamma's data is untouched.
+    let list = b
+        .admin()
+        .await
+        .list_clusters(pb::ListClustersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let g = list.clusters.iter().find(|x| x.name == "gamma").unwrap();
+    assert_eq!(g.gateways[0].public_key, vec![3; 32]);
+    let alpha = list.clusters.iter().find(|x| x.name == "alpha").unwrap();
+    assert!(alpha.gateways.is_empty());
+}
+
+#[tokio::test]
+async fn removing_a_cluster_closes_its_live_watch_and_refuses_its_certificate() {
+    let b = TestBroker::start().await;
+    let (_, mut a) = b.join("alpha").await;
+    let mut w = a
+        .watch(pb::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    next_view(&mut w).await;
+    b.admin()
+        .await
+        .remove_cluster(pb::RemoveClusterRequest {
+            name: "alpha".into(),
+        })
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), w.message())
+        .await
+        .expect("the stream must close at once");
+    let err = end.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let err = a
+        .report_gateways(pb::GatewayReport::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = a.watch(pb::WatchRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn watch_resumes_and_does_not_resend_an_unchanged_view() {
+    let b = TestBroker::start().await;
+    let (_, mut a) = b.join("alpha").await;
+    request(&mut a, &["blue"]).await;
+    let mut w = a
+        .watch(pb::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_view(&mut w).await;
+    assert_eq!(
+        first.admissions[0].state(),
+        pb::AdmissionState::UnknownNetwork
+    );
+    drop(w);
+    let mut w = a
+        .watch(pb::WatchRequest {
+            last_revision: first.revision,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let nothing = tokio::time::timeout(Duration::from_millis(400), w.message()).await;
+    assert!(
+        nothing.is_err(),
+        "an unchanged view must not be resent: {nothing:?}"
+    );
+    // A change while watching arrives at once, with a newer revision.
+    let info = b.network("blue", &[]).await;
+    let v = next_view(&mut w).await;
+    assert!(v.revision > first.revision);
+    assert_eq!(v.networks[0].vni, info.vni);
+    assert_eq!(v.networks[0].cluster_cidr, "10.20.0.0/24");
+    // Reconnecting with an old revision gets the current view.
+    let mut w2 = a
+        .watch(pb::WatchRequest {
+            last_revision: first.revision,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_view(&mut w2).await.revision, v.revision);
+    // A report that changes nothing in the view sends nothing.
+    a.report_link_health(pb::LinkHealthReport::default())
+        .await
+        .unwrap();
+    let nothing = tokio::time::timeout(Duration::from_millis(300), w.message()).await;
+    assert!(nothing.is_err());
+}
+
+#[tokio::test]
+async fn key_rotation_and_membership_changes_reach_peers() {
+    let b = TestBroker::start().await;
+    let (_, mut a) = b.join("alpha").await;
+    let (_, mut c) = b.join("beta").await;
+    b.network("blue", &["alpha", "beta"]).await;
+    a.report_gateways(pb::GatewayReport {
+        gateways: vec![gateway("gw", 1, "100.64.0.1")],
+    })
+    .await
+    .unwrap();
+    request(&mut a, &["blue"]).await;
+    request(&mut c, &["blue"]).await;
+    let mut w = c
+        .watch(pb::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let v = view_until(&mut w, |v| {
+        v.networks.first().is_some_and(|n| !n.peers.is_empty())
+    })
+    .await;
+    assert_eq!(v.networks[0].peers[0].public_key, vec![1; 32]);
+    assert_eq!(
+        v.networks[0].members,
+        vec!["alpha".to_string(), "beta".to_string()]
+    );
+    // Rotation.
+    a.report_gateways(pb::GatewayReport {
+        gateways: vec![gateway("gw", 2, "100.64.0.1")],
+    })
+    .await
+    .unwrap();
+    let v = next_view(&mut w).await;
+    assert_eq!(v.networks[0].peers[0].public_key, vec![2; 32]);
+    // alpha removed: beta's view loses it at once.
+    b.admin()
+        .await
+        .remove_cluster(pb::RemoveClusterRequest {
+            name: "alpha".into(),
+        })
+        .await
+        .unwrap();
+    let v = next_view(&mut w).await;
+    assert!(v.networks[0].peers.is_empty());
+    assert_eq!(v.networks[0].members, vec!["beta".to_string()]);
+    // Network deleted: gone from the view, admission says unknown.
+    b.admin()
+        .await
+        .delete_network(pb::DeleteNetworkRequest {
+            name: "blue".into(),
+        })
+        .await
+        .unwrap();
+    let v = next_view(&mut w).await;
+    assert!(v.networks.is_empty());
+    assert_eq!(v.admissions[0].state(), pb::AdmissionState::UnknownNetwork);
+}
+
+#[tokio::test]
+async fn bad_admin_input_gets_clear_errors_and_changes_nothing() {
+    let b = TestBroker::start().await;
+    let info = b.network("blue", &[]).await;
+    let mut admin = b.admin().await;
+    let dup = admin
+        .create_network(pb::CreateNetworkRequest {
+            name: "blue".into(),
+            allow_all: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    let vni = admin
+        .create_network(pb::CreateNetworkRequest {
+            name: "red".into(),
+            vni: info.vni,
+            allow_all: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(vni.code(), Code::AlreadyExists);
+    assert!(vni.message().contains("blue"));
+    let low = admin
+        .create_network(pb::CreateNetworkRequest {
+            name: "red".into(),
+            vni: 10,
+            allow_all: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(low.code(), Code::InvalidArgument);
+    let nf = admin
+        .delete_network(pb::DeleteNetworkRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(nf.code(), Code::NotFound);
+    let bad = admin
+        .create_token(pb::CreateTokenRequest {
+            cluster: "Bad Name".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let list = admin
+        .list_networks(pb::ListNetworksRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.networks.len(), 1);
+    assert!(
+        admin
+            .list_tokens(pb::ListTokensRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .tokens
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn oversized_requests_are_refused() {
+    let b = TestBroker::start_with(|c| c.max_request_bytes = 8 << 10).await;
+    let (_, mut a) = b.join("alpha").await;
+    let huge = pb::GatewayReport {
+        gateways: vec![pb::Gateway {
+            node: "x".repeat(20_000),
+            ..gateway("gw", 1, "100.64.0.1")
+        }],
+    };
+    let err = a.report_gateways(huge).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
+        ),
+        "{err:?}"
+    );
+    let list = b
+        .admin()
+        .await
+        .list_clusters(pb::ListClustersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.clusters[0].gateways.is_empty());
+}
+
+#[tokio::test]
+async fn restart_keeps_state_and_resumes_watches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut b = TestBroker::start_in(tmp.path(), |_| {}).await;
+    let (cred, mut a) = b.join("alpha").await;
+    let j = b.token("beta", 600, 1).await;
+    request(&mut a, &["blue"]).await;
+    b.network("blue", &[]).await;
+    let mut w = a
+        .watch(pb::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let v = view_until(&mut w, |v| !v.networks.is_empty()).await;
+    b.stop().await;
+    // The stream ended with the graceful shutdown.
+    let end = tokio::time::timeout(Duration::from_secs(5), w.message())
+        .await
+        .unwrap();
+    assert!(!matches!(end, Ok(Some(_))));
+
+    let mut b = TestBroker::start_in(tmp.path(), |c| c.advertise = vec![]).await;
+    let mut cred = cred;
+    cred.brokers = vec![b.addr.clone()];
+    let mut a = cred.connect().await.unwrap();
+    let mut w = a
+        .watch(pb::WatchRequest {
+            last_revision: v.revision,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let nothing = tokio::time::timeout(Duration::from_millis(400), w.message()).await;
+    assert!(
+        nothing.is_err(),
+        "same view after restart must not be resent"
+    );
+    let mut j = j;
+    j.brokers = vec![b.addr.clone()];
+    client::join(&j).await.unwrap();
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_and_health_are_served() {
+    let b = TestBroker::start().await;
+    b.join("alpha").await;
+    let body = http_get(&b.metrics_addr, "/metrics").await;
+    assert!(
+        body.contains("l2mesh_broker_joins_total{result=\"ok\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("l2mesh_broker_clusters 1"), "{body}");
+    assert!(
+        http_get(&b.metrics_addr, "/healthz")
+            .await
+            .ends_with("ok\n")
+    );
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
