@@ -1,0 +1,273 @@
+//! Root integration tests: real daemons in network namespaces.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Node, Underlay, can_run, peer_drop, ping_ok};
+use l2mesh_proto::node::PeerGroup;
+
+const BLUE: u32 = 100;
+const RED: u32 = 200;
+const NETS: &[(&str, u32)] = &[("blue", BLUE), ("red", RED)];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_two_networks_ping_arp_nd_broadcast_and_isolation() {
+    if !can_run(&["ping", "sysctl"]) {
+        return;
+    }
+    let mut wire = Underlay::new();
+    let a = Node::start("a", &mut wire, "100.64.0.1").await;
+    let b = Node::start("b", &mut wire, "100.64.0.2").await;
+    a.apply(NETS, vec![b.as_peer(PeerGroup::Local, &[BLUE, RED])])
+        .await;
+    b.apply(NETS, vec![a.as_peer(PeerGroup::Local, &[BLUE, RED])])
+        .await;
+    // All pods share one subnet, so only the L2 networks keep them apart.
+    let a1 = a.pod("a1", "blue", &["10.1.0.1/24", "fd00:1::1/64"]).await;
+    let a2 = a.pod("a2", "blue", &["10.1.0.2/24"]).await;
+    let a3 = a.pod("a3", "red", &["10.1.0.3/24"]).await;
+    let b1 = b
+        .pod("b1", "blue", &["10.1.0.11/24", "fd00:1::11/64"])
+        .await;
+    let b2 = b.pod("b2", "blue", &["10.1.0.12/24"]).await;
+    let b3 = b.pod("b3", "red", &["10.1.0.13/24"]).await;
+
+    assert!(
+        ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)),
+        "blue a1 -> b1 (IPv4, ARP)"
+    );
+    assert!(
+        ping_ok(&b2, "10.1.0.2", Duration::from_secs(5)),
+        "blue b2 -> a2"
+    );
+    assert!(
+        ping_ok(&a3, "10.1.0.13", Duration::from_secs(5)),
+        "red a3 -> b3"
+    );
+    assert!(
+        ping_ok(&b3, "10.1.0.3", Duration::from_secs(5)),
+        "red b3 -> a3"
+    );
+    assert!(
+        ping_ok(&a1, "fd00:1::11", Duration::from_secs(10)),
+        "IPv6 a1 -> b1 (ND)"
+    );
+    assert!(
+        ping_ok(&b1, "fd00:1::1", Duration::from_secs(5)),
+        "IPv6 b1 -> a1"
+    );
+    let neigh = a1.exec(&["ip", "neigh", "show", "10.1.0.11"]);
+    assert!(neigh.contains("lladdr"), "ARP resolved: {neigh}");
+
+    // A broadcast from a1 reaches every blue member and no red one.
+    let out = a1.try_exec(&[
+        "ping",
+        "-b",
+        "-c",
+        "4",
+        "-i",
+        "0.3",
+        "-W",
+        "2",
+        "10.1.0.255",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    for member in ["10.1.0.2", "10.1.0.11", "10.1.0.12"] {
+        assert!(
+            text.contains(&format!("from {member}")),
+            "{member} missing in {text}"
+        );
+    }
+    for outsider in ["10.1.0.3", "10.1.0.13"] {
+        assert!(
+            !text.contains(&format!("from {outsider}:")),
+            "{outsider} answered: {text}"
+        );
+    }
+    // Different networks cannot reach each other even on one subnet.
+    assert!(
+        !ping_ok(&a1, "10.1.0.13", Duration::from_secs(3)),
+        "blue reached red across nodes"
+    );
+    assert!(
+        !ping_ok(&a1, "10.1.0.3", Duration::from_secs(2)),
+        "blue reached red on one node"
+    );
+
+    let s = a.status().await;
+    let p = &s.peers[0];
+    assert!(
+        p.last_handshake_age_ms.is_some() && p.rx_packets > 0 && p.tx_packets > 0,
+        "{p:?}"
+    );
+    let blue = s.networks.iter().find(|n| n.name == "blue").unwrap();
+    assert_eq!(blue.ports.len(), 3, "tap + 2 pods: {:?}", blue.ports);
+    assert!(
+        blue.macs.iter().any(|m| m.port == b.ns.name),
+        "MACs learned behind b: {:?}",
+        blue.macs
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underlay_carries_only_wireguard_and_never_the_cleartext() {
+    if !can_run(&["ping", "tcpdump", "sysctl"]) {
+        return;
+    }
+    let mut wire = Underlay::new();
+    let a = Node::start("a", &mut wire, "100.64.0.1").await;
+    let b = Node::start("b", &mut wire, "100.64.0.2").await;
+    a.apply(NETS, vec![b.as_peer(PeerGroup::Local, &[BLUE])])
+        .await;
+    b.apply(NETS, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
+        .await;
+    let a1 = a.pod("a1", "blue", &["10.1.0.1/24"]).await;
+    let _b1 = b.pod("b1", "blue", &["10.1.0.11/24"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pcap = dir.path().join("wire.pcap");
+    let cap = wire.ns.spawn(&[
+        "tcpdump",
+        "-i",
+        "br0",
+        "-U",
+        "-n",
+        "-s",
+        "0",
+        "-w",
+        pcap.to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    // "l2mesh-marker!" as the ping padding pattern.
+    let pattern = "6c326d6573682d6d61726b657221";
+    assert!(ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)));
+    let out = a1.try_exec(&["ping", "-c", "5", "-i", "0.2", "-p", pattern, "10.1.0.11"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    cap.finish();
+    let bytes = std::fs::read(&pcap).unwrap();
+    assert!(bytes.len() > 1000, "capture is empty");
+    let marker = b"l2mesh-marker";
+    assert!(
+        !bytes.windows(marker.len()).any(|w| w == marker),
+        "cleartext on the wire"
+    );
+    let filter = format!(
+        "not arp and not (udp and (port {} or port {}))",
+        a.port, b.port
+    );
+    let other = common::sh(&["tcpdump", "-n", "-r", pcap.to_str().unwrap(), &filter]);
+    assert!(
+        other.trim().is_empty(),
+        "non-WireGuard traffic on the underlay:\n{other}"
+    );
+    let wg = common::sh(&["tcpdump", "-n", "-r", pcap.to_str().unwrap(), "udp"]);
+    assert!(
+        wg.lines().count() >= 10,
+        "expected WireGuard datagrams:\n{wg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_forwards_between_groups_with_split_horizon() {
+    if !can_run(&["ping", "sysctl"]) {
+        return;
+    }
+    // Cluster 1: A, A2 and gateway G (full local mesh). Cluster 2: gateway R.
+    let mut wire = Underlay::new();
+    let a = Node::start("a", &mut wire, "100.64.1.1").await;
+    let a2 = Node::start("a2", &mut wire, "100.64.1.2").await;
+    let g = Node::start("g", &mut wire, "100.64.1.3").await;
+    let r = Node::start("r", &mut wire, "100.64.2.1").await;
+    let nets = &[("blue", BLUE)];
+    let local = |n: &Node| n.as_peer(PeerGroup::Local, &[BLUE]);
+    a.apply(nets, vec![local(&a2), local(&g)]).await;
+    a2.apply(nets, vec![local(&a), local(&g)]).await;
+    g.apply(
+        nets,
+        vec![local(&a), local(&a2), r.as_peer(PeerGroup::Remote, &[BLUE])],
+    )
+    .await;
+    r.apply(nets, vec![g.as_peer(PeerGroup::Remote, &[BLUE])])
+        .await;
+    let pa = a.pod("pa", "blue", &["10.1.0.1/24"]).await;
+    let _pa2 = a2.pod("pa2", "blue", &["10.1.0.2/24"]).await;
+    let pr = r.pod("pr", "blue", &["10.1.0.21/24"]).await;
+
+    assert!(
+        ping_ok(&pa, "10.1.0.21", Duration::from_secs(20)),
+        "A's pod reaches R's pod via G"
+    );
+    assert!(
+        ping_ok(&pr, "10.1.0.2", Duration::from_secs(10)),
+        "R's pod reaches A2's pod via G"
+    );
+    let out = pa.try_exec(&["ping", "-c", "5", "-i", "0.2", "10.1.0.21"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && !text.contains("DUP"),
+        "no duplicates: {text}"
+    );
+    // Broadcasts from A reach A2 directly; G must not echo them to A2.
+    let out = pa.try_exec(&["ping", "-b", "-c", "3", "-i", "0.3", "10.1.0.255"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("from 10.1.0.2") && text.contains("from 10.1.0.21"),
+        "{text}"
+    );
+    let gs = g.status().await;
+    assert!(
+        peer_drop(&gs, &a.ns.name, "split_horizon") > 0,
+        "G counts suppressed local->local copies: {:?}",
+        gs.peers
+    );
+    // A2 never received a frame from A through G.
+    let rs = r.status().await;
+    assert_eq!(rs.peers[0].name, g.ns.name);
+    assert!(rs.peers[0].rx_packets > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_key_adopts_bridges_and_keeps_forwarding() {
+    if !can_run(&["ping", "sysctl"]) {
+        return;
+    }
+    let mut wire = Underlay::new();
+    let mut a = Node::start("a", &mut wire, "100.64.0.1").await;
+    let b = Node::start("b", &mut wire, "100.64.0.2").await;
+    a.apply(NETS, vec![b.as_peer(PeerGroup::Local, &[BLUE])])
+        .await;
+    b.apply(NETS, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
+        .await;
+    let a1 = a.pod("a1", "blue", &["10.1.0.1/24"]).await;
+    let _b1 = b.pod("b1", "blue", &["10.1.0.11/24"]).await;
+    assert!(ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)));
+    let key = a.public_key.clone();
+    let port = a.port;
+    a.proc.take().unwrap().finish();
+    // A stale device of ours that the state does not mention must go.
+    a.ns.exec(&["ip", "link", "add", "l2mb-0000ff", "type", "bridge"]);
+    a.launch().await;
+    assert_eq!(a.public_key, key, "key survives the restart");
+    // The port is picked anew (0), so tell B; a real agent would re-sync.
+    if a.port != port {
+        b.apply(NETS, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
+            .await;
+    }
+    assert!(
+        ping_ok(&a1, "10.1.0.11", Duration::from_secs(20)),
+        "pod still attached and forwarding"
+    );
+    let links = a.ns.exec(&["ip", "-br", "link"]);
+    assert!(
+        !links.contains("l2mb-0000ff"),
+        "stale bridge removed: {links}"
+    );
+    let s = a.status().await;
+    assert_eq!(s.networks.len(), 2);
+}
