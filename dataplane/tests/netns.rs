@@ -26,7 +26,7 @@ async fn two_nodes_two_networks_ping_arp_nd_broadcast_and_isolation() {
         .await;
     // All pods share one subnet, so only the L2 networks keep them apart.
     let a1 = a.pod("a1", "blue", &["10.1.0.1/24", "fd00:1::1/64"]).await;
-    let a2 = a.pod("a2", "blue", &["10.1.0.2/24"]).await;
+    let _a2 = a.pod("a2", "blue", &["10.1.0.2/24"]).await;
     let a3 = a.pod("a3", "red", &["10.1.0.3/24"]).await;
     let b1 = b
         .pod("b1", "blue", &["10.1.0.11/24", "fd00:1::11/64"])

@@ -57,11 +57,10 @@ fn nix_is_root() -> bool {
 }
 
 pub fn run(args: &[&str]) -> Output {
-    let out = Command::new(args[0])
+    Command::new(args[0])
         .args(&args[1..])
         .output()
-        .expect("spawn");
-    out
+        .expect("spawn")
 }
 
 /// Runs a command and panics with its output if it fails.
