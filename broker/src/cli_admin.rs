@@ -297,10 +297,11 @@ fn network_row(n: &pb::NetworkInfo) -> Vec<String> {
 const NETWORK_HEADER: &[&str] = &["NAME", "VNI", "MTU", "CIDR", "ALLOWED", "MEMBERS"];
 
 pub async fn network(data_dir: &Path, a: AdminArgs<NetworkCmd>) -> Result<()> {
-    if let NetworkCmd::Create { vni, .. } = &a.cmd {
-        if vni != "auto" && vni.parse::<u32>().is_err() {
-            bail!("--vni must be a number (4096..=16777215) or `auto`, not {vni:?}");
-        }
+    if let NetworkCmd::Create { vni, .. } = &a.cmd
+        && vni != "auto"
+        && vni.parse::<u32>().is_err()
+    {
+        bail!("--vni must be a number (4096..=16777215) or `auto`, not {vni:?}");
     }
     let mut c = client(data_dir, &a.broker, a.admin_credential.as_ref()).await?;
     let one = match a.cmd {

@@ -184,7 +184,11 @@ async fn client_certificates_from_a_foreign_ca_are_refused() {
     );
     let pin = l2mesh_broker::state::sha256(&mine.ca);
     let result = async {
-        let ch = client::connect(&[b.addr.clone()], tls_config(pin, Some(identity))?).await?;
+        let ch = client::connect(
+            std::slice::from_ref(&b.addr),
+            tls_config(pin, Some(identity))?,
+        )
+        .await?;
         pb::broker_admin_client::BrokerAdminClient::new(ch)
             .list_tokens(pb::ListTokensRequest {})
             .await?;
@@ -252,7 +256,7 @@ async fn calls_need_the_right_kind_of_certificate() {
         admin.key.clone_key(),
     );
     let ch = client::connect(
-        &[b.addr.clone()],
+        std::slice::from_ref(&b.addr),
         tls_config(l2mesh_broker::state::sha256(&admin.ca), Some(identity)).unwrap(),
     )
     .await

@@ -79,7 +79,7 @@ impl TestBroker {
     }
 
     pub async fn admin(&self) -> BrokerAdminClient<Channel> {
-        client::admin_client(&[self.addr.clone()], &self.admin_credential())
+        client::admin_client(std::slice::from_ref(&self.addr), &self.admin_credential())
             .await
             .unwrap()
     }

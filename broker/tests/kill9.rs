@@ -1,0 +1,219 @@
+//! Durability: everything the real broker binary acknowledged survives
+//! `kill -9` and a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use l2mesh_broker::client;
+use l2mesh_broker::pki::AdminCredential;
+use l2mesh_proto::broker as pb;
+use l2mesh_proto::join::JoinString;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Kills the broker process even if the test panics.
+struct Proc {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_l2mesh-broker"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .env("L2MESH_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("broker serving")
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let mut proc = Proc {
+        child,
+        addr: String::new(),
+    };
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("broker did not start");
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("listen="))
+        .expect("listen address in the log")
+        .to_owned();
+    proc.addr = addr;
+    proc
+}
+
+async fn admin(
+    p: &Proc,
+    dir: &Path,
+) -> pb::broker_admin_client::BrokerAdminClient<tonic::transport::Channel> {
+    let cred = AdminCredential::load(&dir.join("admin.pem")).unwrap();
+    client::admin_client(std::slice::from_ref(&p.addr), &cred)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn acknowledged_state_survives_kill_9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut p = start(dir);
+    let mut a = admin(&p, dir).await;
+    let t1 = a
+        .create_token(pb::CreateTokenRequest {
+            cluster: "alpha".into(),
+            ttl_seconds: 600,
+            uses: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let t2 = a
+        .create_token(pb::CreateTokenRequest {
+            cluster: "beta".into(),
+            ttl_seconds: 600,
+            uses: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let blue = a
+        .create_network(pb::CreateNetworkRequest {
+            name: "blue".into(),
+            allow_all: true,
+            cidr: "10.9.0.0/16".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let j1 = JoinString::parse(&t1.join_string).unwrap();
+    let cred = client::join(&j1).await.unwrap();
+    let mut c = cred.connect().await.unwrap();
+    c.request_networks(pb::NetworkRequest {
+        networks: vec!["blue".into()],
+    })
+    .await
+    .unwrap();
+    c.report_gateways(pb::GatewayReport {
+        gateways: vec![pb::Gateway {
+            node: "gw".into(),
+            public_key: vec![5; 32],
+            endpoints: vec!["192.0.2.1:51820".into()],
+            tunnel_ip: "100.64.0.1".into(),
+        }],
+    })
+    .await
+    .unwrap();
+    let mut w = c
+        .watch(pb::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let view = tokio::time::timeout(Duration::from_secs(5), w.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(view.networks.len(), 1);
+    a.revoke_token(pb::RevokeTokenRequest {
+        id: t2.token.clone().unwrap().id,
+    })
+    .await
+    .unwrap();
+    // A burst of acknowledged writes right before the kill.
+    for i in 0..20 {
+        a.create_network(pb::CreateNetworkRequest {
+            name: format!("n{i}"),
+            allow_all: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    p.child.kill().unwrap(); // SIGKILL
+    p.child.wait().unwrap();
+    drop(p);
+
+    let p = start(dir);
+    let mut a = admin(&p, dir).await;
+    let tokens = a
+        .list_tokens(pb::ListTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    let tok1 = tokens.iter().find(|t| t.cluster == "alpha").unwrap();
+    assert_eq!(tok1.uses_left, 0, "a consumed token stays consumed");
+    assert!(tokens.iter().find(|t| t.cluster == "beta").unwrap().revoked);
+    let nets = a
+        .list_networks(pb::ListNetworksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .networks;
+    assert_eq!(nets.len(), 21);
+    let b2 = nets.iter().find(|n| n.name == "blue").unwrap();
+    assert_eq!(b2.vni, blue.vni);
+    assert_eq!(b2.members, vec!["alpha".to_string()]);
+    let clusters = a
+        .list_clusters(pb::ListClustersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .clusters;
+    assert_eq!(clusters.len(), 1);
+    assert_eq!(clusters[0].gateways[0].public_key, vec![5; 32]);
+
+    // The used token cannot join again; the revoked one neither.
+    let mut j1 = j1;
+    j1.brokers = vec![p.addr.clone()];
+    let err = tonic::Status::from(client::join(&j1).await.unwrap_err());
+    assert!(err.message().contains("no uses left"), "{err:?}");
+    let mut j2 = JoinString::parse(&t2.join_string).unwrap();
+    j2.brokers = vec![p.addr.clone()];
+    let err = tonic::Status::from(client::join(&j2).await.unwrap_err());
+    assert!(err.message().contains("revoked"), "{err:?}");
+
+    // alpha's certificate still works, and its watch resumes without a resend.
+    let mut cred = cred;
+    cred.brokers = vec![p.addr.clone()];
+    let mut c = cred.connect().await.unwrap();
+    let mut w = c
+        .watch(pb::WatchRequest {
+            last_revision: view.revision,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let nothing = tokio::time::timeout(Duration::from_millis(400), w.message()).await;
+    assert!(
+        nothing.is_err(),
+        "unchanged view resent after restart: {nothing:?}"
+    );
+}
