@@ -1,0 +1,173 @@
+//! Interop with a stock Linux peer: wireguard-go + `wg`, a kernel `vxlan`
+//! device on the WireGuard TUN, bridged with a pod namespace.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::{Netns, Node, Underlay, can_run, ping_ok};
+use l2mesh_proto::node::{PeerGroup, PeerSpec};
+
+const VNI: u32 = 100;
+
+/// wireguard-go killed by SIGKILL leaves its UAPI socket behind.
+struct RemoveOnDrop(String);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_wireguard_go_with_kernel_vxlan_exchanges_frames() {
+    if !can_run(&["ping", "sysctl", "wireguard-go", "wg"]) {
+        return;
+    }
+    let mut wire = Underlay::new();
+    let node = Node::start("dp", &mut wire, "100.64.0.1").await;
+
+    // The stock peer.
+    let w = Netns::new("wg");
+    let w_ip = wire.plug(&w);
+    // The UAPI socket lives in /var/run/wireguard, shared by all namespaces:
+    // the interface name must be unique across parallel tests.
+    let ifname = format!("wg{}x{}", std::process::id() % 100_000, w.name.len());
+    let _uapi = RemoveOnDrop(format!("/var/run/wireguard/{ifname}.sock"));
+    let dir = tempfile::tempdir().unwrap();
+    let keyfile = dir.path().join("wg.key");
+    let private = common::sh(&["wg", "genkey"]);
+    std::fs::write(&keyfile, &private).unwrap();
+    let public = {
+        let mut child = std::process::Command::new("wg")
+            .arg("pubkey")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(private.as_bytes())
+            .unwrap();
+        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+    };
+    let _wg = w.spawn(&[
+        "env",
+        "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1",
+        "wireguard-go",
+        "-f",
+        &ifname,
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !w.try_exec(&["wg", "show", &ifname]).status.success() {
+        assert!(Instant::now() < deadline, "wireguard-go did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let our_key = base64::engine::general_purpose::STANDARD.encode(&node.public_key);
+    w.exec(&[
+        "wg",
+        "set",
+        &ifname,
+        "private-key",
+        keyfile.to_str().unwrap(),
+    ]);
+    w.exec(&[
+        "wg",
+        "set",
+        &ifname,
+        "peer",
+        &our_key,
+        "endpoint",
+        &node.endpoint(),
+        "allowed-ips",
+        "100.64.0.1/32",
+    ]);
+    let w_port = w
+        .exec(&["wg", "show", &ifname, "listen-port"])
+        .trim()
+        .to_string();
+    w.exec(&["ip", "addr", "add", "100.64.0.9/24", "dev", &ifname]);
+    w.exec(&["ip", "link", "set", &ifname, "up"]);
+    w.exec(&[
+        "ip",
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        &VNI.to_string(),
+        "local",
+        "100.64.0.9",
+        "remote",
+        "100.64.0.1",
+        "dstport",
+        "4789",
+        "dev",
+        &ifname,
+    ]);
+    w.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+    w.exec(&["ip", "link", "set", "vx0", "master", "br0", "up"]);
+    w.exec(&["ip", "link", "set", "br0", "up"]);
+    let w_pod = Netns::new("wpod");
+    w.exec(&[
+        "ip",
+        "link",
+        "add",
+        "pw",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &w_pod.name,
+    ]);
+    w.exec(&["ip", "link", "set", "pw", "master", "br0", "up"]);
+    w_pod.exec(&["ip", "link", "set", "eth0", "mtu", "1370", "up"]);
+    w_pod.exec(&["ip", "addr", "add", "10.1.0.9/24", "dev", "eth0"]);
+
+    // Our side.
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(public.trim())
+        .unwrap();
+    node.apply(
+        &[("blue", VNI)],
+        vec![PeerSpec {
+            public_key: key,
+            endpoint: format!("{w_ip}:{w_port}"),
+            tunnel_ip: "100.64.0.9".into(),
+            vnis: vec![VNI],
+            group: PeerGroup::Local.into(),
+            persistent_keepalive: 0,
+            name: "stock".into(),
+        }],
+    )
+    .await;
+    let pod = node.pod("p", "blue", &["10.1.0.1/24"]).await;
+
+    assert!(
+        ping_ok(&pod, "10.1.0.9", Duration::from_secs(20)),
+        "our pod -> stock pod"
+    );
+    assert!(
+        ping_ok(&w_pod, "10.1.0.1", Duration::from_secs(10)),
+        "stock pod -> our pod"
+    );
+    let s = node.status().await;
+    let p = &s.peers[0];
+    assert!(
+        p.last_handshake_age_ms.is_some() && p.rx_packets > 0,
+        "{p:?}"
+    );
+    let shown = w.exec(&["wg", "show", &ifname, "latest-handshakes"]);
+    assert!(
+        !shown.trim().ends_with("\t0"),
+        "wg saw a handshake: {shown}"
+    );
+}
