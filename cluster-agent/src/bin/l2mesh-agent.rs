@@ -1,6 +1,9 @@
 //! `l2mesh-agent`: one per cluster.
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use l2mesh_proto::join::JoinString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// The l2mesh cluster agent: joins the broker with an onboarding token, reads
@@ -15,16 +18,112 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run on hosts without Kubernetes: L2Network and Nodes manifests from a
+    /// directory (re-read when they change), identity and status files in the
+    /// state dir, node sync over TLS.
+    Standalone(Standalone),
+    /// Run as a Kubernetes controller (not built yet: use standalone).
+    Kubernetes,
     /// Print the CustomResourceDefinitions as YAML (what deploy/crds/ holds).
     Crd,
 }
 
+#[derive(Debug, Args)]
+struct Standalone {
+    /// Directory of L2Network manifests and the Nodes list (*.yaml, *.yml).
+    #[arg(long, env = "L2MESH_MANIFESTS")]
+    manifests: PathBuf,
+    /// Directory for the identity, allocations, node-sync CA/token and
+    /// status/<namespace>.<name>.yaml files.
+    #[arg(long, env = "L2MESH_STATE_DIR")]
+    state_dir: PathBuf,
+    /// The join string from `l2mesh-broker token create`; needed only on the
+    /// first start (the identity is kept in the state dir).
+    #[arg(
+        long,
+        env = "L2MESH_JOIN_STRING",
+        conflicts_with = "join_string_file",
+        hide_env_values = true
+    )]
+    join_string: Option<String>,
+    /// File holding the join string.
+    #[arg(long, env = "L2MESH_JOIN_STRING_FILE")]
+    join_string_file: Option<PathBuf>,
+    /// Address for the NodeSync gRPC server (TLS; nodes trust
+    /// <state-dir>/node-sync/ca.crt and send the token in node-sync/token).
+    #[arg(long, env = "L2MESH_NODE_SYNC_LISTEN", default_value = "0.0.0.0:7444")]
+    node_sync_listen: String,
+    /// Run without a broker, handing node tunnel IPs out of this subnet
+    /// (multi-cluster networks then stay pending).
+    #[arg(long, env = "L2MESH_TUNNEL_SUBNET")]
+    tunnel_subnet: Option<ipnet::Ipv4Net>,
+    /// How often the manifest directory is checked for changes, milliseconds.
+    #[arg(long, env = "L2MESH_POLL_MS", default_value_t = 1000)]
+    poll_ms: u64,
+}
+
+fn join_string(a: &Standalone) -> anyhow::Result<Option<JoinString>> {
+    let text = match (&a.join_string, &a.join_string_file) {
+        (Some(s), _) => s.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the join string file {}", path.display()))?,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(JoinString::parse(&text)?))
+}
+
+async fn standalone(a: Standalone) -> anyhow::Result<()> {
+    let js = join_string(&a)?;
+    let listener = tokio::net::TcpListener::bind(&a.node_sync_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (--node-sync-listen)",
+                a.node_sync_listen
+            )
+        })?;
+    let config = l2mesh_cluster_agent::standalone::Config {
+        manifests: a.manifests,
+        state_dir: a.state_dir,
+        join_string: js,
+        local_tunnel_subnet: a.tunnel_subnet,
+        poll_interval: std::time::Duration::from_millis(a.poll_ms.max(50)),
+    };
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    l2mesh_cluster_agent::standalone::run(config, listener, shutdown).await?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("L2MESH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     let result = match cli.command {
         Command::Crd => l2mesh_cluster_agent::crd::crds_yaml()
             .map(|text| print!("{text}"))
             .map_err(anyhow::Error::from),
+        Command::Kubernetes => Err(anyhow::anyhow!(
+            "Kubernetes mode is not built yet; nothing was done: run `l2mesh-agent standalone`"
+        )),
+        Command::Standalone(a) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(standalone(a))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

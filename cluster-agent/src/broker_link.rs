@@ -1,0 +1,99 @@
+//! The agent's session with the broker: mTLS with the cluster identity, a
+//! watch on the cluster view that resumes from the last revision, and the
+//! reports (gateways, requested networks, link health). Reconnects with
+//! backoff; the nodes keep their last state meanwhile.
+
+use crate::engine::Shared;
+use crate::identity::{Backoff, Identity, source_chain};
+use crate::tls;
+use l2mesh_proto::broker::broker_client::BrokerClient;
+use l2mesh_proto::broker::{GatewayReport, LinkHealthReport, NetworkRequest, WatchRequest};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// How often link health goes to the broker.
+const LINK_HEALTH_EVERY: Duration = Duration::from_secs(10);
+
+async fn connect(id: &Identity) -> Result<BrokerClient<Channel>, String> {
+    let pin = id.pin().map_err(|e| e.to_string())?;
+    let config = tls::broker_client_config(pin, Some((&id.cert_pem, &id.key_pem)))
+        .map_err(|e| e.to_string())?;
+    let mut errors = Vec::new();
+    for addr in &id.brokers {
+        match tls::broker_channel(addr, config.clone()).await {
+            Ok(ch) => return Ok(BrokerClient::new(ch)),
+            Err(e) => errors.push(format!("{e}: {}", source_chain(&e))),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// Run until the process stops.
+pub async fn run(id: Identity, shared: Arc<Shared>) {
+    let mut backoff = Backoff::default();
+    loop {
+        match session(&id, &shared, &mut backoff).await {
+            Ok(()) => tracing::warn!("the broker closed the watch; reconnecting"),
+            Err(e) => tracing::warn!(error = %e, "broker session failed"),
+        }
+        let delay = backoff.next_delay();
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn session(id: &Identity, shared: &Shared, backoff: &mut Backoff) -> Result<(), String> {
+    let mut client = connect(id).await?;
+    let mut stream = client
+        .watch(WatchRequest {
+            last_revision: shared.view_revision(),
+        })
+        .await
+        .map_err(|s| format!("watch: {}", s.message()))?
+        .into_inner();
+    tracing::info!(cluster = %id.cluster, "broker session up");
+    backoff.reset();
+    let mut reports = shared.reports();
+    reports.mark_changed();
+    let mut ticker = tokio::time::interval(LINK_HEALTH_EVERY);
+    loop {
+        tokio::select! {
+            msg = stream.message() => match msg {
+                Ok(Some(view)) => {
+                    tracing::info!(revision = view.revision, networks = view.networks.len(), "cluster view");
+                    shared.set_view(view);
+                }
+                Ok(None) => return Ok(()),
+                Err(s) => return Err(format!("watch: {}", s.message())),
+            },
+            changed = reports.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let r = reports.borrow_and_update().clone();
+                client
+                    .report_gateways(GatewayReport { gateways: r.gateways })
+                    .await
+                    .map_err(|s| format!("report gateways: {}", s.message()))?;
+                let answer = client
+                    .request_networks(NetworkRequest { networks: r.networks })
+                    .await
+                    .map_err(|s| format!("request networks: {}", s.message()))?
+                    .into_inner();
+                for a in &answer.admissions {
+                    tracing::info!(network = %a.network, state = ?a.state(), reason = %a.reason, "admission");
+                }
+                shared.set_admissions(answer.admissions);
+            }
+            _ = ticker.tick() => {
+                let links = shared.link_health();
+                if !links.is_empty() {
+                    client
+                        .report_link_health(LinkHealthReport { links })
+                        .await
+                        .map_err(|s| format!("report link health: {}", s.message()))?;
+                }
+            }
+        }
+    }
+}

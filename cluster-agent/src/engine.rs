@@ -1,0 +1,326 @@
+//! The agent's state and reconcile step, shared by the node sync server, the
+//! broker link and the intent source. Inputs are set through [`Shared`]; each
+//! change wakes [`Shared::reconcile`], which recomputes everything with the
+//! pure core and publishes what changed.
+
+use crate::crd::{L2Network, L2NetworkStatus};
+use crate::desired::{self, Hello, NodeEntry};
+use crate::ipam::Allocations;
+use crate::status;
+use ipnet::Ipv4Net;
+use l2mesh_proto::broker::{Admission, ClusterView, Gateway, LinkHealth};
+use l2mesh_proto::node::{DesiredState, NodeStatus};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use tokio::sync::{Notify, watch};
+
+/// What the agent tells the broker; sent again whenever it changes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BrokerReports {
+    pub gateways: Vec<Gateway>,
+    pub networks: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    nodes: Option<Vec<NodeEntry>>,
+    networks: Vec<L2Network>,
+    hellos: BTreeMap<String, Hello>,
+    node_status: BTreeMap<String, NodeStatus>,
+    view: Option<ClusterView>,
+    admissions: Vec<Admission>,
+    allocs: Allocations,
+    desired: BTreeMap<String, watch::Sender<Option<DesiredState>>>,
+    revision: u64,
+    statuses: BTreeMap<String, (L2Network, L2NetworkStatus)>,
+}
+
+/// Where the results of a reconcile go.
+pub trait StatusSink: Send + Sync + std::fmt::Debug {
+    /// Called with every network whose status changed, and with `None` for
+    /// networks that no longer exist.
+    fn write(&self, network: &L2Network, status: Option<&L2NetworkStatus>);
+}
+
+/// The state, behind one lock; every method is short and never awaits.
+#[derive(Debug)]
+pub struct Shared {
+    state: Mutex<State>,
+    dirty: Notify,
+    tunnel_subnet: Ipv4Net,
+    allocs_path: PathBuf,
+    sink: Box<dyn StatusSink>,
+    reports: watch::Sender<BrokerReports>,
+    /// Set when the cluster has a broker; otherwise multi-cluster networks wait.
+    has_broker: bool,
+}
+
+fn now() -> String {
+    let ts = k8s_openapi::jiff::Timestamp::now();
+    k8s_openapi::jiff::Timestamp::from_second(ts.as_second())
+        .map_or_else(|_| ts.to_string(), |t| t.to_string())
+}
+
+impl Shared {
+    /// `allocs_path` holds the allocations (loaded now, saved on change).
+    pub fn new(
+        tunnel_subnet: Ipv4Net,
+        allocs_path: PathBuf,
+        sink: Box<dyn StatusSink>,
+        has_broker: bool,
+    ) -> Result<Self, String> {
+        let allocs = match std::fs::read_to_string(&allocs_path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| format!("{} is corrupt: {e}", allocs_path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Allocations::default(),
+            Err(e) => return Err(format!("{}: {e}", allocs_path.display())),
+        };
+        // Revisions grow across restarts: nodes may ignore older ones.
+        let revision = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(1));
+        Ok(Self {
+            state: Mutex::new(State {
+                allocs,
+                revision,
+                ..State::default()
+            }),
+            dirty: Notify::new(),
+            tunnel_subnet,
+            allocs_path,
+            sink,
+            reports: watch::channel(BrokerReports::default()).0,
+            has_broker,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data; keep serving.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn touch(&self) {
+        self.dirty.notify_one();
+    }
+
+    /// Replace the intent.
+    pub fn set_intent(&self, nodes: Vec<NodeEntry>, networks: Vec<L2Network>) {
+        let mut s = self.lock();
+        s.nodes = Some(nodes);
+        s.networks = networks;
+        drop(s);
+        self.touch();
+    }
+
+    #[must_use]
+    pub fn is_known_node(&self, name: &str) -> bool {
+        self.lock()
+            .nodes
+            .as_ref()
+            .is_some_and(|n| n.iter().any(|x| x.name == name))
+    }
+
+    pub fn set_hello(&self, node: &str, hello: Hello) {
+        let changed = self.lock().hellos.insert(node.to_owned(), hello.clone()) != Some(hello);
+        if changed {
+            self.touch();
+        }
+    }
+
+    /// Store a node's status; returns the node's current desired revision.
+    pub fn set_node_status(&self, status: NodeStatus) -> u64 {
+        let mut s = self.lock();
+        let rev = s
+            .desired
+            .get(&status.node_name)
+            .and_then(|tx| tx.borrow().as_ref().map(|d| d.revision))
+            .unwrap_or_default();
+        s.node_status.insert(status.node_name.clone(), status);
+        drop(s);
+        self.touch();
+        rev
+    }
+
+    pub fn set_view(&self, view: ClusterView) {
+        self.lock().view = Some(view);
+        self.touch();
+    }
+
+    #[must_use]
+    pub fn view_revision(&self) -> u64 {
+        self.lock().view.as_ref().map_or(0, |v| v.revision)
+    }
+
+    pub fn set_admissions(&self, admissions: Vec<Admission>) {
+        self.lock().admissions = admissions;
+        self.touch();
+    }
+
+    /// Desired state of one node, now and after every change.
+    pub fn subscribe(&self, node: &str) -> watch::Receiver<Option<DesiredState>> {
+        self.lock()
+            .desired
+            .entry(node.to_owned())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
+    }
+
+    /// What to tell the broker, now and after every change.
+    #[must_use]
+    pub fn reports(&self) -> watch::Receiver<BrokerReports> {
+        self.reports.subscribe()
+    }
+
+    /// Link health of the tunnels to other clusters.
+    #[must_use]
+    pub fn link_health(&self) -> Vec<LinkHealth> {
+        status::remote_link_health(&self.lock().node_status)
+    }
+
+    /// Wait for the next change of any input.
+    pub async fn changed(&self) {
+        self.dirty.notified().await;
+    }
+
+    /// Recompute and publish. Returns problems worth logging.
+    pub fn reconcile(&self) -> Vec<String> {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let Some(nodes) = s.nodes.clone() else {
+            return Vec::new();
+        };
+        let before = s.allocs.clone();
+        let mut outcomes =
+            desired::resolve_networks(&s.networks, s.view.as_ref(), &s.admissions, &mut s.allocs);
+        if !self.has_broker {
+            for o in outcomes
+                .iter_mut()
+                .filter(|o| o.scope == crate::crd::Scope::MultiCluster)
+            {
+                o.admission = Some((
+                    l2mesh_proto::broker::AdmissionState::Unspecified,
+                    "this agent runs without a broker (no join string)".into(),
+                ));
+            }
+        }
+        let plan = desired::plan(
+            &nodes,
+            &s.hellos,
+            &outcomes,
+            self.tunnel_subnet,
+            &mut s.allocs,
+        );
+        let mut problems = plan.problems.clone();
+        if s.allocs != before
+            && let Err(e) = save_json(&self.allocs_path, &s.allocs)
+        {
+            problems.push(e);
+        }
+        for (node, mut state) in plan.nodes {
+            let tx = s
+                .desired
+                .entry(node)
+                .or_insert_with(|| watch::channel(None).0);
+            let same = tx.borrow().as_ref().is_some_and(|cur| {
+                state.revision = cur.revision;
+                *cur == state
+            });
+            if !same {
+                s.revision += 1;
+                state.revision = s.revision;
+                tx.send_replace(Some(state));
+            }
+        }
+        self.reports.send_if_modified(|r| {
+            let next = BrokerReports {
+                gateways: plan.gateways.clone(),
+                networks: plan.requested_networks.clone(),
+            };
+            let changed = *r != next;
+            *r = next;
+            changed
+        });
+        let now = now();
+        let mut seen = BTreeMap::new();
+        for (net, o) in s
+            .networks
+            .iter()
+            .filter_map(|n| outcomes.iter().find(|o| o.key == n.key()).map(|o| (n, o)))
+        {
+            let prev = s.statuses.get(&o.key).map(|(_, st)| st);
+            let new = status::network_status(o, &s.node_status, prev, &now);
+            if prev != Some(&new) {
+                self.sink.write(net, Some(&new));
+            }
+            seen.insert(o.key.clone(), (net.clone(), new));
+        }
+        for (key, (net, _)) in &s.statuses {
+            if !seen.contains_key(key) {
+                self.sink.write(net, None);
+            }
+        }
+        s.statuses = seen;
+        problems.extend(
+            outcomes
+                .iter()
+                .filter_map(|o| o.problem.as_ref().map(|p| format!("{}: {p}", o.key))),
+        );
+        problems
+    }
+
+    /// The current status of a network (`namespace/name`).
+    #[must_use]
+    pub fn status_of(&self, key: &str) -> Option<L2NetworkStatus> {
+        self.lock().statuses.get(key).map(|(_, s)| s.clone())
+    }
+}
+
+fn save_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
+    let name = path.file_name().map_or_else(
+        || "allocations.json".to_owned(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    crate::tls::write_private(dir, &name, &text, 0o644).map_err(|e| e.to_string())
+}
+
+/// Status files `<dir>/<namespace>.<name>.yaml` (standalone mode).
+#[derive(Debug)]
+pub struct FileStatusSink {
+    pub dir: PathBuf,
+}
+
+impl StatusSink for FileStatusSink {
+    fn write(&self, network: &L2Network, status: Option<&L2NetworkStatus>) {
+        let ns = network.metadata.namespace.as_deref().unwrap_or("default");
+        let name = network.metadata.name.as_deref().unwrap_or_default();
+        let file = format!("{ns}.{name}.yaml");
+        let result = match status {
+            Some(st) => {
+                let doc = serde_json::json!({
+                    "apiVersion": "l2mesh.io/v1alpha1",
+                    "kind": "L2Network",
+                    "metadata": {"name": name, "namespace": ns},
+                    "status": st,
+                });
+                serde_yaml::to_string(&doc)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| {
+                        crate::tls::write_private(&self.dir, &file, &text, 0o644)
+                            .map_err(|e| e.to_string())
+                    })
+            }
+            None => match std::fs::remove_file(self.dir.join(&file)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = result {
+            tracing::warn!(file, error = %e, "cannot write the L2Network status");
+        }
+    }
+}

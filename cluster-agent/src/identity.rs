@@ -1,0 +1,283 @@
+//! Onboarding: join the broker once with the join string, keep the identity.
+//!
+//! The private key is generated here and never leaves the state dir; the
+//! broker only sees the CSR. After a successful join the identity file is
+//! written before anything else happens, so a restart never needs the token
+//! again (tokens are single-use).
+
+use crate::tls::{self, TlsError};
+use l2mesh_proto::broker::JoinRequest;
+use l2mesh_proto::broker::broker_client::BrokerClient;
+use l2mesh_proto::join::{JoinString, JoinStringError};
+use rcgen::{CertificateParams, DnType, KeyPair};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+const IDENTITY_FILE: &str = "identity.json";
+
+/// What the agent is at the broker. `Debug` hides the key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub cluster: String,
+    pub brokers: Vec<String>,
+    /// `sha256:<hex>` of the broker CA.
+    pub ca_pin: String,
+    pub tunnel_subnet: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("cluster", &self.cluster)
+            .field("brokers", &self.brokers)
+            .field("ca_pin", &self.ca_pin)
+            .field("tunnel_subnet", &self.tunnel_subnet)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why joining failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error(transparent)]
+    JoinString(#[from] JoinStringError),
+    /// The broker said no: retrying with the same token cannot help.
+    #[error(
+        "the broker rejected the join: {0}; ask the broker admin for a new token (`l2mesh-broker token create --cluster NAME`)"
+    )]
+    Rejected(String),
+    /// No broker answered: worth retrying.
+    #[error("no broker could be reached ({0}); will retry")]
+    Unreachable(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot store the identity: {0}")]
+    Store(String),
+    #[error(
+        "no identity in {0} and no join string: pass --join-string or --join-string-file (or L2MESH_JOIN_STRING) for the first start"
+    )]
+    NoJoinString(String),
+}
+
+impl JoinError {
+    /// Whether trying again later may succeed.
+    #[must_use]
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::Unreachable(_))
+    }
+}
+
+impl Identity {
+    /// The stored identity, if any.
+    pub fn load(state_dir: &Path) -> Result<Option<Self>, JoinError> {
+        let path = state_dir.join(IDENTITY_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| JoinError::Store(format!("{} is corrupt: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(JoinError::Store(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    pub fn save(&self, state_dir: &Path) -> Result<(), JoinError> {
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| JoinError::Store(e.to_string()))?;
+        tls::write_private(state_dir, IDENTITY_FILE, &text, 0o600)
+            .map_err(|e| JoinError::Store(e.to_string()))
+    }
+
+    pub fn pin(&self) -> Result<[u8; 32], JoinError> {
+        let js = JoinString {
+            brokers: vec![],
+            ca: self.ca_pin.clone(),
+            id: String::new(),
+            secret: String::new(),
+            cluster: String::new(),
+        };
+        Ok(js.ca_pin_sha256()?)
+    }
+}
+
+fn retryable_status(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Aborted
+    )
+}
+
+/// One join attempt against each broker address in turn.
+pub async fn join_once(js: &JoinString) -> Result<Identity, JoinError> {
+    let pin = js.ca_pin_sha256()?;
+    let key = KeyPair::generate().map_err(TlsError::from)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(TlsError::from)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, js.cluster.clone());
+    let csr_pem = params
+        .serialize_request(&key)
+        .and_then(|csr| csr.pem())
+        .map_err(TlsError::from)?;
+    let config = tls::broker_client_config(pin, None)?;
+    let mut last_error = String::from("no broker address");
+    for addr in js.brokers.iter().filter(|b| !b.trim().is_empty()) {
+        let channel = match tls::broker_channel(addr, config.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                last_error = format!("{e}: {}", source_chain(&e));
+                continue;
+            }
+        };
+        let request = JoinRequest {
+            token_id: js.id.clone(),
+            token_secret: js.secret.clone(),
+            cluster_name: js.cluster.clone(),
+            csr_pem: csr_pem.clone(),
+        };
+        match BrokerClient::new(channel).join(request).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                let ca = tls::certs_from_pem(&resp.ca_cert_pem)?;
+                if ca.iter().all(|c| tls::sha256(c.as_ref()) != pin) {
+                    return Err(JoinError::Rejected(
+                        "the broker returned a CA that does not match the pin".into(),
+                    ));
+                }
+                if resp.tunnel_subnet.parse::<ipnet::Ipv4Net>().is_err() {
+                    return Err(JoinError::Rejected(format!(
+                        "the broker gave an invalid tunnel subnet {:?}",
+                        resp.tunnel_subnet
+                    )));
+                }
+                return Ok(Identity {
+                    cluster: resp.cluster_name,
+                    brokers: js.brokers.clone(),
+                    ca_pin: js.ca.clone(),
+                    tunnel_subnet: resp.tunnel_subnet,
+                    cert_pem: resp.client_cert_pem,
+                    key_pem: key.serialize_pem(),
+                    ca_pem: resp.ca_cert_pem,
+                });
+            }
+            Err(s) if retryable_status(&s) => last_error = format!("{addr}: {}", s.message()),
+            Err(s) => return Err(JoinError::Rejected(s.message().to_owned())),
+        }
+    }
+    Err(JoinError::Unreachable(last_error))
+}
+
+/// The error and its causes on one line.
+pub fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+/// Exponential backoff from 1 s to 30 s.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Backoff {
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(30));
+        d
+    }
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// The stored identity, or join now (retrying while no broker answers).
+pub async fn onboard(state_dir: &Path, js: Option<&JoinString>) -> Result<Identity, JoinError> {
+    if let Some(id) = Identity::load(state_dir)? {
+        if let Some(js) = js
+            && js.cluster != id.cluster
+        {
+            tracing::warn!(
+                stored = %id.cluster,
+                join_string = %js.cluster,
+                "the state dir already holds an identity for another cluster; using it and ignoring the join string"
+            );
+        }
+        tracing::info!(cluster = %id.cluster, "using the stored identity");
+        return Ok(id);
+    }
+    let js = js.ok_or_else(|| JoinError::NoJoinString(state_dir.display().to_string()))?;
+    let mut backoff = Backoff::default();
+    loop {
+        match join_once(js).await {
+            Ok(id) => {
+                id.save(state_dir)?;
+                tracing::info!(cluster = %id.cluster, tunnel_subnet = %id.tunnel_subnet, "joined the broker");
+                return Ok(id);
+            }
+            Err(e) if e.retryable() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, ?delay, "join failed");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        let mut b = Backoff::default();
+        let d: Vec<u64> = (0..7).map(|_| b.next_delay().as_secs()).collect();
+        assert_eq!(d, vec![1, 2, 4, 8, 16, 30, 30]);
+        b.reset();
+        assert_eq!(b.next_delay().as_secs(), 1);
+    }
+
+    #[test]
+    fn identity_round_trips_and_hides_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Identity::load(dir.path()).unwrap().is_none());
+        let id = Identity {
+            cluster: "edge".into(),
+            brokers: vec!["127.0.0.1:1".into()],
+            ca_pin: JoinString::format_pin(&[1; 32]),
+            tunnel_subnet: "100.64.1.0/24".into(),
+            cert_pem: "cert".into(),
+            key_pem: "SECRET-KEY".into(),
+            ca_pem: "ca".into(),
+        };
+        id.save(dir.path()).unwrap();
+        assert_eq!(Identity::load(dir.path()).unwrap(), Some(id.clone()));
+        assert!(!format!("{id:?}").contains("SECRET"));
+        assert_eq!(id.pin().unwrap(), [1; 32]);
+    }
+
+    #[tokio::test]
+    async fn no_identity_and_no_join_string_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = onboard(dir.path(), None).await.unwrap_err();
+        assert!(e.to_string().contains("--join-string"), "{e}");
+        assert!(!e.retryable());
+    }
+}

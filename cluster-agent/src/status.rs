@@ -1,0 +1,292 @@
+//! L2Network status from a network's outcome and what the nodes reported.
+//! Pure: both the Kubernetes status patch and the standalone status files use it.
+
+use crate::crd::{AttachedPod, Condition, L2NetworkStatus, LinkHealthStatus, Scope};
+use crate::desired::NetworkOutcome;
+use l2mesh_proto::broker::{AdmissionState, LinkHealth};
+use l2mesh_proto::node::{NodeStatus, PeerGroup};
+use std::collections::BTreeMap;
+
+/// A tunnel whose last handshake is older than this is down (WireGuard
+/// rekeys every 2 minutes while traffic or keepalives flow).
+pub const LINK_DOWN_AFTER_MS: u64 = 180_000;
+
+fn condition(type_: &str, status: &str, reason: &str, message: impl Into<String>) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message: message.into(),
+        last_transition_time: String::new(),
+    }
+}
+
+/// Whether a link with this handshake age counts as up.
+#[must_use]
+pub fn link_up(last_handshake_age_ms: Option<u64>) -> bool {
+    last_handshake_age_ms.is_some_and(|age| age < LINK_DOWN_AFTER_MS)
+}
+
+/// Compute the status. `prev` keeps transition times of unchanged conditions.
+#[must_use]
+pub fn network_status(
+    o: &NetworkOutcome,
+    nodes: &BTreeMap<String, NodeStatus>,
+    prev: Option<&L2NetworkStatus>,
+    now: &str,
+) -> L2NetworkStatus {
+    let mut status = L2NetworkStatus {
+        vni: o.vni,
+        member_clusters: o.members.clone(),
+        ..L2NetworkStatus::default()
+    };
+    let admitted = match (o.scope, &o.admission) {
+        (Scope::Local, _) => condition(
+            "Admitted",
+            "True",
+            "LocalScope",
+            "local networks need no admission",
+        ),
+        (Scope::MultiCluster, Some((AdmissionState::Admitted, _))) => condition(
+            "Admitted",
+            "True",
+            "Admitted",
+            "the broker admitted this cluster",
+        ),
+        (Scope::MultiCluster, Some((AdmissionState::Denied, why))) => {
+            condition("Admitted", "False", "Denied", why.clone())
+        }
+        (Scope::MultiCluster, Some((AdmissionState::UnknownNetwork, why))) => {
+            condition("Admitted", "False", "UnknownNetwork", why.clone())
+        }
+        (Scope::MultiCluster, other) => condition(
+            "Admitted",
+            "Unknown",
+            "Pending",
+            other
+                .as_ref()
+                .map_or_else(|| "waiting for the broker".to_owned(), |(_, w)| w.clone()),
+        ),
+    };
+    let ready = match (&o.problem, o.active()) {
+        (None, true) => condition(
+            "Ready",
+            "True",
+            "Active",
+            "the network is configured on the nodes",
+        ),
+        (Some(p), true) => condition("Ready", "True", "ActiveWithWarning", p.clone()),
+        (Some(p), false) => condition("Ready", "False", "Invalid", p.clone()),
+        (None, false) => condition(
+            "Ready",
+            "False",
+            "NotAdmitted",
+            format!(
+                "not active until the broker admits it: {}",
+                admitted.message
+            ),
+        ),
+    };
+
+    if let Some(vni) = o.vni {
+        for (node, ns) in nodes {
+            for net in ns.networks.iter().filter(|n| n.name == o.name) {
+                status
+                    .attached_pods
+                    .extend(net.ports.iter().map(|p| AttachedPod {
+                        node: node.clone(),
+                        interface: p.clone(),
+                    }));
+            }
+            for peer in ns.peers.iter().filter(|p| p.vnis.contains(&vni)) {
+                status.link_health.push(LinkHealthStatus {
+                    node: node.clone(),
+                    peer: peer.name.clone(),
+                    up: link_up(peer.last_handshake_age_ms),
+                    last_handshake_age_ms: peer.last_handshake_age_ms,
+                });
+            }
+        }
+    }
+    let down: Vec<String> = status
+        .link_health
+        .iter()
+        .filter(|l| !l.up)
+        .map(|l| format!("{}->{}", l.node, l.peer))
+        .collect();
+    let peers = if !o.active() {
+        condition(
+            "PeersConnected",
+            "Unknown",
+            "Inactive",
+            "the network is not active",
+        )
+    } else if status.link_health.is_empty() {
+        condition(
+            "PeersConnected",
+            "True",
+            "NoPeers",
+            "no tunnel carries this network yet",
+        )
+    } else if down.is_empty() {
+        condition(
+            "PeersConnected",
+            "True",
+            "AllUp",
+            format!("{} tunnels up", status.link_health.len()),
+        )
+    } else {
+        condition(
+            "PeersConnected",
+            "False",
+            "LinksDown",
+            format!("down: {}", down.join(", ")),
+        )
+    };
+    status.conditions = vec![ready, admitted, peers];
+    for c in &mut status.conditions {
+        c.last_transition_time = prev
+            .and_then(|p| p.conditions.iter().find(|x| x.type_ == c.type_))
+            .filter(|x| x.status == c.status)
+            .map_or_else(|| now.to_owned(), |x| x.last_transition_time.clone());
+    }
+    status
+}
+
+/// Link health of the gateways' tunnels to other clusters, for the broker.
+#[must_use]
+pub fn remote_link_health(nodes: &BTreeMap<String, NodeStatus>) -> Vec<LinkHealth> {
+    let mut out = Vec::new();
+    for ns in nodes.values() {
+        for p in ns.peers.iter().filter(|p| p.group() == PeerGroup::Remote) {
+            out.push(LinkHealth {
+                peer_cluster: p.name.split('/').next().unwrap_or_default().to_owned(),
+                peer_public_key: p.public_key.clone(),
+                up: link_up(p.last_handshake_age_ms),
+                last_handshake_age_ms: p.last_handshake_age_ms.unwrap_or_default(),
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use l2mesh_proto::node::{NetworkStatus, PeerStatus};
+
+    fn outcome(scope: Scope, vni: Option<u32>) -> NetworkOutcome {
+        NetworkOutcome {
+            key: "default/blue".into(),
+            name: "blue".into(),
+            scope,
+            mtu: 1390,
+            vni,
+            cluster_range: None,
+            range: None,
+            admission: None,
+            problem: None,
+            members: vec![],
+            remote_peers: vec![],
+        }
+    }
+
+    fn get<'a>(s: &'a L2NetworkStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn denied_network_shows_the_brokers_reason() {
+        let mut o = outcome(Scope::MultiCluster, None);
+        o.admission = Some((AdmissionState::Denied, "edge may not join red".into()));
+        let s = network_status(&o, &BTreeMap::new(), None, "t0");
+        let a = get(&s, "Admitted");
+        assert_eq!((a.status.as_str(), a.reason.as_str()), ("False", "Denied"));
+        assert_eq!(a.message, "edge may not join red");
+        assert_eq!(get(&s, "Ready").status, "False");
+        assert!(get(&s, "Ready").message.contains("edge may not join red"));
+    }
+
+    #[test]
+    fn links_ports_and_transition_times() {
+        let o = outcome(Scope::Local, Some(3));
+        let node = NodeStatus {
+            node_name: "n1".into(),
+            networks: vec![NetworkStatus {
+                name: "blue".into(),
+                ports: vec!["l2abc".into()],
+                ..Default::default()
+            }],
+            peers: vec![
+                PeerStatus {
+                    name: "n2".into(),
+                    vnis: vec![3],
+                    last_handshake_age_ms: Some(1000),
+                    ..Default::default()
+                },
+                PeerStatus {
+                    name: "n3".into(),
+                    vnis: vec![3],
+                    last_handshake_age_ms: None,
+                    ..Default::default()
+                },
+                PeerStatus {
+                    name: "other".into(),
+                    vnis: vec![9],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let nodes: BTreeMap<String, NodeStatus> = [("n1".to_owned(), node)].into();
+        let s1 = network_status(&o, &nodes, None, "t1");
+        assert_eq!(
+            s1.attached_pods,
+            vec![AttachedPod {
+                node: "n1".into(),
+                interface: "l2abc".into()
+            }]
+        );
+        assert_eq!(s1.link_health.len(), 2);
+        let pc = get(&s1, "PeersConnected");
+        assert_eq!(pc.status, "False");
+        assert!(pc.message.contains("n1->n3"));
+        assert_eq!(get(&s1, "Ready").status, "True");
+        let s2 = network_status(&o, &nodes, Some(&s1), "t2");
+        assert_eq!(
+            get(&s2, "Ready").last_transition_time,
+            "t1",
+            "unchanged keeps its time"
+        );
+        let quiet = network_status(&o, &BTreeMap::new(), Some(&s1), "t3");
+        assert_eq!(get(&quiet, "PeersConnected").last_transition_time, "t3");
+    }
+
+    #[test]
+    fn remote_links_are_reported_per_peer_cluster() {
+        let node = NodeStatus {
+            peers: vec![
+                PeerStatus {
+                    name: "cloud/gw".into(),
+                    group: PeerGroup::Remote.into(),
+                    last_handshake_age_ms: Some(5),
+                    rx_bytes: 10,
+                    ..Default::default()
+                },
+                PeerStatus {
+                    name: "n2".into(),
+                    group: PeerGroup::Local.into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let links = remote_link_health(&[("gw".to_owned(), node)].into());
+        assert_eq!(links.len(), 1);
+        assert_eq!(links[0].peer_cluster, "cloud");
+        assert!(links[0].up);
+        assert_eq!(links[0].rx_bytes, 10);
+    }
+}
