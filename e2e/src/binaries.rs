@@ -148,7 +148,7 @@ pub fn workspace_binaries() -> Result<&'static Binaries> {
             .map_err(|e| e.to_string())
         })
         .as_ref()
-        .map_err(|e| Error::Build(e.clone()))
+        .map_err(|e| Error::Earlier(e.clone()))
 }
 
 /// Executables of bin targets in cargo's JSON messages.

@@ -30,6 +30,10 @@ pub enum Error {
     /// the description and every process's log tail.
     #[error("{0}")]
     Timeout(String),
+    /// A daemon process exited while the test waited on a condition; the
+    /// message carries every process's state and log tail.
+    #[error("{0}")]
+    ProcessDied(String),
     /// A file or directory operation failed.
     #[error("{path}: {source}")]
     Io {
@@ -40,6 +44,10 @@ pub enum Error {
     /// `cargo build` of the workspace binaries failed.
     #[error("building the workspace binaries failed: {0}")]
     Build(String),
+    /// A failure that happened once and is shared with every later caller
+    /// (the one workspace build of a test process).
+    #[error("{0}")]
+    Earlier(String),
     /// A binary the test asked for is not part of the build.
     #[error("binary `{name}` not found: {hint}")]
     BinaryNotFound { name: String, hint: String },

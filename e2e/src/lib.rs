@@ -16,10 +16,12 @@
 //! namespaces of ours, so deleting the namespaces removes every device.
 
 pub mod binaries;
+pub mod capture;
 pub mod cni;
 pub mod error;
 pub mod lab;
 pub mod netns;
+pub mod ping;
 pub mod plan;
 pub mod preflight;
 pub mod process;

@@ -50,14 +50,37 @@ pub fn missing(tools: &[&str]) -> Vec<String> {
 /// }
 /// ```
 pub fn should_run(test: &str, tools: &[&str]) -> bool {
-    let reasons = missing(tools);
-    if reasons.is_empty() {
-        return true;
+    match decide(test, &missing(tools), in_ci()) {
+        Decision::Run => true,
+        Decision::Skip(why) => {
+            eprintln!("{why}");
+            false
+        }
+        Decision::Fail(why) => panic!("{why}"),
     }
-    let why = reasons.join("; ");
-    assert!(!in_ci(), "{test} cannot run and CI is set: {why}");
-    eprintln!("SKIPPED {test}: {why}");
-    false
+}
+
+/// What to do with a test, given what is missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Run,
+    /// Skip, with the line to print.
+    Skip(String),
+    /// Fail (under CI), with the panic message.
+    Fail(String),
+}
+
+/// Pure core of [`should_run`].
+pub fn decide(test: &str, missing: &[String], ci: bool) -> Decision {
+    if missing.is_empty() {
+        return Decision::Run;
+    }
+    let why = missing.join("; ");
+    if ci {
+        Decision::Fail(format!("{test} cannot run and CI is set: {why}"))
+    } else {
+        Decision::Skip(format!("SKIPPED {test}: {why}"))
+    }
 }
 
 #[cfg(test)]
@@ -69,5 +92,22 @@ mod tests {
         let reasons = missing(&["surely-not-a-tool-l2e"]);
         assert!(reasons.iter().any(|r| r.contains("surely-not-a-tool-l2e")));
         assert!(on_path("sh"));
+    }
+
+    #[test]
+    fn missing_requirements_skip_locally_and_fail_under_ci() {
+        let missing = vec!["not root (euid 1000)".to_owned()];
+        assert_eq!(decide("t", &[], true), Decision::Run);
+        let Decision::Skip(line) = decide("t", &missing, false) else {
+            panic!("should skip");
+        };
+        assert!(line.contains("SKIPPED t: not root"), "{line}");
+        let Decision::Fail(msg) = decide("t", &missing, true) else {
+            panic!("should fail under CI");
+        };
+        assert!(
+            msg.contains("CI is set") && msg.contains("not root"),
+            "{msg}"
+        );
     }
 }

@@ -34,6 +34,9 @@ pub struct ProcSpec {
     pub program: PathBuf,
     pub args: Vec<OsString>,
     pub env: Vec<(OsString, OsString)>,
+    /// A daemon must keep running: [`Processes::wait_until`] fails at once,
+    /// with the logs, when it exits instead of waiting for the timeout.
+    pub daemon: bool,
 }
 
 impl ProcSpec {
@@ -45,7 +48,14 @@ impl ProcSpec {
             program: program.into(),
             args: Vec::new(),
             env: Vec::new(),
+            daemon: false,
         }
+    }
+
+    /// Marks it a daemon (see [`ProcSpec::daemon`]).
+    pub fn daemon(mut self) -> Self {
+        self.daemon = true;
+        self
     }
 
     /// Adds one argument.
@@ -100,6 +110,9 @@ struct Proc {
     child: Option<Child>,
     exited: Option<String>,
     starts: u32,
+    /// The test asked it to end (e.g. SIGINT to a ping): its exit is not
+    /// a daemon dying.
+    ending: bool,
 }
 
 impl Proc {
@@ -180,6 +193,7 @@ impl Processes {
             child: None,
             exited: None,
             starts: 0,
+            ending: false,
         };
         start(&mut proc)?;
         procs.push(proc);
@@ -196,6 +210,17 @@ impl Processes {
     pub fn kill(&self, id: ProcId) -> Result<()> {
         self.with(id, |p| {
             signal_and_reap(p, Signal::SIGKILL, Duration::from_secs(5));
+            Ok(())
+        })
+    }
+
+    /// Sends `signal` to the process's group and returns at once.
+    pub fn signal(&self, id: ProcId, signal: Signal) -> Result<()> {
+        self.with(id, |p| {
+            if let Some(child) = &p.child {
+                p.ending = true;
+                let _ = killpg(pgid_of(child.id()), signal);
+            }
             Ok(())
         })
     }
@@ -254,9 +279,19 @@ impl Processes {
         out
     }
 
+    /// The first daemon that has exited on its own, as `name (status)`.
+    fn dead_daemon(&self) -> Option<String> {
+        self.lock()
+            .iter_mut()
+            .find_map(|p| match (p.spec.daemon && !p.ending, p.state()) {
+                (true, ProcState::Exited(status)) => Some(format!("{} ({status})", p.spec.name)),
+                _ => None,
+            })
+    }
+
     /// Polls `condition` until it holds (backing off from 10 ms to 200 ms).
     /// On timeout the error names `description` and carries every process's
-    /// state and log tail.
+    /// state and log tail; if a daemon exits meanwhile it fails at once.
     pub fn wait_until(
         &self,
         description: &str,
@@ -278,6 +313,12 @@ impl Processes {
         loop {
             if let Some(v) = condition() {
                 return Ok(v);
+            }
+            if let Some(dead) = self.dead_daemon() {
+                return Err(Error::ProcessDied(format!(
+                    "{dead} exited while waiting for: {description}\n{}",
+                    self.report(LOG_TAIL_LINES)
+                )));
             }
             let elapsed = start.elapsed();
             if elapsed >= timeout {
@@ -356,6 +397,7 @@ fn start(p: &mut Proc) -> Result<()> {
     reg.process_groups.insert(pgid_of(child.id()).as_raw());
     p.child = Some(child);
     p.exited = None;
+    p.ending = false;
     Ok(())
 }
 

@@ -347,3 +347,135 @@ fn the_demo_checks_the_underlay_then_refuses_to_fake_success() {
         "the demo left namespaces behind"
     );
 }
+
+#[test]
+fn a_dying_daemon_fails_the_wait_at_once_with_its_log() {
+    if !should_run(
+        "a_dying_daemon_fails_the_wait_at_once_with_its_log",
+        &NETNS_TOOLS,
+    ) {
+        return;
+    }
+    let scope = NameScope::new();
+    let ns = Netns::create(&scope, "dying").unwrap();
+    let logs = tempdir(&scope);
+    let procs = Processes::new(&logs);
+    procs
+        .spawn(
+            ProcSpec::new("fragile", &ns, "sh")
+                .args(["-c", "echo about-to-crash; exit 7"])
+                .daemon(),
+        )
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = procs
+        .wait_until(
+            "something the daemon would have done",
+            Duration::from_secs(30),
+            || false,
+        )
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "did not fail fast"
+    );
+    let msg = err.to_string();
+    assert!(matches!(err, l2mesh_e2e::Error::ProcessDied(_)), "{msg}");
+    for needle in [
+        "fragile (exit status: 7) exited while waiting for",
+        "about-to-crash",
+    ] {
+        assert!(msg.contains(needle), "lacks {needle:?}:\n{msg}");
+    }
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&logs);
+}
+
+#[test]
+fn wan_capture_sees_clear_text_and_background_ping_counts_losses() {
+    if !should_run(
+        "wan_capture_sees_clear_text_and_background_ping_counts_losses",
+        &["ip", "ping", "tcpdump"],
+    ) {
+        return;
+    }
+    use l2mesh_e2e::capture::{Capture, FrameKind};
+    use l2mesh_e2e::ping::BackgroundPing;
+    let lab = Lab::build(TopologySpec {
+        clusters: 2,
+        nodes_per_cluster: 1,
+        pods_per_node: 0,
+    })
+    .unwrap();
+    let topo = lab.topology();
+    let gw1 = topo.gateway(1).unwrap();
+    let gw2_wan = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 12));
+
+    // The underlay carries clear text; scenario 8 asserts the opposite
+    // for pod traffic once l2mesh encrypts it.
+    let cap = Capture::start(lab.procs(), "wan-capture", topo.switch(), "br-wan", "icmp").unwrap();
+    let marker = b"L2MESHMARK";
+    let pattern: String = marker.iter().map(|b| format!("{b:02x}")).collect();
+    let out = gw1
+        .run(
+            "ping",
+            ["-n", "-c", "1", "-W", "2", "-p", &pattern, "192.0.2.12"],
+        )
+        .unwrap();
+    assert!(out.contains("1 received"), "{out}");
+    let pcap = cap.stop(lab.procs()).unwrap();
+    assert!(
+        pcap.contains(marker),
+        "the marker should be visible on the WAN"
+    );
+    assert!(
+        pcap.kinds().contains(&FrameKind::Icmp4),
+        "{:?}",
+        pcap.kinds()
+    );
+
+    // Losses are counted: cut the WAN port of gateway 2 while pinging.
+    let ping = BackgroundPing::start(
+        lab.procs(),
+        "ping-gw2",
+        gw1,
+        gw2_wan,
+        Duration::from_millis(20),
+    )
+    .unwrap();
+    let replies = |n: usize| {
+        let log = lab.procs().log(ping.id()).unwrap();
+        log.matches(" bytes from ").count() >= n
+    };
+    lab.wait_until("10 replies", Duration::from_secs(10), || replies(10))
+        .unwrap();
+    topo.switch()
+        .ip(&["link", "set", "dev", "c2gw-w", "down"])
+        .unwrap();
+    lab.wait_until("3 unanswered pings", Duration::from_secs(10), || {
+        lab.procs()
+            .log(ping.id())
+            .unwrap()
+            .matches("no answer yet")
+            .count()
+            >= 3
+    })
+    .unwrap();
+    topo.switch().link_up("c2gw-w").unwrap();
+    let before = lab
+        .procs()
+        .log(ping.id())
+        .unwrap()
+        .matches(" bytes from ")
+        .count();
+    lab.wait_until("replies again", Duration::from_secs(10), || {
+        replies(before + 5)
+    })
+    .unwrap();
+    let stats = ping.finish(lab.procs()).unwrap();
+    assert!(stats.transmitted >= 18, "{stats:?}");
+    assert!(stats.lost() >= 3, "{stats:?}");
+    // The finished ping is not a dead daemon: waits still work.
+    lab.wait_until("nothing", Duration::from_secs(1), || true)
+        .unwrap();
+}

@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Benchmark of the l2mesh dataplane against VXLAN over wireguard-go and plain
+# kernel VXLAN, pod to pod across two "nodes" (network namespaces joined by a
+# veth underlay). Not a test: prints Gbit/s (1 and 4 TCP streams), ratios,
+# ping RTT and CPU seconds per GB (whole machine, from /proc/stat).
+#
+# Usage: sudo e2e/bench-dataplane.sh            (builds the release binary)
+#        BIN=/path/to/l2mesh-dataplane DURATION=10 sudo -E e2e/bench-dataplane.sh
+# Needs: root, ip, iperf3, ping, wireguard-go, wg.
+set -euo pipefail
+
+DURATION=${DURATION:-8}
+TAG="l2bench-$$"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=$(mktemp -d)
+PIDS=()
+
+if [[ -z "${BIN:-}" ]]; then
+  (cd "$ROOT" && cargo build --release -q -p l2mesh-dataplane)
+  BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/l2mesh-dataplane"
+fi
+for t in ip iperf3 ping wireguard-go wg; do
+  command -v "$t" >/dev/null || { echo "missing tool: $t" >&2; exit 2; }
+done
+
+# ns is called in $(...) subshells, so the names to clean up go to a file.
+ns() { local n="$TAG-$1"; echo "$n" >>"$WORK/netns"; ip netns add "$n"; ip -n "$n" link set lo up; echo "$n"; }
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for n in $(cat "$WORK/netns" 2>/dev/null); do
+    for p in $(ip netns pids "$n" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+    ip netns del "$n" 2>/dev/null || true
+  done
+  rm -f /var/run/wireguard/"bw$$"*.sock
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Two nodes joined by a veth underlay 10.250.0.1/.2; pods 10.9.0.1/.2.
+mk_nodes() {
+  A=$(ns "$1-a"); B=$(ns "$1-b")
+  ip -n "$A" link add eth0 type veth peer name eth0 netns "$B"
+  ip -n "$A" addr add 10.250.0.1/24 dev eth0; ip -n "$A" link set eth0 up
+  ip -n "$B" addr add 10.250.0.2/24 dev eth0; ip -n "$B" link set eth0 up
+  PA=$(ns "$1-pa"); PB=$(ns "$1-pb")
+}
+mk_pod() { # node pod addr mtu bridge
+  ip -n "$1" link add "$6" type veth peer name eth0 netns "$2"
+  ip -n "$2" link set eth0 mtu "$4" up; ip -n "$2" addr add "$3" dev eth0
+  if [[ -n "$5" ]]; then ip -n "$1" link set "$6" master "$5" mtu "$4" up; fi
+}
+
+cpu_busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
+HZ=$(getconf CLK_TCK)
+
+# measure NAME: iperf3 from PA to PB, prints a result line into $WORK/results
+measure() {
+  local name=$1
+  ip netns exec "$PB" iperf3 -s -D -1 >/dev/null 2>&1 || true
+  sleep 0.5
+  ip netns exec "$PA" ping -c 20 -i 0.05 -q 10.9.0.2 >/dev/null 2>&1 || true # warm up
+  local rtt
+  rtt=$(ip netns exec "$PA" ping -c 20 -i 0.05 -q 10.9.0.2 | awk -F/ '/rtt/{print $5}')
+  local res=()
+  for streams in 1 4; do
+    ip netns exec "$PB" iperf3 -s -D -1 >/dev/null 2>&1 || true
+    sleep 0.3
+    local c0 c1 out bps bytes
+    c0=$(cpu_busy)
+    out=$(ip netns exec "$PA" iperf3 -c 10.9.0.2 -t "$DURATION" -P "$streams" -J)
+    c1=$(cpu_busy)
+    bps=$(echo "$out" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["end"]["sum_received"]["bits_per_second"])')
+    bytes=$(echo "$out" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["end"]["sum_received"]["bytes"])')
+    local gbps cpus
+    gbps=$(python3 -c "print(f'{$bps/1e9:.3f}')")
+    cpus=$(python3 -c "print(f'{($c1-$c0)/$HZ/max($bytes/1e9,1e-9):.2f}')")
+    res+=("$gbps" "$cpus")
+  done
+  echo "$name ${res[*]} ${rtt:-nan}" >> "$WORK/results"
+}
+
+# ---------------------------------------------------------------- l2mesh
+bench_l2mesh() {
+  mk_nodes dp
+  local keys=() ports=()
+  for n in "$A" "$B"; do
+    ip netns exec "$n" "$BIN" run --socket "$WORK/$n.sock" --state-dir "$WORK/$n" --listen-port 0 \
+      >"$WORK/$n.log" 2>&1 &
+    PIDS+=($!)
+  done
+  for n in "$A" "$B"; do
+    for _ in $(seq 50); do [[ -S "$WORK/$n.sock" ]] && break; sleep 0.1; done
+    sleep 0.2
+    keys+=("$("$BIN" --socket "$WORK/$n.sock" pubkey)")
+    ports+=("$("$BIN" --socket "$WORK/$n.sock" status | awk '/^node/{for(i=1;i<NF;i++) if($i=="port") print $(i+1)}')")
+  done
+  cat >"$WORK/a.json" <<EOF
+{"revision":1,"node_name":"a","tunnel_ip":"100.64.0.1","networks":[{"name":"bench","vni":42}],
+ "peers":[{"public_key":"${keys[1]}","endpoint":"10.250.0.2:${ports[1]}","tunnel_ip":"100.64.0.2","vnis":[42],"group":"local","name":"b"}]}
+EOF
+  cat >"$WORK/b.json" <<EOF
+{"revision":1,"node_name":"b","tunnel_ip":"100.64.0.2","networks":[{"name":"bench","vni":42}],
+ "peers":[{"public_key":"${keys[0]}","endpoint":"10.250.0.1:${ports[0]}","tunnel_ip":"100.64.0.1","vnis":[42],"group":"local","name":"a"}]}
+EOF
+  "$BIN" --socket "$WORK/$A.sock" apply "$WORK/a.json" >/dev/null
+  "$BIN" --socket "$WORK/$B.sock" apply "$WORK/b.json" >/dev/null
+  mk_pod "$A" "$PA" 10.9.0.1/24 1390 "" hpa
+  mk_pod "$B" "$PB" 10.9.0.2/24 1390 "" hpb
+  "$BIN" --socket "$WORK/$A.sock" attach bench hpa >/dev/null
+  "$BIN" --socket "$WORK/$B.sock" attach bench hpb >/dev/null
+  ip netns exec "$PA" ping -c 3 -W 2 10.9.0.2 >/dev/null
+  measure "l2mesh-dataplane"
+}
+
+# ---------------------------------------------------------------- vxlan over wireguard-go
+bench_wggo() {
+  mk_nodes wg
+  local i=0 pubs=() ifs=()
+  for n in "$A" "$B"; do
+    local ifn="bw$$$i"
+    ifs+=("$ifn")
+    ip netns exec "$n" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$ifn" >/dev/null 2>&1 &
+    PIDS+=($!)
+    wg genkey >"$WORK/wg$i.key"
+    pubs+=("$(wg pubkey <"$WORK/wg$i.key")")
+    i=$((i + 1))
+  done
+  sleep 1
+  local ips=(100.64.0.1 100.64.0.2) under=(10.250.0.1 10.250.0.2) nodes=("$A" "$B")
+  for i in 0 1; do
+    local n=${nodes[$i]} o=$((1 - i))
+    ip netns exec "$n" wg set "${ifs[$i]}" private-key "$WORK/wg$i.key" listen-port $((40000 + i))
+    ip netns exec "$n" wg set "${ifs[$i]}" peer "${pubs[$o]}" endpoint "${under[$o]}:$((40000 + o))" allowed-ips "${ips[$o]}/32"
+    ip -n "$n" addr add "${ips[$i]}/24" dev "${ifs[$i]}"
+    ip -n "$n" link set "${ifs[$i]}" up
+    ip -n "$n" link add vx0 type vxlan id 42 local "${ips[$i]}" remote "${ips[$o]}" dstport 4789 dev "${ifs[$i]}"
+    ip -n "$n" link add br0 type bridge
+    ip -n "$n" link set vx0 master br0 up
+    ip -n "$n" link set br0 up
+  done
+  mk_pod "$A" "$PA" 10.9.0.1/24 1370 br0 hpa
+  mk_pod "$B" "$PB" 10.9.0.2/24 1370 br0 hpb
+  ip netns exec "$PA" ping -c 3 -W 2 10.9.0.2 >/dev/null
+  measure "vxlan-over-wireguard-go"
+}
+
+# ---------------------------------------------------------------- plain kernel vxlan
+bench_vxlan() {
+  mk_nodes vx
+  local under=(10.250.0.1 10.250.0.2) nodes=("$A" "$B")
+  for i in 0 1; do
+    local n=${nodes[$i]} o=$((1 - i))
+    ip -n "$n" link add vx0 type vxlan id 42 local "${under[$i]}" remote "${under[$o]}" dstport 4789 dev eth0
+    ip -n "$n" link add br0 type bridge
+    ip -n "$n" link set vx0 master br0 up
+    ip -n "$n" link set br0 up
+  done
+  mk_pod "$A" "$PA" 10.9.0.1/24 1450 br0 hpa
+  mk_pod "$B" "$PB" 10.9.0.2/24 1450 br0 hpb
+  ip netns exec "$PA" ping -c 3 -W 2 10.9.0.2 >/dev/null
+  measure "kernel-vxlan"
+}
+
+bench_l2mesh
+bench_wggo
+bench_vxlan
+
+python3 - "$WORK/results" <<'EOF'
+import sys
+rows = [l.split() for l in open(sys.argv[1])]
+ref = {r[0]: r for r in rows}
+wg = ref.get("vxlan-over-wireguard-go")
+print(f"{'path':<26}{'1 stream':>10}{'4 streams':>11}{'CPU s/GB(1)':>13}{'CPU s/GB(4)':>13}{'RTT ms':>9}{'vs wg-go (1/4)':>17}")
+for name, g1, c1, g4, c4, rtt in rows:
+    ratio = ""
+    if wg:
+        ratio = f"{float(g1)/max(float(wg[1]),1e-9):.2f}x/{float(g4)/max(float(wg[3]),1e-9):.2f}x"
+    print(f"{name:<26}{g1+' Gb/s':>10}{g4+' Gb/s':>11}{c1:>13}{c4:>13}{rtt:>9}{ratio:>17}")
+EOF
