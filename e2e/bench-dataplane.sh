@@ -122,7 +122,7 @@ bench_wggo() {
     ifs+=("$ifn")
     ip netns exec "$n" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$ifn" >/dev/null 2>&1 &
     PIDS+=($!)
-    wg genkey >"$WORK/wg$i.key"
+    (umask 077; wg genkey >"$WORK/wg$i.key")
     pubs+=("$(wg pubkey <"$WORK/wg$i.key")")
     i=$((i + 1))
   done
@@ -171,10 +171,10 @@ import sys
 rows = [l.split() for l in open(sys.argv[1])]
 ref = {r[0]: r for r in rows}
 wg = ref.get("vxlan-over-wireguard-go")
-print(f"{'path':<26}{'1 stream':>10}{'4 streams':>11}{'CPU s/GB(1)':>13}{'CPU s/GB(4)':>13}{'RTT ms':>9}{'vs wg-go (1/4)':>17}")
+print(f"{'path':<26}{'1 stream':>12}{'4 streams':>13}{'CPU s/GB(1)':>13}{'CPU s/GB(4)':>13}{'RTT ms':>9}{'vs wg-go (1/4)':>17}")
 for name, g1, c1, g4, c4, rtt in rows:
     ratio = ""
     if wg:
         ratio = f"{float(g1)/max(float(wg[1]),1e-9):.2f}x/{float(g4)/max(float(wg[3]),1e-9):.2f}x"
-    print(f"{name:<26}{g1+' Gb/s':>10}{g4+' Gb/s':>11}{c1:>13}{c4:>13}{rtt:>9}{ratio:>17}")
+    print(f"{name:<26}{g1+' Gb/s':>12}{g4+' Gb/s':>13}{c1:>13}{c4:>13}{rtt:>9}{ratio:>17}")
 EOF
