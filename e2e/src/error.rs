@@ -34,6 +34,10 @@ pub enum Error {
     /// message carries every process's state and log tail.
     #[error("{0}")]
     ProcessDied(String),
+    /// A network expectation failed (e.g. isolation); the message carries
+    /// every process's state and log tail.
+    #[error("{0}")]
+    Check(String),
     /// A file or directory operation failed.
     #[error("{path}: {source}")]
     Io {

@@ -4,6 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::net::IpAddr;
+
+use crate::binaries::workspace_binaries;
+use crate::netns::Netns;
 use crate::plan::TopologySpec;
 use crate::process::{ProcId, ProcSpec, Processes};
 use crate::topology::Topology;
@@ -83,6 +87,38 @@ impl Lab {
     /// Starts a process (see [`Processes::spawn`]).
     pub fn spawn(&self, spec: ProcSpec) -> Result<ProcId> {
         self.procs.spawn(spec)
+    }
+
+    /// Starts workspace binary `binary` (e.g. `l2mesh-broker`, built once per
+    /// test process) as a daemon named `name` in `ns`.
+    pub fn spawn_bin<I, S>(&self, name: &str, ns: &Netns, binary: &str, args: I) -> Result<ProcId>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString>,
+    {
+        let path = workspace_binaries()?.path(binary)?;
+        self.procs
+            .spawn(ProcSpec::new(name, ns, path).args(args).daemon())
+    }
+
+    /// Waits until `from` gets an ICMP echo reply from `addr`.
+    pub fn wait_reachable(&self, from: &Netns, addr: IpAddr, timeout: Duration) -> Result<()> {
+        self.wait_until(&format!("{} reaches {addr}", from.name()), timeout, || {
+            from.ping(addr, 1).unwrap_or(false)
+        })
+    }
+
+    /// Fails (with every log) if `from` gets a reply from `addr` within one
+    /// second: isolation checks.
+    pub fn assert_unreachable(&self, from: &Netns, addr: IpAddr) -> Result<()> {
+        if from.ping(addr, 1)? {
+            return Err(Error::Check(format!(
+                "{} unexpectedly reached {addr}\n{}",
+                from.name(),
+                self.procs.report(crate::process::LOG_TAIL_LINES)
+            )));
+        }
+        Ok(())
     }
 
     /// See [`Processes::wait_until`].

@@ -120,6 +120,24 @@ pub fn exists(name: &str) -> bool {
     std::path::Path::new(NETNS_DIR).join(name).exists()
 }
 
+/// `ip netns add`, retried a few times on the transient failure of
+/// concurrent first use of /run/netns by other processes (iproute2 makes it
+/// a shared mount point on demand).
+fn add_netns(name: &str) -> Result<()> {
+    let mut attempt = 0;
+    loop {
+        match run_ok(Command::new("ip").args(["netns", "add", name])) {
+            Err(Error::Command { stderr, .. })
+                if attempt < 3 && (stderr.contains("mount") || stderr.contains("busy")) =>
+            {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50 * attempt));
+            }
+            other => return other.map(drop),
+        }
+    }
+}
+
 /// Kills whatever still runs inside, then deletes the namespace. Killing
 /// first matters: a namespace with processes outlives its name.
 pub(crate) fn delete_by_name(name: &str) -> Result<()> {
@@ -151,7 +169,7 @@ impl Netns {
         {
             let mut reg = registry::lock();
             reg.check_open()?;
-            run_ok(Command::new("ip").args(["netns", "add", &name]))?;
+            add_netns(&name)?;
             reg.netns.insert(name.clone());
         }
         let ns = Self { name, owned: true };

@@ -67,20 +67,23 @@ fn three_cluster_underlay_comes_up_and_pods_are_isolated() {
     }
     // A non-gateway node reaches its gateway over the LAN...
     let node = topo.node(2, 1).unwrap();
-    assert!(
-        node.ping(IpAddr::V4(Ipv4Addr::new(10, 2, 0, 1)), 2)
-            .unwrap()
-    );
+    let gw2_lan = IpAddr::V4(Ipv4Addr::new(10, 2, 0, 1));
+    lab.wait_reachable(node, gw2_lan, Duration::from_secs(5))
+        .unwrap();
     // ...but not the WAN or the broker: clusters sit behind their gateways.
-    assert!(
-        !node
-            .ping(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 1)
-            .unwrap()
-    );
+    lab.assert_unreachable(node, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)))
+        .unwrap();
     // Pods hold only loopback until l2mesh-cni attaches them.
     let pod = topo.pod(1, 1, 1).unwrap();
     assert_eq!(pod.links().unwrap(), vec!["lo"]);
-    assert!(!pod.ping(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 2)), 1).unwrap());
+    lab.assert_unreachable(pod, IpAddr::V4(Ipv4Addr::new(10, 1, 0, 2)))
+        .unwrap();
+    // A broken isolation expectation reports as such.
+    let err = lab
+        .assert_unreachable(node, gw2_lan)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unexpectedly reached 10.2.0.1"), "{err}");
 }
 
 #[test]
