@@ -36,6 +36,30 @@ struct State {
     statuses: BTreeMap<String, (L2Network, L2NetworkStatus)>,
 }
 
+/// Where allocations (VNIs, tunnel IPs, pod slices) persist.
+pub trait AllocStore: Send + Sync + std::fmt::Debug {
+    fn load(&self) -> Result<Allocations, String>;
+    fn save(&self, allocs: &Allocations) -> Result<(), String>;
+}
+
+/// Allocations in a JSON file (standalone mode).
+#[derive(Debug)]
+pub struct FileAllocStore(pub PathBuf);
+
+impl AllocStore for FileAllocStore {
+    fn load(&self) -> Result<Allocations, String> {
+        match std::fs::read_to_string(&self.0) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| format!("{} is corrupt: {e}", self.0.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Allocations::default()),
+            Err(e) => Err(format!("{}: {e}", self.0.display())),
+        }
+    }
+    fn save(&self, allocs: &Allocations) -> Result<(), String> {
+        save_json(&self.0, allocs)
+    }
+}
+
 /// Where the results of a reconcile go.
 pub trait StatusSink: Send + Sync + std::fmt::Debug {
     /// Called with every network whose status changed, and with `None` for
@@ -49,7 +73,7 @@ pub struct Shared {
     state: Mutex<State>,
     dirty: Notify,
     tunnel_subnet: Ipv4Net,
-    allocs_path: PathBuf,
+    allocs_store: Box<dyn AllocStore>,
     sink: Box<dyn StatusSink>,
     reports: watch::Sender<BrokerReports>,
     /// Set when the cluster has a broker; otherwise multi-cluster networks wait.
@@ -63,19 +87,14 @@ fn now() -> String {
 }
 
 impl Shared {
-    /// `allocs_path` holds the allocations (loaded now, saved on change).
+    /// `allocs_store` holds the allocations (loaded now, saved on change).
     pub fn new(
         tunnel_subnet: Ipv4Net,
-        allocs_path: PathBuf,
+        allocs_store: Box<dyn AllocStore>,
         sink: Box<dyn StatusSink>,
         has_broker: bool,
     ) -> Result<Self, String> {
-        let allocs = match std::fs::read_to_string(&allocs_path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| format!("{} is corrupt: {e}", allocs_path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Allocations::default(),
-            Err(e) => return Err(format!("{}: {e}", allocs_path.display())),
-        };
+        let allocs = allocs_store.load()?;
         // Revisions grow across restarts: nodes may ignore older ones.
         let revision = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -88,7 +107,7 @@ impl Shared {
             }),
             dirty: Notify::new(),
             tunnel_subnet,
-            allocs_path,
+            allocs_store,
             sink,
             reports: watch::channel(BrokerReports::default()).0,
             has_broker,
@@ -112,6 +131,18 @@ impl Shared {
         s.nodes = Some(nodes);
         s.networks = networks;
         drop(s);
+        self.touch();
+    }
+
+    /// Replace the L2Networks only (Kubernetes mode: one controller per kind).
+    pub fn set_networks(&self, networks: Vec<L2Network>) {
+        self.lock().networks = networks;
+        self.touch();
+    }
+
+    /// Replace the node list only.
+    pub fn set_nodes(&self, nodes: Vec<NodeEntry>) {
+        self.lock().nodes = Some(nodes);
         self.touch();
     }
 
@@ -215,7 +246,7 @@ impl Shared {
         );
         let mut problems = plan.problems.clone();
         if s.allocs != before
-            && let Err(e) = save_json(&self.allocs_path, &s.allocs)
+            && let Err(e) = self.allocs_store.save(&s.allocs)
         {
             problems.push(e);
         }

@@ -8,6 +8,7 @@ pub mod desired;
 pub mod engine;
 pub mod identity;
 pub mod ipam;
+pub mod k8s;
 pub mod manifests;
 pub mod nodesync;
 pub mod standalone;

@@ -70,7 +70,9 @@ pub async fn run(
     let shared = Arc::new(
         Shared::new(
             subnet,
-            config.state_dir.join("allocations.json"),
+            Box::new(crate::engine::FileAllocStore(
+                config.state_dir.join("allocations.json"),
+            )),
             Box::new(FileStatusSink {
                 dir: config.state_dir.join("status"),
             }),

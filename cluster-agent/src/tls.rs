@@ -221,6 +221,16 @@ impl NodeSyncPki {
                 token: token.trim().to_owned(),
             });
         }
+        let pki = Self::generate(dir.clone())?;
+        write_private(&dir, Self::CA_FILE, &pki.ca_pem, 0o644)?;
+        write_private(&dir, "server.crt", &pki.cert_pem, 0o644)?;
+        write_private(&dir, "server.key", &pki.key_pem, 0o600)?;
+        write_private(&dir, Self::TOKEN_FILE, &pki.token, 0o600)?;
+        Ok(pki)
+    }
+
+    /// A new CA, server certificate and token (nothing is written).
+    pub fn generate(dir: PathBuf) -> Result<Self, TlsError> {
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params
@@ -239,19 +249,14 @@ impl NodeSyncPki {
             .push(DnType::CommonName, NODE_SYNC_SERVER_NAME);
         let cert = params.signed_by(&key, &ca)?;
         let token = random_token();
-        let pki = Self {
-            dir: dir.clone(),
+        Ok(Self {
+            dir,
             ca_pem: ca.pem(),
             // The chain lets clients that only trust the CA build the path.
             cert_pem: format!("{}{}", cert.pem(), ca.pem()),
             key_pem: key.serialize_pem(),
             token,
-        };
-        write_private(&dir, Self::CA_FILE, &pki.ca_pem, 0o644)?;
-        write_private(&dir, "server.crt", &pki.cert_pem, 0o644)?;
-        write_private(&dir, "server.key", &pki.key_pem, 0o600)?;
-        write_private(&dir, Self::TOKEN_FILE, &pki.token, 0o600)?;
-        Ok(pki)
+        })
     }
 
     /// tonic server TLS for NodeSync.

@@ -22,8 +22,10 @@ enum Command {
     /// directory (re-read when they change), identity and status files in the
     /// state dir, node sync over TLS.
     Standalone(Standalone),
-    /// Run as a Kubernetes controller (not built yet: use standalone).
-    Kubernetes,
+    /// Run as the cluster's Kubernetes controller (in-cluster or KUBECONFIG):
+    /// L2Networks and Nodes from the API, identity in Secrets, a Lease so one
+    /// replica acts, node sync over TLS.
+    Kubernetes(Kubernetes),
     /// Print the CustomResourceDefinitions as YAML (what deploy/crds/ holds).
     Crd,
 }
@@ -62,14 +64,79 @@ struct Standalone {
     poll_ms: u64,
 }
 
-fn join_string(a: &Standalone) -> anyhow::Result<Option<JoinString>> {
-    let text = match (&a.join_string, &a.join_string_file) {
-        (Some(s), _) => s.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path)
+#[derive(Debug, Args)]
+struct Kubernetes {
+    /// Namespace of the agent's Lease and Secrets.
+    #[arg(long, env = "L2MESH_NAMESPACE", default_value = "l2mesh-system")]
+    namespace: String,
+    /// This replica's name in the leader Lease (the pod name).
+    #[arg(long, env = "L2MESH_POD_NAME")]
+    pod_name: String,
+    /// The join string, needed until the identity Secret exists.
+    #[arg(
+        long,
+        env = "L2MESH_JOIN_STRING",
+        conflicts_with = "join_string_file",
+        hide_env_values = true
+    )]
+    join_string: Option<String>,
+    /// File holding the join string.
+    #[arg(long, env = "L2MESH_JOIN_STRING_FILE")]
+    join_string_file: Option<PathBuf>,
+    /// Address for the NodeSync gRPC server (TLS).
+    #[arg(long, env = "L2MESH_NODE_SYNC_LISTEN", default_value = "0.0.0.0:7444")]
+    node_sync_listen: String,
+}
+
+fn read_join_string(
+    inline: Option<&String>,
+    file: Option<&PathBuf>,
+) -> anyhow::Result<Option<JoinString>> {
+    let text = match (inline, file) {
+        (Some(s), _) if !s.trim().is_empty() => s.clone(),
+        (_, Some(path)) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the join string file {}", path.display()))?,
-        (None, None) => return Ok(None),
+        _ => return Ok(None),
     };
     Ok(Some(JoinString::parse(&text)?))
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+async fn kubernetes(a: Kubernetes) -> anyhow::Result<()> {
+    let js = read_join_string(a.join_string.as_ref(), a.join_string_file.as_ref())?;
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes API access (in-cluster service account or KUBECONFIG)")?;
+    let listener = tokio::net::TcpListener::bind(&a.node_sync_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (--node-sync-listen)",
+                a.node_sync_listen
+            )
+        })?;
+    let config = l2mesh_cluster_agent::k8s::KubeConfig {
+        namespace: a.namespace,
+        pod_name: a.pod_name,
+        join_string: js,
+    };
+    l2mesh_cluster_agent::k8s::run(client, config, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn join_string(a: &Standalone) -> anyhow::Result<Option<JoinString>> {
+    read_join_string(a.join_string.as_ref(), a.join_string_file.as_ref())
 }
 
 async fn standalone(a: Standalone) -> anyhow::Result<()> {
@@ -89,18 +156,7 @@ async fn standalone(a: Standalone) -> anyhow::Result<()> {
         local_tunnel_subnet: a.tunnel_subnet,
         poll_interval: std::time::Duration::from_millis(a.poll_ms.max(50)),
     };
-    let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutting down");
-    };
+    let shutdown = shutdown_signal();
     l2mesh_cluster_agent::standalone::run(config, listener, shutdown).await?;
     Ok(())
 }
@@ -114,13 +170,15 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // One process-wide TLS provider, whatever features dependencies enable.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         Command::Crd => l2mesh_cluster_agent::crd::crds_yaml()
             .map(|text| print!("{text}"))
             .map_err(anyhow::Error::from),
-        Command::Kubernetes => Err(anyhow::anyhow!(
-            "Kubernetes mode is not built yet; nothing was done: run `l2mesh-agent standalone`"
-        )),
+        Command::Kubernetes(a) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(kubernetes(a))),
         Command::Standalone(a) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(standalone(a))),

@@ -1,0 +1,96 @@
+//! The Multus `NetworkAttachmentDefinition` the agent keeps for every
+//! L2Network, so pods attach with `k8s.v1.cni.cncf.io/networks: <name>`.
+
+use crate::crd::L2Network;
+use kube::{CustomResource, Resource as _};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// `k8s.cni.cncf.io/v1` NetworkAttachmentDefinition (Multus' CRD).
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "k8s.cni.cncf.io",
+    version = "v1",
+    kind = "NetworkAttachmentDefinition",
+    plural = "network-attachment-definitions",
+    namespaced
+)]
+pub struct NadSpec {
+    /// The CNI network configuration as a JSON string.
+    #[serde(default)]
+    pub config: String,
+}
+
+/// Field manager for server-side apply.
+pub const MANAGER: &str = "l2mesh-agent";
+
+/// The CNI configuration pods of this network get.
+#[must_use]
+pub fn cni_config(net: &L2Network, range: Option<ipnet::Ipv4Net>, mtu: u32) -> serde_json::Value {
+    let mut conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": net.dataplane_name(),
+        "type": "l2mesh-cni",
+        "mtu": mtu,
+        "capabilities": {"ips": true, "mac": true},
+    });
+    if let Some(range) = range {
+        conf["ipam"] = serde_json::json!({"type": "l2mesh", "subnet": range.to_string()});
+    }
+    conf
+}
+
+/// The NAD for an L2Network: same name and namespace, owned by it (so the
+/// garbage collector also removes it should the finalizer be bypassed).
+#[must_use]
+pub fn nad_for(
+    net: &L2Network,
+    range: Option<ipnet::Ipv4Net>,
+    mtu: u32,
+) -> NetworkAttachmentDefinition {
+    let mut nad = NetworkAttachmentDefinition::new(
+        net.metadata.name.as_deref().unwrap_or_default(),
+        NadSpec {
+            config: cni_config(net, range, mtu).to_string(),
+        },
+    );
+    nad.metadata.namespace.clone_from(&net.metadata.namespace);
+    nad.metadata.labels = Some(
+        [(
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGER.to_owned(),
+        )]
+        .into(),
+    );
+    nad.metadata.owner_references = net.controller_owner_ref(&()).map(|o| vec![o]);
+    nad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nad_carries_the_cni_config_and_an_owner_reference() {
+        let mut net: L2Network = serde_yaml::from_str(
+            "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: blue, namespace: team, uid: u-1}\nspec: {ipRange: 10.1.0.0/16}\n",
+        )
+        .unwrap();
+        let nad = nad_for(&net, net.ip_range().unwrap(), 1390);
+        assert_eq!(nad.metadata.name.as_deref(), Some("blue"));
+        assert_eq!(nad.metadata.namespace.as_deref(), Some("team"));
+        let owner = &nad.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("L2Network", "u-1")
+        );
+        let conf: serde_json::Value = serde_json::from_str(&nad.spec.config).unwrap();
+        assert_eq!(conf["name"], "team.blue");
+        assert_eq!(conf["type"], "l2mesh-cni");
+        assert_eq!(conf["ipam"]["subnet"], "10.1.0.0/16");
+        net.spec.ip_range = None;
+        let conf = cni_config(&net, None, 1300);
+        assert!(conf.get("ipam").is_none());
+        assert_eq!(conf["mtu"], 1300);
+    }
+}
