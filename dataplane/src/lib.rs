@@ -15,6 +15,7 @@ pub mod file;
 pub mod keys;
 pub mod netdev;
 pub mod switch;
+pub mod sync;
 pub mod wire;
 
 /// Errors of the dataplane library.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use l2mesh_dataplane::config::key_b64;
-use l2mesh_dataplane::{api, client, daemon, file};
+use l2mesh_dataplane::{api, client, daemon, file, sync};
 use l2mesh_proto::node::{
     AttachPortRequest, DetachPortRequest, NodeStatus, PeerGroup, RotateKeyRequest, StatusRequest,
 };
@@ -42,6 +42,22 @@ enum Command {
         /// UDP port of the WireGuard socket (0 picks a free one).
         #[arg(long, env = "L2MESH_LISTEN_PORT", default_value_t = daemon::DEFAULT_LISTEN_PORT)]
         listen_port: u16,
+        /// Cluster agent to watch for desired state (https://HOST:PORT). Without
+        /// it the daemon only takes state over its local API.
+        #[arg(long, env = "L2MESH_AGENT", requires_all = ["agent_ca", "agent_token_file", "node_name"])]
+        agent: Option<String>,
+        /// PEM CA file that signed the agent's certificate (server name "l2mesh-agent").
+        #[arg(long, env = "L2MESH_AGENT_CA")]
+        agent_ca: Option<PathBuf>,
+        /// File holding the bearer token for the agent.
+        #[arg(long, env = "L2MESH_AGENT_TOKEN_FILE")]
+        agent_token_file: Option<PathBuf>,
+        /// This node's name as the agent knows it.
+        #[arg(long, env = "L2MESH_NODE_NAME")]
+        node_name: Option<String>,
+        /// Underlay endpoint(s) peers can reach this node at, IP:PORT (repeat or comma-separate).
+        #[arg(long = "endpoint", env = "L2MESH_ENDPOINTS", value_delimiter = ',')]
+        endpoints: Vec<String>,
     },
     /// Print peers and networks of a running daemon as tables.
     Status {
@@ -107,12 +123,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             state_dir,
             listen_port,
+            agent,
+            agent_ca,
+            agent_token_file,
+            node_name,
+            endpoints,
         } => {
+            // Read the agent files first: a bad flag must change nothing.
+            let sync_opts = match (agent, agent_ca, agent_token_file) {
+                (Some(agent), Some(ca), Some(token)) => Some(sync::SyncOptions {
+                    agent,
+                    ca_pem: std::fs::read(&ca)
+                        .with_context(|| format!("reading --agent-ca {}", ca.display()))?,
+                    token: std::fs::read_to_string(&token)
+                        .with_context(|| format!("reading --agent-token-file {}", token.display()))?
+                        .trim()
+                        .to_string(),
+                    node_name: node_name.unwrap_or_default(),
+                    endpoints,
+                }),
+                _ => None,
+            };
             let d = daemon::Daemon::start(&state_dir, listen_port)
                 .await
                 .context("starting the dataplane")?;
             let listener =
                 api::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+            let sync_task =
+                sync_opts.map(|o| tokio::spawn(sync::run(std::sync::Arc::clone(&d), o)));
             tracing::info!(
                 socket = %socket.display(),
                 port = d.local_port(),
@@ -120,6 +158,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "dataplane running"
             );
             api::serve(listener, std::sync::Arc::clone(&d), shutdown_signal()).await?;
+            if let Some(t) = sync_task {
+                t.abort();
+            }
             d.stop();
             let _ = std::fs::remove_file(&socket);
             tracing::info!("dataplane stopped; bridges are kept for the next start");

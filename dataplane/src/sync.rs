@@ -1,0 +1,154 @@
+//! The NodeSync client: holds a watch on the cluster agent, applies every
+//! desired state it sends, reports status back, and reconnects forever with
+//! backoff while the last applied state keeps forwarding.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use l2mesh_proto::node::node_sync_client::NodeSyncClient;
+use l2mesh_proto::node::{ApplyResult, DesiredState, NodeHello, NodeStatus};
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use crate::Error;
+use crate::daemon::Daemon;
+
+/// The name the agent's certificate must carry.
+pub const AGENT_SERVER_NAME: &str = "l2mesh-agent";
+const REPORT_EVERY: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the sync loop needs from the dataplane (the daemon, or a fake in tests).
+pub trait Applier: Send + Sync + 'static {
+    fn apply(&self, d: DesiredState) -> impl Future<Output = Result<ApplyResult, Error>> + Send;
+    fn status(&self) -> impl Future<Output = Result<NodeStatus, Error>> + Send;
+}
+
+impl Applier for Arc<Daemon> {
+    fn apply(&self, d: DesiredState) -> impl Future<Output = Result<ApplyResult, Error>> + Send {
+        Daemon::apply(self, d)
+    }
+
+    fn status(&self) -> impl Future<Output = Result<NodeStatus, Error>> + Send {
+        Daemon::status(self)
+    }
+}
+
+/// How to reach the agent.
+#[derive(Clone)]
+pub struct SyncOptions {
+    /// "https://host:port".
+    pub agent: String,
+    pub ca_pem: Vec<u8>,
+    pub token: String,
+    pub node_name: String,
+    pub endpoints: Vec<String>,
+}
+
+impl std::fmt::Debug for SyncOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncOptions")
+            .field("agent", &self.agent)
+            .field("token", &"<redacted>")
+            .field("node_name", &self.node_name)
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why one session with the agent ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("agent address {0:?} is not a valid URL (expected https://HOST:PORT)")]
+    BadAddress(String),
+    #[error("connecting to the agent: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("agent: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("the token contains characters not allowed in a header")]
+    BadToken,
+    #[error("dataplane: {0}")]
+    Dataplane(#[from] Error),
+}
+
+/// The next backoff after a failed attempt: doubles up to a ceiling.
+pub fn next_backoff(current: Duration) -> Duration {
+    (current * 2).min(MAX_BACKOFF)
+}
+
+/// Runs sessions forever. Never returns unless the task is cancelled.
+pub async fn run<A: Applier>(applier: A, opts: SyncOptions) {
+    let mut backoff = Duration::from_millis(500);
+    let mut last_revision = 0;
+    loop {
+        match session(&applier, &opts, &mut last_revision).await {
+            Ok(()) => {
+                tracing::info!("agent closed the watch; reconnecting");
+                backoff = Duration::from_millis(500);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "agent session failed; forwarding continues")
+            }
+        }
+        // Jitter keeps a fleet of nodes from reconnecting in lockstep.
+        let jitter = Duration::from_millis(rand::random::<u64>() % 250);
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = next_backoff(backoff);
+    }
+}
+
+async fn session<A: Applier>(
+    applier: &A,
+    opts: &SyncOptions,
+    last_revision: &mut u64,
+) -> Result<(), SyncError> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&opts.ca_pem))
+        .domain_name(AGENT_SERVER_NAME);
+    let channel = Endpoint::from_shared(opts.agent.clone())
+        .map_err(|_| SyncError::BadAddress(opts.agent.clone()))?
+        .connect_timeout(Duration::from_secs(10))
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    let bearer: MetadataValue<_> = format!("Bearer {}", opts.token)
+        .parse()
+        .map_err(|_| SyncError::BadToken)?;
+    let mut client =
+        NodeSyncClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        });
+    let status = applier.status().await?;
+    let hello = NodeHello {
+        node_name: opts.node_name.clone(),
+        public_key: status.public_key.clone(),
+        listen_port: status.listen_port,
+        endpoints: opts.endpoints.clone(),
+        last_revision: *last_revision,
+    };
+    let mut stream = client.watch_desired(hello).await?.into_inner();
+    tracing::info!(agent = %opts.agent, "watching the agent for desired state");
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    loop {
+        tokio::select! {
+            msg = stream.message() => {
+                let Some(desired) = msg? else { return Ok(()) };
+                let revision = desired.revision;
+                match applier.apply(desired).await {
+                    Ok(r) => *last_revision = r.applied_revision,
+                    Err(e) => tracing::warn!(revision, error = %e, "rejected desired state; keeping the last one"),
+                }
+                client.report_status(applier.status().await?).await?;
+            }
+            _ = tick.tick() => {
+                client.report_status(applier.status().await?).await?;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "sync_tests.rs"]
+mod tests;

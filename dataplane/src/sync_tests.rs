@@ -1,0 +1,166 @@
+use super::*;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use l2mesh_proto::node::SyncAck;
+use l2mesh_proto::node::node_sync_server::{NodeSync, NodeSyncServer};
+use tokio_stream::Stream;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+#[derive(Default)]
+struct Seen {
+    hellos: Vec<NodeHello>,
+    reports: Vec<u64>,
+}
+
+#[derive(Clone, Default)]
+struct Agent {
+    seen: Arc<Mutex<Seen>>,
+}
+
+#[tonic::async_trait]
+impl NodeSync for Agent {
+    type WatchDesiredStream = Pin<Box<dyn Stream<Item = Result<DesiredState, Status>> + Send>>;
+
+    async fn watch_desired(
+        &self,
+        req: Request<NodeHello>,
+    ) -> Result<Response<Self::WatchDesiredStream>, Status> {
+        let auth = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if auth != Some("Bearer s3cret") {
+            return Err(Status::unauthenticated("bad token"));
+        }
+        self.seen.lock().unwrap().hellos.push(req.into_inner());
+        // Two revisions, then the stream ends: the client must reconnect.
+        let states = (1..=2).map(|revision| {
+            Ok(DesiredState {
+                revision,
+                ..Default::default()
+            })
+        });
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            states.collect::<Vec<_>>(),
+        ))))
+    }
+
+    async fn report_status(&self, req: Request<NodeStatus>) -> Result<Response<SyncAck>, Status> {
+        let rev = req.into_inner().applied_revision;
+        self.seen.lock().unwrap().reports.push(rev);
+        Ok(Response::new(SyncAck { revision: rev }))
+    }
+}
+
+#[derive(Clone, Default)]
+struct Fake {
+    applied: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Applier for Fake {
+    fn apply(&self, d: DesiredState) -> impl Future<Output = Result<ApplyResult, Error>> + Send {
+        self.applied.lock().unwrap().push(d.revision);
+        async move {
+            Ok(ApplyResult {
+                applied_revision: d.revision,
+                changes: vec![],
+            })
+        }
+    }
+
+    fn status(&self) -> impl Future<Output = Result<NodeStatus, Error>> + Send {
+        let rev = self.applied.lock().unwrap().last().copied().unwrap_or(0);
+        async move {
+            Ok(NodeStatus {
+                public_key: vec![7; 32],
+                listen_port: 1234,
+                applied_revision: rev,
+                ..Default::default()
+            })
+        }
+    }
+}
+
+async fn start_agent() -> (Agent, String, Vec<u8>) {
+    let ck = rcgen::generate_simple_self_signed(vec![AGENT_SERVER_NAME.to_string()]).unwrap();
+    let (cert, key) = (ck.cert.pem(), ck.signing_key.serialize_pem());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let agent = Agent::default();
+    let svc = NodeSyncServer::new(agent.clone());
+    tokio::spawn(async move {
+        Server::builder()
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(&cert, &key)))
+            .unwrap()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    (agent, format!("https://{addr}"), ck.cert.pem().into_bytes())
+}
+
+fn opts(agent: String, ca: Vec<u8>, token: &str) -> SyncOptions {
+    SyncOptions {
+        agent,
+        ca_pem: ca,
+        token: token.into(),
+        node_name: "node-1".into(),
+        endpoints: vec!["192.0.2.1:51820".into()],
+    }
+}
+
+#[tokio::test]
+async fn applies_every_state_reports_and_reconnects_with_last_revision() {
+    let (agent, url, ca) = start_agent().await;
+    let fake = Fake::default();
+    let task = tokio::spawn(run(fake.clone(), opts(url, ca, "s3cret")));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let hellos = agent.seen.lock().unwrap().hellos.len();
+        if hellos >= 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no reconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task.abort();
+    let seen = agent.seen.lock().unwrap();
+    assert_eq!(seen.hellos[0].node_name, "node-1");
+    assert_eq!(seen.hellos[0].public_key, vec![7; 32]);
+    assert_eq!(
+        seen.hellos[0].endpoints,
+        vec!["192.0.2.1:51820".to_string()]
+    );
+    assert_eq!(seen.hellos[0].last_revision, 0);
+    assert_eq!(
+        seen.hellos[1].last_revision, 2,
+        "resume from the last applied revision"
+    );
+    assert!(
+        seen.reports.contains(&2),
+        "status reported after apply: {:?}",
+        seen.reports
+    );
+    assert_eq!(fake.applied.lock().unwrap()[..2], [1, 2]);
+}
+
+#[tokio::test]
+async fn wrong_token_applies_nothing_and_keeps_retrying() {
+    let (agent, url, ca) = start_agent().await;
+    let fake = Fake::default();
+    let task = tokio::spawn(run(fake.clone(), opts(url, ca, "wrong")));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!task.is_finished(), "the loop keeps going");
+    task.abort();
+    assert!(fake.applied.lock().unwrap().is_empty());
+    assert!(agent.seen.lock().unwrap().hellos.is_empty());
+}
+
+#[test]
+fn backoff_doubles_up_to_a_ceiling() {
+    assert_eq!(next_backoff(Duration::from_secs(1)), Duration::from_secs(2));
+    assert_eq!(next_backoff(Duration::from_secs(20)), MAX_BACKOFF);
+}
