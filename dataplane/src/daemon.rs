@@ -148,8 +148,17 @@ impl Daemon {
     }
 
     fn save(&self, d: &DesiredState) -> Result<(), Error> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let tmp = self.state_dir.join(format!("{DESIRED_FILE}.tmp"));
-        std::fs::write(&tmp, d.encode_to_vec())?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&d.encode_to_vec())?;
+        f.sync_all()?;
         std::fs::rename(&tmp, self.state_dir.join(DESIRED_FILE))?;
         Ok(())
     }
@@ -242,6 +251,16 @@ impl Daemon {
             .await?
             .ok_or_else(|| Error::Netlink(format!("TAP {name} vanished after creation")))?;
         self.netlink.enslave(tap.index, bridge, n.mtu).await?;
+        // The node must not talk into tenant networks (router solicitations,
+        // MLD reports from link-local addresses on the bridge or the TAP).
+        for dev in [netdev::bridge_name(n.vni), name.clone()] {
+            let path = format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6");
+            if let Err(e) = std::fs::write(&path, "1")
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(error = %e, device = %dev, "could not disable IPv6");
+            }
+        }
         let d = Arc::clone(self);
         let reader_dev = Arc::clone(&dev);
         let vni = n.vni;
@@ -288,18 +307,18 @@ impl Daemon {
         Ok(())
     }
 
+    /// Sets the MTU on the bridge's ports (TAP, pod veths) and the bridge.
+    /// The pod ends of the veths are the pods' business.
     async fn set_network_mtu(&self, n: &NetConfig) -> Result<(), Error> {
-        let bridge = netdev::bridge_name(n.vni);
-        for l in self.netlink.links().await? {
-            let is_port = match self.netlink.find(&bridge).await? {
-                Some(b) => l.controller == Some(b.index),
-                None => false,
-            };
-            if l.name == bridge || is_port {
-                self.netlink.set_mtu_up(l.index, n.mtu).await?;
-            }
+        let links = self.netlink.links().await?;
+        let bridge_name = netdev::bridge_name(n.vni);
+        let Some(bridge) = links.iter().find(|l| l.name == bridge_name) else {
+            return Ok(());
+        };
+        for l in links.iter().filter(|l| l.controller == Some(bridge.index)) {
+            self.netlink.set_mtu_up(l.index, n.mtu).await?;
         }
-        Ok(())
+        self.netlink.set_mtu_up(bridge.index, n.mtu).await
     }
 
     /// Applies a desired state: validates it, changes only what differs,

@@ -339,3 +339,59 @@ proptest::proptest! {
         proptest::prop_assert!(no_tap);
     }
 }
+
+#[test]
+fn handshake_floods_get_cookie_replies_instead_of_work() {
+    let mut net = pair();
+    let now = Instant::now();
+    let mut cookies = 0;
+    for i in 0..300u32 {
+        // A fresh initiator each time, like an attacker replaying the key.
+        let mut b = Engine::new(secret(2));
+        b.apply(config(2, vec![peer(1, Group::Local, &[VNI])]));
+        let mut out = Vec::new();
+        b.handle_tap(VNI, &frame([0xff; 6], 2, (i % 250) as u8), now, &mut out);
+        let Some(Output::Udp { data, .. }) = out.pop() else {
+            panic!("handshake expected")
+        };
+        let mut replies = Vec::new();
+        net.engine_mut(1)
+            .handle_datagram(addr(2), &data, now, &mut replies);
+        cookies += replies
+            .iter()
+            .filter(|o| matches!(o, Output::Udp { data, .. } if data.first() == Some(&3)))
+            .count();
+    }
+    assert!(
+        cookies > 0,
+        "under load the responder answers with cookie replies"
+    );
+    assert!(
+        net.engine(1)
+            .drops()
+            .get("cookie_sent")
+            .copied()
+            .unwrap_or(0)
+            > 0
+    );
+    // After the limiter resets (boringtun measures a real second) handshakes work again.
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut out = Vec::new();
+    net.engine_mut(1)
+        .tick(now + Duration::from_secs(2), &mut out);
+    // A newer initiator (older handshake timestamps count as replays).
+    let mut b = Engine::new(secret(2));
+    b.apply(config(2, vec![peer(1, Group::Local, &[VNI])]));
+    let mut out = Vec::new();
+    b.handle_tap(VNI, &frame([0xff; 6], 2, 1), now, &mut out);
+    let Some(Output::Udp { data, .. }) = out.pop() else {
+        panic!()
+    };
+    let mut replies = Vec::new();
+    net.engine_mut(1)
+        .handle_datagram(addr(2), &data, now, &mut replies);
+    assert!(
+        matches!(replies.first(), Some(Output::Udp { data, .. }) if data.first() == Some(&2)),
+        "handshake response"
+    );
+}

@@ -272,3 +272,105 @@ async fn restart_keeps_key_adopts_bridges_and_keeps_forwarding() {
     let s = a.status().await;
     assert_eq!(s.networks.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_changes_key_rotation_mtu_and_garbage_do_not_break_forwarding() {
+    if !can_run(&["ping", "sysctl", "python3"]) {
+        return;
+    }
+    let mut wire = Underlay::new();
+    let mut a = Node::start("a", &mut wire, "100.64.0.1").await;
+    let b = Node::start("b", &mut wire, "100.64.0.2").await;
+    a.apply(NETS, vec![b.as_peer(PeerGroup::Local, &[BLUE])])
+        .await;
+    b.apply(NETS, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
+        .await;
+    let a1 = a.pod("a1", "blue", &["10.1.0.1/24"]).await;
+    let _b1 = b.pod("b1", "blue", &["10.1.0.11/24"]).await;
+    assert!(ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)));
+
+    // Random and truncated datagrams at B's port from A's node.
+    let junk = format!(
+        "import os,socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         for i in range(2000): s.sendto(bytes([1+i%4,0,0,0])+os.urandom(i%300), ('{}', {}))",
+        b.underlay_ip, b.port
+    );
+    a.ns.exec(&["python3", "-c", &junk]);
+    assert!(
+        ping_ok(&a1, "10.1.0.11", Duration::from_secs(5)),
+        "still forwarding after junk"
+    );
+    let bs = b.status().await;
+    let node_drops: u64 = bs.drops.iter().map(|d| d.count).sum();
+    assert!(node_drops > 0, "junk counted: {:?}", bs.drops);
+
+    // Key rotation on A: B learns the new key, traffic resumes.
+    let mut c = l2mesh_dataplane::client::connect(&a.socket).await.unwrap();
+    let new_key = c
+        .rotate_key(l2mesh_proto::node::RotateKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .public_key;
+    assert_ne!(new_key, a.public_key);
+    a.public_key = new_key;
+    b.apply(NETS, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
+        .await;
+    assert!(
+        ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)),
+        "forwarding after rotation"
+    );
+
+    // MTU change reaches the bridge and its ports.
+    let mut d = l2mesh_proto::node::DesiredState {
+        revision: 2,
+        identity: Some(l2mesh_proto::node::NodeIdentity {
+            node_name: "a".into(),
+            tunnel_ip: a.tunnel_ip.clone(),
+            listen_port: 0,
+        }),
+        ..Default::default()
+    };
+    d.networks.push(l2mesh_proto::node::NetworkSpec {
+        name: "blue".into(),
+        vni: BLUE,
+        mtu: 1300,
+        pod_cidr: String::new(),
+    });
+    d.peers.push(b.as_peer(PeerGroup::Local, &[BLUE]));
+    let r = c.apply(d.clone()).await.unwrap().into_inner();
+    assert!(
+        r.changes.iter().any(|c| c.contains("removed network red")),
+        "{:?}",
+        r.changes
+    );
+    let links = a.ns.exec(&["ip", "-o", "link"]);
+    let blue_links: Vec<&str> = links
+        .lines()
+        .filter(|l| l.contains("l2mb-000064"))
+        .collect();
+    assert!(blue_links.len() >= 3, "bridge, TAP and pod port: {links}");
+    for line in links
+        .lines()
+        .filter(|l| l.contains("l2mb-000064") || l.contains("master l2mb-000064"))
+    {
+        assert!(line.contains("mtu 1300"), "{line}");
+    }
+    assert!(!links.contains("l2mb-0000c8"), "red's bridge removed");
+    // Idempotent: the same state again changes nothing.
+    let again = c.apply(d).await.unwrap().into_inner();
+    assert!(again.changes.is_empty(), "{:?}", again.changes);
+    // Bad input names the problem and changes nothing.
+    let bad = l2mesh_proto::node::DesiredState {
+        networks: vec![l2mesh_proto::node::NetworkSpec {
+            name: "x".into(),
+            vni: 0,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let err = c.apply(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("VNI"), "{}", err.message());
+    assert!(ping_ok(&a1, "10.1.0.11", Duration::from_secs(5)));
+}
