@@ -410,6 +410,20 @@ impl State {
             Error::NotFound(format!("no cluster named {name:?}: see `cluster list`"))
         })?;
         self.touch(Key::Cluster(name.to_owned()));
+        // Its unused tokens go too, so a removed cluster cannot walk back in
+        // with a leftover multi-use token; re-adding it takes a new token.
+        let leftover: Vec<String> = self
+            .tokens
+            .values()
+            .filter(|t| t.cluster == name && !t.revoked && t.uses_left > 0)
+            .map(|t| t.id.clone())
+            .collect();
+        for id in leftover {
+            if let Some(t) = self.tokens.get_mut(&id) {
+                t.revoked = true;
+            }
+            self.touch(Key::Token(id));
+        }
         for net in &cluster.requested {
             self.reconcile_slots(net);
         }

@@ -258,3 +258,18 @@ fn record_view_bumps_only_on_change() {
     let r2 = s.record_view("a", [2; 32]).unwrap();
     assert!(r2 > r1);
 }
+
+#[test]
+fn removing_a_cluster_revokes_its_unused_tokens() {
+    let mut s = State::default();
+    s.create_token("a", "multi".into(), "x", 60, 3, 0).unwrap();
+    s.create_token("b", "other".into(), "x", 60, 1, 0).unwrap();
+    s.join("multi", "x", "a", [1; 32], 1).unwrap();
+    s.remove_cluster("a").unwrap();
+    assert_eq!(
+        s.check_token("multi", "x", "a", 2),
+        Err(JoinDenied::Revoked("multi".into()))
+    );
+    assert!(!s.tokens["other"].revoked);
+    assert!(matches!(s.remove_cluster("a"), Err(Error::NotFound(_))));
+}
