@@ -53,6 +53,17 @@ async fn session(id: &Identity, shared: &Shared, backoff: &mut Backoff) -> Resul
         .into_inner();
     tracing::info!(cluster = %id.cluster, "broker session up");
     backoff.reset();
+    shared.metrics.broker_connected.set(1);
+    let result = session_loop(&mut client, &mut stream, shared).await;
+    shared.metrics.broker_connected.set(0);
+    result
+}
+
+async fn session_loop(
+    client: &mut BrokerClient<Channel>,
+    stream: &mut tonic::Streaming<l2mesh_proto::broker::ClusterView>,
+    shared: &Shared,
+) -> Result<(), String> {
     let mut reports = shared.reports();
     reports.mark_changed();
     let mut ticker = tokio::time::interval(LINK_HEALTH_EVERY);
@@ -61,6 +72,7 @@ async fn session(id: &Identity, shared: &Shared, backoff: &mut Backoff) -> Resul
             msg = stream.message() => match msg {
                 Ok(Some(view)) => {
                     tracing::info!(revision = view.revision, networks = view.networks.len(), "cluster view");
+                    shared.metrics.broker_views.inc();
                     shared.set_view(view);
                 }
                 Ok(None) => return Ok(()),

@@ -78,6 +78,7 @@ pub struct Shared {
     reports: watch::Sender<BrokerReports>,
     /// Set when the cluster has a broker; otherwise multi-cluster networks wait.
     has_broker: bool,
+    pub metrics: crate::metrics::Metrics,
 }
 
 fn now() -> String {
@@ -111,6 +112,7 @@ impl Shared {
             sink,
             reports: watch::channel(BrokerReports::default()).0,
             has_broker,
+            metrics: crate::metrics::Metrics::default(),
         })
     }
 
@@ -299,6 +301,17 @@ impl Shared {
                 .iter()
                 .filter_map(|o| o.problem.as_ref().map(|p| format!("{}: {p}", o.key))),
         );
+        let m = &self.metrics;
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        m.reconciles.inc();
+        m.desired_revision
+            .set(i64::try_from(s.revision).unwrap_or(i64::MAX));
+        m.nodes_known.set(count(nodes.len()));
+        m.nodes_with_hello.set(count(s.hellos.len()));
+        let active = outcomes.iter().filter(|o| o.active()).count();
+        m.networks_active.set(count(active));
+        m.networks_inactive.set(count(outcomes.len() - active));
+        m.problems.set(count(problems.len()));
         problems
     }
 

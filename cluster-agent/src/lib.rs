@@ -10,6 +10,7 @@ pub mod identity;
 pub mod ipam;
 pub mod k8s;
 pub mod manifests;
+pub mod metrics;
 pub mod nodesync;
 pub mod standalone;
 pub mod status;

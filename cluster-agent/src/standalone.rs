@@ -25,6 +25,8 @@ pub struct Config {
     /// Without a broker: the tunnel subnet to use (multi-cluster networks wait).
     pub local_tunnel_subnet: Option<Ipv4Net>,
     pub poll_interval: Duration,
+    /// Where to serve `/metrics` and `/healthz`; `None` disables it.
+    pub metrics_listen: Option<String>,
 }
 
 /// Why standalone mode stopped.
@@ -81,6 +83,9 @@ pub async fn run(
         .map_err(StandaloneError::State)?,
     );
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = &config.metrics_listen {
+        tasks.spawn(serve_metrics(addr.clone(), shared.metrics.clone()));
+    }
     tasks.spawn(watch_manifests(
         config.manifests.clone(),
         config.poll_interval,
@@ -115,6 +120,18 @@ fn unreachable_subnet() -> Result<Ipv4Net, StandaloneError> {
     Err(StandaloneError::State(
         "no tunnel subnet: join a broker or pass --tunnel-subnet".into(),
     ))
+}
+
+/// Serve metrics; a failure is logged and does not stop the agent.
+pub async fn serve_metrics(addr: String, metrics: crate::metrics::Metrics) {
+    match tokio::net::TcpListener::bind(&addr).await {
+        Ok(listener) => {
+            if let Err(e) = crate::metrics::serve(listener, metrics).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint stopped");
+            }
+        }
+        Err(e) => tracing::error!(%addr, error = %e, "cannot serve metrics"),
+    }
 }
 
 async fn reconcile_loop(shared: Arc<Shared>) {

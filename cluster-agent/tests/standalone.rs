@@ -459,6 +459,8 @@ async fn a_rejected_token_is_a_clear_error_and_changes_nothing() {
             "standalone",
             "--node-sync-listen",
             "127.0.0.1:0",
+            "--metrics-listen",
+            "",
             "--join-string",
             &join,
         ])
@@ -482,6 +484,8 @@ async fn a_rejected_token_is_a_clear_error_and_changes_nothing() {
             "standalone",
             "--node-sync-listen",
             "127.0.0.1:0",
+            "--metrics-listen",
+            "",
             "--join-string",
             "garbage",
         ])

@@ -59,6 +59,9 @@ struct Standalone {
     /// (multi-cluster networks then stay pending).
     #[arg(long, env = "L2MESH_TUNNEL_SUBNET")]
     tunnel_subnet: Option<ipnet::Ipv4Net>,
+    /// Address of the Prometheus `/metrics` and `/healthz` endpoint ("" disables it).
+    #[arg(long, env = "L2MESH_METRICS_LISTEN", default_value = "127.0.0.1:9444")]
+    metrics_listen: String,
     /// How often the manifest directory is checked for changes, milliseconds.
     #[arg(long, env = "L2MESH_POLL_MS", default_value_t = 1000)]
     poll_ms: u64,
@@ -86,6 +89,9 @@ struct Kubernetes {
     /// Address for the NodeSync gRPC server (TLS).
     #[arg(long, env = "L2MESH_NODE_SYNC_LISTEN", default_value = "0.0.0.0:7444")]
     node_sync_listen: String,
+    /// Address of the Prometheus `/metrics` and `/healthz` endpoint ("" disables it).
+    #[arg(long, env = "L2MESH_METRICS_LISTEN", default_value = "0.0.0.0:9444")]
+    metrics_listen: String,
 }
 
 fn read_join_string(
@@ -130,6 +136,7 @@ async fn kubernetes(a: Kubernetes) -> anyhow::Result<()> {
         namespace: a.namespace,
         pod_name: a.pod_name,
         join_string: js,
+        metrics_listen: Some(a.metrics_listen).filter(|m| !m.is_empty()),
     };
     l2mesh_cluster_agent::k8s::run(client, config, listener, shutdown_signal()).await?;
     Ok(())
@@ -155,6 +162,7 @@ async fn standalone(a: Standalone) -> anyhow::Result<()> {
         join_string: js,
         local_tunnel_subnet: a.tunnel_subnet,
         poll_interval: std::time::Duration::from_millis(a.poll_ms.max(50)),
+        metrics_listen: Some(a.metrics_listen).filter(|m| !m.is_empty()),
     };
     let shutdown = shutdown_signal();
     l2mesh_cluster_agent::standalone::run(config, listener, shutdown).await?;

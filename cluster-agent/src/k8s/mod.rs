@@ -38,6 +38,8 @@ pub struct KubeConfig {
     /// This replica's identity in the Lease (the pod name).
     pub pod_name: String,
     pub join_string: Option<JoinString>,
+    /// Where to serve `/metrics` and `/healthz`; `None` disables it.
+    pub metrics_listen: Option<String>,
 }
 
 /// Why Kubernetes mode stopped.
@@ -136,6 +138,12 @@ pub async fn run(
         Shared::new(subnet, Box::new(allocs), Box::new(sink), true).map_err(KubeError::State)?,
     );
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = &config.metrics_listen {
+        tasks.spawn(crate::standalone::serve_metrics(
+            addr.clone(),
+            shared.metrics.clone(),
+        ));
+    }
     tasks.spawn(allocs_task);
     tasks.spawn(sink_task);
     tasks.spawn(crate::broker_link::run(id, shared.clone()));
