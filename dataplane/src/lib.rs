@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod engine;
 pub mod file;
 pub mod keys;
+pub mod metrics;
 pub mod netdev;
 pub mod switch;
 pub mod sync;

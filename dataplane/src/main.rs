@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use l2mesh_dataplane::config::key_b64;
-use l2mesh_dataplane::{api, client, daemon, file, sync};
+use l2mesh_dataplane::{api, client, daemon, file, metrics, sync};
 use l2mesh_proto::node::{
     AttachPortRequest, DetachPortRequest, NodeStatus, PeerGroup, RotateKeyRequest, StatusRequest,
 };
@@ -58,6 +58,9 @@ enum Command {
         /// Underlay endpoint(s) peers can reach this node at, IP:PORT (repeat or comma-separate).
         #[arg(long = "endpoint", env = "L2MESH_ENDPOINTS", value_delimiter = ',')]
         endpoints: Vec<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9431); off by default.
+        #[arg(long, env = "L2MESH_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Print peers and networks of a running daemon as tables.
     Status {
@@ -128,6 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             agent_token_file,
             node_name,
             endpoints,
+            metrics_listen,
         } => {
             // Read the agent files first: a bad flag must change nothing.
             let sync_opts = match (agent, agent_ca, agent_token_file) {
@@ -144,11 +148,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }),
                 _ => None,
             };
+            // Bind the listeners before touching devices so a bad address changes nothing.
+            let metrics_listener = match metrics_listen {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding --metrics-listen {addr}"))?,
+                ),
+                None => None,
+            };
+            let listener =
+                api::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
             let d = daemon::Daemon::start(&state_dir, listen_port)
                 .await
                 .context("starting the dataplane")?;
-            let listener =
-                api::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+            let metrics_task = metrics_listener.map(|l| {
+                let d2 = std::sync::Arc::clone(&d);
+                tokio::spawn(async move {
+                    if let Err(e) = metrics::serve(l, d2, std::future::pending()).await {
+                        tracing::warn!(error = %e, "metrics server stopped");
+                    }
+                })
+            });
             let sync_task =
                 sync_opts.map(|o| tokio::spawn(sync::run(std::sync::Arc::clone(&d), o)));
             tracing::info!(
@@ -158,7 +179,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "dataplane running"
             );
             api::serve(listener, std::sync::Arc::clone(&d), shutdown_signal()).await?;
-            if let Some(t) = sync_task {
+            for t in [sync_task, metrics_task].into_iter().flatten() {
                 t.abort();
             }
             d.stop();
