@@ -49,7 +49,13 @@ async fn session(id: &Identity, shared: &Shared, backoff: &mut Backoff) -> Resul
             last_revision: shared.view_revision(),
         })
         .await
-        .map_err(|s| format!("watch: {}", s.message()))?
+        .map_err(|s| match s.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => format!(
+                "the broker refuses this cluster ({}): it may have been removed; to rejoin, delete the stored identity and start with a new join string",
+                s.message()
+            ),
+            _ => format!("watch: {}", s.message()),
+        })?
         .into_inner();
     tracing::info!(cluster = %id.cluster, "broker session up");
     backoff.reset();

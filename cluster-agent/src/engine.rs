@@ -252,6 +252,12 @@ impl Shared {
         {
             problems.push(e);
         }
+        // Nodes that left the list: their watch ends (the sender is
+        // dropped) and a reconnect is refused; forget what they said.
+        s.desired.retain(|node, _| plan.nodes.contains_key(node));
+        s.hellos.retain(|node, _| plan.nodes.contains_key(node));
+        s.node_status
+            .retain(|node, _| plan.nodes.contains_key(node));
         for (node, mut state) in plan.nodes {
             let tx = s
                 .desired
@@ -366,5 +372,133 @@ impl StatusSink for FileStatusSink {
         if let Err(e) = result {
             tracing::warn!(file, error = %e, "cannot write the L2Network status");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default)]
+    struct Mem(Mutex<Option<Allocations>>);
+
+    impl AllocStore for Mem {
+        fn load(&self) -> Result<Allocations, String> {
+            Ok(Allocations::default())
+        }
+        fn save(&self, a: &Allocations) -> Result<(), String> {
+            *self.0.lock().unwrap() = Some(a.clone());
+            Ok(())
+        }
+    }
+
+    #[derive(Debug, Default)]
+    struct Sink;
+
+    impl StatusSink for Sink {
+        fn write(&self, _: &L2Network, _: Option<&L2NetworkStatus>) {}
+    }
+
+    fn node(name: &str) -> NodeEntry {
+        NodeEntry {
+            name: name.into(),
+            gateway: false,
+            endpoint: None,
+        }
+    }
+
+    fn shared() -> Shared {
+        Shared::new(
+            "100.64.0.0/24".parse().unwrap(),
+            Box::new(Mem::default()),
+            Box::new(Sink),
+            false,
+        )
+        .unwrap()
+    }
+
+    fn blue() -> L2Network {
+        serde_yaml::from_str(
+            "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: blue, namespace: default}\nspec: {}\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn revisions_change_only_with_the_state() {
+        let s = shared();
+        let rx = s.subscribe("a");
+        s.set_intent(vec![node("a"), node("b")], vec![blue()]);
+        s.reconcile();
+        let first = rx.borrow().clone().unwrap();
+        assert_eq!(first.networks[0].vni, 1);
+        s.reconcile();
+        assert_eq!(
+            rx.borrow().as_ref().unwrap().revision,
+            first.revision,
+            "no change, same revision"
+        );
+        s.set_hello(
+            "b",
+            Hello {
+                public_key: vec![2; 32],
+                listen_port: 1,
+                endpoints: vec!["127.0.0.1:1".into()],
+            },
+        );
+        s.reconcile();
+        let second = rx.borrow().clone().unwrap();
+        assert!(second.revision > first.revision);
+        assert_eq!(second.peers.len(), 1);
+        assert!(s.is_known_node("b"));
+        assert!(!s.is_known_node("c"));
+    }
+
+    #[test]
+    fn a_removed_node_loses_its_watch_and_its_peers_forget_it() {
+        let s = shared();
+        s.set_intent(vec![node("a"), node("b")], vec![blue()]);
+        let rx_b = s.subscribe("b");
+        let rx_a = s.subscribe("a");
+        s.set_hello(
+            "b",
+            Hello {
+                public_key: vec![2; 32],
+                ..Hello::default()
+            },
+        );
+        s.reconcile();
+        assert_eq!(rx_a.borrow().as_ref().unwrap().peers.len(), 1);
+        s.set_nodes(vec![node("a")]);
+        s.reconcile();
+        assert!(rx_b.has_changed().is_err(), "b's watch is closed");
+        assert!(rx_a.borrow().as_ref().unwrap().peers.is_empty());
+        assert!(!s.is_known_node("b"));
+    }
+
+    #[test]
+    fn multi_cluster_networks_wait_without_a_broker() {
+        let s = shared();
+        let net: L2Network = serde_yaml::from_str(
+            "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: red, namespace: default}\nspec: {scope: multiCluster}\n",
+        )
+        .unwrap();
+        s.set_intent(vec![node("a")], vec![net]);
+        s.reconcile();
+        let st = s.status_of("default/red").unwrap();
+        let admitted = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Admitted")
+            .unwrap();
+        assert!(
+            admitted.message.contains("without a broker"),
+            "{admitted:?}"
+        );
+        assert!(
+            s.metrics
+                .encode()
+                .contains("l2mesh_agent_networks_inactive 1")
+        );
     }
 }
