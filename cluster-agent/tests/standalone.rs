@@ -498,3 +498,39 @@ async fn a_rejected_token_is_a_clear_error_and_changes_nothing() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("l2mesh1."));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_broker_local_networks_work_and_multi_cluster_ones_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(manifests.join("all.yaml"), format!("{NODES}---\n{NETS}")).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_l2mesh-agent"));
+    cmd.args([
+        "standalone",
+        "--node-sync-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "",
+    ])
+    .args(["--tunnel-subnet", "100.127.0.0/24", "--poll-ms", "100"])
+    .arg("--manifests")
+    .arg(&manifests)
+    .arg("--state-dir")
+    .arg(&state)
+    .stdout(Stdio::null());
+    let _agent = Agent(cmd.spawn().unwrap());
+    let mut w1 = node_client(&state, None).await;
+    let mut watch = w1.watch_desired(hello("w1", 2)).await.unwrap().into_inner();
+    let d = next_matching(&mut watch, "local network", |d| has_net(d, "blue")).await;
+    assert!(!has_net(&d, "shared"));
+    assert!(d.identity.unwrap().tunnel_ip.starts_with("100.127.0."));
+    let shared = wait_for("pending status", || {
+        std::fs::read_to_string(status_file(&state, "shared"))
+            .ok()
+            .filter(|t| t.contains("without a broker"))
+    })
+    .await;
+    assert!(shared.contains("Pending"), "{shared}");
+}
