@@ -487,3 +487,91 @@ fn wan_capture_sees_clear_text_and_background_ping_counts_losses() {
     lab.wait_until("nothing", Duration::from_secs(1), || true)
         .unwrap();
 }
+
+#[test]
+fn demo_keep_leaves_the_topology_up_and_cleanup_removes_it() {
+    if !should_run(
+        "demo_keep_leaves_the_topology_up_and_cleanup_removes_it",
+        &NETNS_TOOLS,
+    ) {
+        return;
+    }
+    let demo = env!("CARGO_BIN_EXE_l2mesh-demo");
+    let out = Command::new(demo)
+        .args(["--clusters", "1", "--nodes", "2", "--pods", "1", "--keep"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "not built yet is exit 3:\n{text}"
+    );
+    let prefix = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("namespace prefix: "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let kept = leftovers(&prefix);
+    assert_eq!(
+        kept.len(),
+        1 + 1 + 2 + 2,
+        "sw, broker, 2 nodes, 2 pods: {kept:?}"
+    );
+    assert!(
+        text.contains("ip netns exec"),
+        "instructions missing:\n{text}"
+    );
+    let gw = format!("{prefix}c1-gw");
+    let ping = Command::new("ip")
+        .args(["netns", "exec", &gw, "ping", "-c1", "-W2", "192.0.2.1"])
+        .status()
+        .unwrap();
+    assert!(ping.success(), "the kept topology should still work");
+
+    let out = Command::new(demo).arg("--cleanup").output().unwrap();
+    let cleaned = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{cleaned}");
+    assert_eq!(leftovers(&prefix), Vec::<String>::new(), "{cleaned}");
+}
+
+#[test]
+fn demo_interrupted_mid_build_removes_everything() {
+    if !should_run(
+        "demo_interrupted_mid_build_removes_everything",
+        &NETNS_TOOLS,
+    ) {
+        return;
+    }
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let scope = NameScope::new();
+    let log_path = std::env::temp_dir().join(format!("{}demo-int.log", scope.prefix()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_l2mesh-demo"))
+        .args(["--clusters", "12", "--nodes", "3", "--pods", "1"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let procs = Processes::new(std::env::temp_dir());
+    let waited = procs.wait_until(
+        "the demo is building hosts",
+        Duration::from_secs(20),
+        || std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains("+ host c2-gw")),
+    );
+    kill(
+        Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_path);
+    waited.unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(status.code(), Some(130), "{text}");
+    assert!(text.contains("cleaning up"), "{text}");
+    let prefix = format!("l2e-{}-", child.id());
+    assert_eq!(leftovers(&prefix), Vec::<String>::new(), "{text}");
+}
