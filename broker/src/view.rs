@@ -1,15 +1,49 @@
 //! What one cluster may see: its admitted networks with the peer gateways of
 //! the other members, and nothing about any other network or cluster.
 
-use crate::state::{Admission, State, cluster_slice, sha256, tunnel_subnet};
+use crate::state::{Admission, State, cluster_slice, tunnel_subnet};
 use l2mesh_proto::broker as pb;
-use prost::Message;
-use std::collections::BTreeSet;
+use sha2::{Digest as _, Sha256};
+use std::collections::{BTreeSet, HashMap};
+
+/// Per-network data shared by every member's view: computed once per
+/// refresh instead of once per member (a network of N members would
+/// otherwise format N² peer entries).
+#[derive(Debug, Default)]
+pub struct Shared {
+    nets: HashMap<String, (Vec<String>, Vec<pb::PeerGateway>)>,
+}
+
+impl Shared {
+    fn get<'a>(&'a mut self, state: &State, net: &str) -> &'a (Vec<String>, Vec<pb::PeerGateway>) {
+        self.nets.entry(net.to_owned()).or_insert_with(|| {
+            let members = state.members(net);
+            let mut peers = Vec::new();
+            for member in &members {
+                let Some(other) = state.clusters.get(member) else {
+                    continue;
+                };
+                peers.extend(other.gateways.iter().map(|g| pb::PeerGateway {
+                    cluster: member.clone(),
+                    node: g.node.clone(),
+                    public_key: g.public_key.clone(),
+                    endpoints: g.endpoints.clone(),
+                    tunnel_ip: g.tunnel_ip.to_string(),
+                }));
+            }
+            (members, peers)
+        })
+    }
+}
 
 /// The view of `cluster`, with revision 0 (the caller sets it), or `None`
 /// for an unknown cluster.
 #[must_use]
 pub fn compute(state: &State, cluster: &str) -> Option<pb::ClusterView> {
+    compute_shared(state, cluster, &mut Shared::default())
+}
+
+fn compute_shared(state: &State, cluster: &str, shared: &mut Shared) -> Option<pb::ClusterView> {
     let me = state.clusters.get(cluster)?;
     let mut networks = Vec::new();
     let mut admissions = Vec::new();
@@ -30,20 +64,12 @@ pub fn compute(state: &State, cluster: &str) -> Option<pb::ClusterView> {
         let Some(network) = state.networks.get(net) else {
             continue;
         };
-        let members = state.members(net);
-        let mut peers = Vec::new();
-        for member in members.iter().filter(|m| *m != cluster) {
-            let Some(other) = state.clusters.get(member) else {
-                continue;
-            };
-            peers.extend(other.gateways.iter().map(|g| pb::PeerGateway {
-                cluster: member.clone(),
-                node: g.node.clone(),
-                public_key: g.public_key.clone(),
-                endpoints: g.endpoints.clone(),
-                tunnel_ip: g.tunnel_ip.to_string(),
-            }));
-        }
+        let (members, all_peers) = shared.get(state, net);
+        let peers = all_peers
+            .iter()
+            .filter(|p| p.cluster != cluster)
+            .cloned()
+            .collect();
         let cluster_cidr = match (&network.cidr, network.slots.get(cluster)) {
             (Some(cidr), Some(slot)) => cluster_slice(cidr, *slot)
                 .map(|s| s.to_string())
@@ -57,7 +83,7 @@ pub fn compute(state: &State, cluster: &str) -> Option<pb::ClusterView> {
             cidr: network.cidr.map(|c| c.to_string()).unwrap_or_default(),
             cluster_cidr,
             peers,
-            members,
+            members: members.clone(),
         });
     }
     Some(pb::ClusterView {
@@ -69,16 +95,59 @@ pub fn compute(state: &State, cluster: &str) -> Option<pb::ClusterView> {
     })
 }
 
+/// SHA-256 over every field of a view except its revision, fed straight
+/// into the hasher (no encoding pass). Length prefixes keep it unambiguous.
+#[must_use]
+pub fn digest(view: &pb::ClusterView) -> [u8; 32] {
+    fn put(h: &mut Sha256, bytes: &[u8]) {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    let mut h = Sha256::new();
+    put(&mut h, view.cluster_name.as_bytes());
+    put(&mut h, view.tunnel_subnet.as_bytes());
+    h.update((view.networks.len() as u64).to_le_bytes());
+    for n in &view.networks {
+        put(&mut h, n.name.as_bytes());
+        h.update(n.vni.to_le_bytes());
+        h.update(n.mtu.to_le_bytes());
+        put(&mut h, n.cidr.as_bytes());
+        put(&mut h, n.cluster_cidr.as_bytes());
+        h.update((n.peers.len() as u64).to_le_bytes());
+        for p in &n.peers {
+            put(&mut h, p.cluster.as_bytes());
+            put(&mut h, p.node.as_bytes());
+            put(&mut h, &p.public_key);
+            h.update((p.endpoints.len() as u64).to_le_bytes());
+            for e in &p.endpoints {
+                put(&mut h, e.as_bytes());
+            }
+            put(&mut h, p.tunnel_ip.as_bytes());
+        }
+        h.update((n.members.len() as u64).to_le_bytes());
+        for m in &n.members {
+            put(&mut h, m.as_bytes());
+        }
+    }
+    h.update((view.admissions.len() as u64).to_le_bytes());
+    for a in &view.admissions {
+        put(&mut h, a.network.as_bytes());
+        h.update(a.state.to_le_bytes());
+        put(&mut h, a.reason.as_bytes());
+    }
+    h.finalize().into()
+}
+
 /// Recompute the views of `affected`, record their hashes and revisions in
 /// `state`, and return the views with their revisions set.
 pub fn refresh(state: &mut State, affected: &BTreeSet<String>) -> Vec<pb::ClusterView> {
+    let mut shared = Shared::default();
     let mut out = Vec::with_capacity(affected.len());
     for name in affected {
-        let Some(mut view) = compute(state, name) else {
+        let Some(mut view) = compute_shared(state, name, &mut shared) else {
             continue;
         };
-        let hash = sha256(&view.encode_to_vec());
-        if let Some(rev) = state.record_view(name, hash) {
+        if let Some(rev) = state.record_view(name, digest(&view)) {
             view.revision = rev;
             out.push(view);
         }

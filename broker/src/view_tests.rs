@@ -1,5 +1,7 @@
 use super::*;
 use crate::model::Gateway;
+use crate::state::sha256;
+use prost::Message;
 
 fn gw(node: &str, key: u8, ip: &str) -> Gateway {
     Gateway {
@@ -86,4 +88,75 @@ fn refresh_bumps_revisions_only_for_changed_views() {
     let b = views.iter().find(|v| v.cluster_name == "b").unwrap();
     let red = b.networks.iter().find(|n| n.name == "red").unwrap();
     assert_eq!(red.peers[0].public_key, vec![77; 32]);
+}
+
+/// Timing probe for large views: `cargo test --release -p l2mesh-broker -- --ignored --nocapture big_view`
+#[test]
+#[ignore = "timing probe, not a test"]
+fn big_view_timing() {
+    let n = 1000;
+    let mut s = State::default();
+    for i in 0..n {
+        let name = format!("agent-{i}");
+        let id = format!("t{i}");
+        s.create_token(&name, id.clone(), "sec", 60, 1, 0).unwrap();
+        s.join(&id, "sec", &name, sha256(name.as_bytes()), 1)
+            .unwrap();
+        let idx = s.clusters[&name].subnet_index;
+        let ip = std::net::Ipv4Addr::from(u32::from(tunnel_subnet(idx).network()) + 1);
+        let mut g = gw("gw", 1, &ip.to_string());
+        g.public_key[..4].copy_from_slice(&(i as u32).to_be_bytes());
+        s.report_gateways(&name, vec![g]).unwrap();
+        s.request_networks(&name, vec!["bench".into()]).unwrap();
+    }
+    let t = std::time::Instant::now();
+    let (_, affected) = s
+        .create_network("bench", 0, 0, "", vec![], true, 0)
+        .unwrap();
+    println!("create_network: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let c = s.clone();
+    println!("clone: {:?}", t.elapsed());
+    drop(c);
+    let t = std::time::Instant::now();
+    let views: Vec<_> = affected.iter().filter_map(|a| compute(&s, a)).collect();
+    println!("compute {}: {:?}", views.len(), t.elapsed());
+    let t = std::time::Instant::now();
+    let enc: Vec<Vec<u8>> = views.iter().map(|v| v.encode_to_vec()).collect();
+    println!(
+        "encode {} MB: {:?}",
+        enc.iter().map(Vec::len).sum::<usize>() >> 20,
+        t.elapsed()
+    );
+    let t = std::time::Instant::now();
+    let _h: Vec<_> = enc.iter().map(|e| sha256(e)).collect();
+    println!("sha256: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let _h: Vec<_> = views.iter().map(digest).collect();
+    println!("digest: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let c: Vec<_> = views.to_vec();
+    println!("clone views: {:?}", t.elapsed());
+    drop(c);
+    let t = std::time::Instant::now();
+    let c: Vec<_> = views.to_vec();
+    println!("clone views again: {:?}", t.elapsed());
+    drop(c);
+    let t = std::time::Instant::now();
+    refresh(&mut s, &affected);
+    println!("refresh: {:?}", t.elapsed());
+}
+
+#[test]
+fn digest_ignores_the_revision_and_sees_every_change() {
+    let s = world();
+    let mut v = compute(&s, "b").unwrap();
+    let d = digest(&v);
+    v.revision = 99;
+    assert_eq!(digest(&v), d);
+    v.networks[0].peers[0].endpoints.push("192.0.2.2:1".into());
+    assert_ne!(digest(&v), d);
+    let mut w = compute(&s, "b").unwrap();
+    w.admissions[0].reason.push('x');
+    assert_ne!(digest(&w), d);
 }
