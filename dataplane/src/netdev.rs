@@ -8,6 +8,8 @@ use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 
 use crate::Error;
 
+const ENODEV: i32 = 19;
+
 /// Prefix of the bridges this daemon owns ("l2mb-" + 6 hex digits of the VNI).
 pub const BRIDGE_PREFIX: &str = "l2mb-";
 /// Prefix of the TAP devices this daemon owns.
@@ -143,13 +145,16 @@ impl Netlink {
             .map_err(|e| nl(&format!("detaching link {index}"), e))
     }
 
+    /// Deletes a link; one that is already gone (a TAP vanishes when its
+    /// last file descriptor closes) counts as deleted.
     pub async fn delete(&self, index: u32) -> Result<(), Error> {
-        self.handle
-            .link()
-            .del(index)
-            .execute()
-            .await
-            .map_err(|e| nl(&format!("deleting link {index}"), e))
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(m)) if m.to_io().raw_os_error() == Some(ENODEV) => {
+                Ok(())
+            }
+            Err(e) => Err(nl(&format!("deleting link {index}"), e)),
+        }
     }
 
     /// Names of the interfaces attached to a bridge, sorted.

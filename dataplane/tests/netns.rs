@@ -14,7 +14,7 @@ const NETS: &[(&str, u32)] = &[("blue", BLUE), ("red", RED)];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_two_networks_ping_arp_nd_broadcast_and_isolation() {
-    if !can_run(&["ping", "sysctl"]) {
+    if !can_run(&["ping"]) {
         return;
     }
     let mut wire = Underlay::new();
@@ -113,7 +113,7 @@ async fn two_nodes_two_networks_ping_arp_nd_broadcast_and_isolation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn underlay_carries_only_wireguard_and_never_the_cleartext() {
-    if !can_run(&["ping", "tcpdump", "sysctl"]) {
+    if !can_run(&["ping", "tcpdump"]) {
         return;
     }
     let mut wire = Underlay::new();
@@ -176,7 +176,7 @@ async fn underlay_carries_only_wireguard_and_never_the_cleartext() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_forwards_between_groups_with_split_horizon() {
-    if !can_run(&["ping", "sysctl"]) {
+    if !can_run(&["ping"]) {
         return;
     }
     // Cluster 1: A, A2 and gateway G (full local mesh). Cluster 2: gateway R.
@@ -235,7 +235,7 @@ async fn gateway_forwards_between_groups_with_split_horizon() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_key_adopts_bridges_and_keeps_forwarding() {
-    if !can_run(&["ping", "sysctl"]) {
+    if !can_run(&["ping"]) {
         return;
     }
     let mut wire = Underlay::new();
@@ -275,7 +275,7 @@ async fn restart_keeps_key_adopts_bridges_and_keeps_forwarding() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_changes_key_rotation_mtu_and_garbage_do_not_break_forwarding() {
-    if !can_run(&["ping", "sysctl", "python3"]) {
+    if !can_run(&["ping", "bash"]) {
         return;
     }
     let mut wire = Underlay::new();
@@ -290,12 +290,13 @@ async fn runtime_changes_key_rotation_mtu_and_garbage_do_not_break_forwarding() 
     assert!(ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)));
 
     // Random and truncated datagrams at B's port from A's node.
+    // Each message type (1..4) with random, often truncated, bodies.
     let junk = format!(
-        "import os,socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
-         for i in range(2000): s.sendto(bytes([1+i%4,0,0,0])+os.urandom(i%300), ('{}', {}))",
+        "f=$(mktemp); for i in $(seq 400); do {{ printf \"\\\\x0$((1 + i % 4))\\\\x00\\\\x00\\\\x00\"; \
+         head -c $((i % 300)) /dev/urandom; }} > $f; cat $f > /dev/udp/{}/{}; done; rm -f $f",
         b.underlay_ip, b.port
     );
-    a.ns.exec(&["python3", "-c", &junk]);
+    a.ns.exec(&["bash", "-c", &junk]);
     assert!(
         ping_ok(&a1, "10.1.0.11", Duration::from_secs(5)),
         "still forwarding after junk"

@@ -88,7 +88,7 @@ impl Netns {
         sh(&["ip", "netns", "add", &name]);
         let ns = Self { name };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns.exec(&["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_broadcasts=0"]);
+        ns.sysctl("net.ipv4.icmp_echo_ignore_broadcasts", "0");
         ns
     }
 
@@ -96,6 +96,12 @@ impl Netns {
         let mut v = vec!["ip", "netns", "exec", &self.name];
         v.extend_from_slice(args);
         sh(&v)
+    }
+
+    /// Sets a sysctl of this namespace (via /proc, no procps needed).
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        self.exec(&["sh", "-c", &format!("echo {value} > {path}")]);
     }
 
     pub fn try_exec(&self, args: &[&str]) -> Output {
@@ -172,8 +178,8 @@ pub struct Underlay {
 impl Underlay {
     pub fn new() -> Self {
         let ns = Netns::new("wire");
-        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
-        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
         ns.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
         ns.exec(&["ip", "link", "set", "br0", "up"]);
         Self { ns, count: 0 }
@@ -188,7 +194,7 @@ impl Underlay {
         ]);
         self.ns
             .exec(&["ip", "link", "set", &hub, "master", "br0", "up"]);
-        node.exec(&["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1"]);
+        node.sysctl("net.ipv6.conf.eth0.disable_ipv6", "1");
         let ip = format!("10.200.0.{}", self.count);
         node.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         node.exec(&["ip", "link", "set", "eth0", "up"]);
@@ -212,7 +218,7 @@ impl Node {
     pub async fn start(tag: &str, underlay: &mut Underlay, tunnel_ip: &str) -> Self {
         let ns = Netns::new(tag);
         // Only pods speak IPv6; the node itself stays quiet on every link.
-        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
         let underlay_ip = underlay.plug(&ns);
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("dp.sock");
