@@ -3,7 +3,7 @@
 //! ticks and produces datagrams and TAP frames; the shell does the I/O.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -242,7 +242,7 @@ impl Engine {
         self.public = public;
     }
 
-    fn vni_mtu_ok(&self, vni: u32) -> bool {
+    fn has_network(&self, vni: u32) -> bool {
         self.cfg.networks.values().any(|n| n.vni == vni)
     }
 
@@ -402,7 +402,7 @@ impl Engine {
                 .entry(DropReason::SplitHorizon.as_str())
                 .or_default() += u64::from(fwd.suppressed);
         }
-        if fwd.to_tap && self.vni_mtu_ok(vni) {
+        if fwd.to_tap && self.has_network(vni) {
             out.push(Output::Tap {
                 vni,
                 frame: frame.to_vec(),
@@ -512,13 +512,6 @@ impl Engine {
     /// The tunnel address of this node, if configured.
     pub fn tunnel_ip(&self) -> Option<Ipv4Addr> {
         self.cfg.tunnel_ip
-    }
-
-    /// Whether a source address is one we would accept (for tests and logs).
-    pub fn knows_endpoint(&self, ip: IpAddr) -> bool {
-        self.peers
-            .values()
-            .any(|p| p.endpoint.is_some_and(|e| e.ip() == ip))
     }
 }
 
