@@ -249,6 +249,15 @@ pub fn plan(
         .slices
         .retain(|name, _| active.iter().any(|n| &n.name == name));
 
+    // One gateway per cluster carries the remote tunnels: with two, a frame
+    // from a remote gateway would come back to it through the second one
+    // (local peer -> remote peers) and every frame would cross twice. The
+    // first gateway by name that has said hello is the active one; the others
+    // stand by and take over when it leaves the node list.
+    let active_gateway = nodes
+        .iter()
+        .filter(|n| n.gateway && hellos.contains_key(&n.name) && tunnel_ips.contains_key(&n.name))
+        .min_by(|a, b| a.name.cmp(&b.name));
     for node in nodes {
         let Some(tunnel_ip) = tunnel_ips.get(&node.name) else {
             continue;
@@ -303,20 +312,20 @@ pub fn plan(
                 name: other.name.clone(),
             });
         }
-        if node.gateway {
+        if active_gateway.is_some_and(|g| g.name == node.name) {
             state.peers.extend(remote_peers(&active));
         }
         plan.nodes.insert(node.name.clone(), state);
     }
-    for node in nodes.iter().filter(|n| n.gateway) {
-        if let (Some(hello), Some(ip)) = (hellos.get(&node.name), tunnel_ips.get(&node.name)) {
-            plan.gateways.push(Gateway {
-                node: node.name.clone(),
-                public_key: hello.public_key.clone(),
-                endpoints: endpoint_of(node, hello),
-                tunnel_ip: ip.clone(),
-            });
-        }
+    if let Some(node) = active_gateway
+        && let (Some(hello), Some(ip)) = (hellos.get(&node.name), tunnel_ips.get(&node.name))
+    {
+        plan.gateways.push(Gateway {
+            node: node.name.clone(),
+            public_key: hello.public_key.clone(),
+            endpoints: endpoint_of(node, hello),
+            tunnel_ip: ip.clone(),
+        });
     }
     plan
 }
@@ -572,6 +581,37 @@ mod tests {
             p.nodes.contains_key("silent"),
             "nodes without hello still get a state"
         );
+    }
+
+    #[test]
+    fn only_one_gateway_per_cluster_carries_remote_tunnels() {
+        let mut allocs = Allocations::default();
+        let nets = vec![l2net("shared", "{scope: multiCluster}")];
+        let out = resolve_networks(&nets, Some(&view()), &[], &mut allocs);
+        let nodes = vec![node("gw-b", true), node("gw-a", true), node("w", false)];
+        let mut hellos: BTreeMap<String, Hello> = [
+            ("gw-a".to_owned(), hello(1)),
+            ("gw-b".to_owned(), hello(2)),
+            ("w".to_owned(), hello(3)),
+        ]
+        .into();
+        let p = plan(&nodes, &hellos, &out, subnet(), &mut allocs);
+        let remote = |p: &ClusterPlan, n: &str| {
+            p.nodes[n]
+                .peers
+                .iter()
+                .filter(|x| x.group() == PeerGroup::Remote)
+                .count()
+        };
+        assert_eq!((remote(&p, "gw-a"), remote(&p, "gw-b")), (1, 0));
+        assert_eq!(p.gateways.len(), 1);
+        assert_eq!(p.gateways[0].node, "gw-a");
+        // The standby takes over once the active one is gone.
+        hellos.remove("gw-a");
+        let nodes = vec![node("gw-b", true), node("w", false)];
+        let p = plan(&nodes, &hellos, &out, subnet(), &mut allocs);
+        assert_eq!(remote(&p, "gw-b"), 1);
+        assert_eq!(p.gateways[0].node, "gw-b");
     }
 
     #[test]
