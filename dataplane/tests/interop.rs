@@ -34,7 +34,8 @@ async fn stock_wireguard_go_with_kernel_vxlan_exchanges_frames() {
     let w_ip = wire.plug(&w);
     // The UAPI socket lives in /var/run/wireguard, shared by all namespaces:
     // the interface name must be unique across parallel tests.
-    let ifname = format!("wg{}x{}", std::process::id() % 100_000, w.name.len());
+    let counter = w.name.split('-').nth(2).unwrap_or("0");
+    let ifname = format!("wg{}x{counter}", std::process::id() % 100_000);
     let _uapi = RemoveOnDrop(format!("/var/run/wireguard/{ifname}.sock"));
     let dir = tempfile::tempdir().unwrap();
     let keyfile = dir.path().join("wg.key");
