@@ -29,8 +29,11 @@ pub fn ensure_dir(dir: &Path) -> Result<(), Error> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(dir)?;
-    Ok(())
+        .create(dir)
+        .map_err(|e| Error::State {
+            path: dir.display().to_string(),
+            reason: format!("cannot create the state directory ({e}); check --state-dir"),
+        })
 }
 
 /// A fresh random key.

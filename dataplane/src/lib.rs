@@ -26,7 +26,7 @@ pub enum Error {
     Config(#[from] config::ConfigError),
     #[error("netlink: {0}")]
     Netlink(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("no network named {0:?} on this node; apply a desired state that contains it first")]
     NoSuchNetwork(String),

@@ -159,9 +159,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let listener =
                 api::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-            let d = daemon::Daemon::start(&state_dir, listen_port)
-                .await
-                .context("starting the dataplane")?;
+            let d = match daemon::Daemon::start(&state_dir, listen_port).await {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&socket);
+                    return Err(anyhow::Error::new(e).context("starting the dataplane"));
+                }
+            };
             let metrics_task = metrics_listener.map(|l| {
                 let d2 = std::sync::Arc::clone(&d);
                 tokio::spawn(async move {
