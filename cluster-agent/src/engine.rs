@@ -12,6 +12,8 @@ use l2mesh_proto::broker::{Admission, ClusterView, Gateway, LinkHealth};
 use l2mesh_proto::node::{DesiredState, NodeStatus};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+#[cfg(test)]
+use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard};
 use tokio::sync::{Notify, watch};
 
@@ -31,6 +33,8 @@ struct State {
     view: Option<ClusterView>,
     admissions: Vec<Admission>,
     allocs: Allocations,
+    /// What the store holds, to save only changes.
+    saved: Allocations,
     desired: BTreeMap<String, watch::Sender<Option<DesiredState>>>,
     revision: u64,
     statuses: BTreeMap<String, (L2Network, L2NetworkStatus)>,
@@ -100,9 +104,25 @@ impl Shared {
         let revision = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(1));
+        let hellos = allocs
+            .known_nodes
+            .iter()
+            .map(|(name, k)| {
+                (
+                    name.clone(),
+                    Hello {
+                        public_key: k.public_key.clone(),
+                        listen_port: k.listen_port,
+                        endpoints: k.endpoints.clone(),
+                    },
+                )
+            })
+            .collect();
         Ok(Self {
             state: Mutex::new(State {
+                saved: allocs.clone(),
                 allocs,
+                hellos,
                 revision,
                 ..State::default()
             }),
@@ -157,7 +177,20 @@ impl Shared {
     }
 
     pub fn set_hello(&self, node: &str, hello: Hello) {
-        let changed = self.lock().hellos.insert(node.to_owned(), hello.clone()) != Some(hello);
+        let mut s = self.lock();
+        let changed = s.hellos.insert(node.to_owned(), hello.clone()) != Some(hello.clone());
+        if changed {
+            // Saved with the allocations on the next reconcile.
+            s.allocs.known_nodes.insert(
+                node.to_owned(),
+                crate::ipam::KnownNode {
+                    public_key: hello.public_key,
+                    listen_port: hello.listen_port,
+                    endpoints: hello.endpoints,
+                },
+            );
+        }
+        drop(s);
         if changed {
             self.touch();
         }
@@ -225,7 +258,6 @@ impl Shared {
         let Some(nodes) = s.nodes.clone() else {
             return Vec::new();
         };
-        let before = s.allocs.clone();
         let mut outcomes =
             desired::resolve_networks(&s.networks, s.view.as_ref(), &s.admissions, &mut s.allocs);
         if !self.has_broker {
@@ -247,17 +279,21 @@ impl Shared {
             &mut s.allocs,
         );
         let mut problems = plan.problems.clone();
-        if s.allocs != before
-            && let Err(e) = self.allocs_store.save(&s.allocs)
-        {
-            problems.push(e);
-        }
         // Nodes that left the list: their watch ends (the sender is
         // dropped) and a reconnect is refused; forget what they said.
         s.desired.retain(|node, _| plan.nodes.contains_key(node));
         s.hellos.retain(|node, _| plan.nodes.contains_key(node));
+        s.allocs
+            .known_nodes
+            .retain(|node, _| plan.nodes.contains_key(node));
         s.node_status
             .retain(|node, _| plan.nodes.contains_key(node));
+        if s.allocs != s.saved {
+            match self.allocs_store.save(&s.allocs) {
+                Ok(()) => s.saved = s.allocs.clone(),
+                Err(e) => problems.push(e),
+            }
+        }
         for (node, mut state) in plan.nodes {
             let tx = s
                 .desired
@@ -452,6 +488,53 @@ mod tests {
         assert_eq!(second.peers.len(), 1);
         assert!(s.is_known_node("b"));
         assert!(!s.is_known_node("c"));
+    }
+
+    #[derive(Debug, Default, Clone)]
+    struct SharedMem(Arc<Mutex<Option<Allocations>>>);
+
+    impl AllocStore for SharedMem {
+        fn load(&self) -> Result<Allocations, String> {
+            Ok(self.0.lock().unwrap().clone().unwrap_or_default())
+        }
+        fn save(&self, a: &Allocations) -> Result<(), String> {
+            *self.0.lock().unwrap() = Some(a.clone());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn after_a_restart_the_first_node_back_still_gets_every_peer() {
+        let store = SharedMem::default();
+        let make = || {
+            Shared::new(
+                "100.64.0.0/24".parse().unwrap(),
+                Box::new(store.clone()),
+                Box::new(Sink),
+                false,
+            )
+            .unwrap()
+        };
+        let s = make();
+        s.set_intent(vec![node("a"), node("b")], vec![blue()]);
+        for (n, k) in [("a", 1u8), ("b", 2)] {
+            s.set_hello(
+                n,
+                Hello {
+                    public_key: vec![k; 32],
+                    ..Hello::default()
+                },
+            );
+        }
+        s.reconcile();
+        drop(s);
+        let restarted = make();
+        restarted.set_intent(vec![node("a"), node("b")], vec![blue()]);
+        let rx = restarted.subscribe("a");
+        restarted.reconcile();
+        let d = rx.borrow().clone().unwrap();
+        assert_eq!(d.peers.len(), 1, "b is known from before the restart");
+        assert_eq!(d.peers[0].public_key, vec![2; 32]);
     }
 
     #[test]

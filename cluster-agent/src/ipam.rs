@@ -108,6 +108,19 @@ pub struct Allocations {
     /// Network → (node → slice index inside the network's cluster range).
     #[serde(default)]
     pub slices: BTreeMap<String, IndexAllocator>,
+    /// What each node last said in its hello, so that after an agent restart
+    /// the first node to reconnect still gets all its peers (its dataplane
+    /// would otherwise drop the tunnels of nodes that have not reconnected yet).
+    #[serde(default)]
+    pub known_nodes: BTreeMap<String, KnownNode>,
+}
+
+/// A node's last hello, as persisted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownNode {
+    pub public_key: Vec<u8>,
+    pub listen_port: u32,
+    pub endpoints: Vec<String>,
 }
 
 impl Allocations {
