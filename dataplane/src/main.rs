@@ -102,7 +102,11 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("l2mesh-dataplane: {e:#}");
+            // The daemon's own message says what is wrong and what to do.
+            match e.downcast_ref::<tonic::Status>() {
+                Some(s) => eprintln!("l2mesh-dataplane: {}", s.message()),
+                None => eprintln!("l2mesh-dataplane: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -375,3 +375,63 @@ async fn runtime_changes_key_rotation_mtu_and_garbage_do_not_break_forwarding() 
     assert!(err.message().contains("VNI"), "{}", err.message());
     assert!(ping_ok(&a1, "10.1.0.11", Duration::from_secs(5)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_apply_status_attach_detach_and_helpful_errors() {
+    if !can_run(&[]) {
+        return;
+    }
+    let mut wire = Underlay::new();
+    let a = Node::start("a", &mut wire, "100.64.0.1").await;
+    let sock = a.socket.to_str().unwrap().to_string();
+    let file = a.dir.path().join("state.json");
+    std::fs::write(
+        &file,
+        r#"{"revision": 7, "node_name": "cli", "tunnel_ip": "100.64.0.1",
+            "networks": [{"name": "green", "vni": 4097, "pod_cidr": "10.7.0.0/24"}],
+            "peers": [{"name": "other", "public_key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+                       "tunnel_ip": "100.64.0.2", "vnis": [4097], "group": "remote"}]}"#,
+    )
+    .unwrap();
+    let cli = |args: &[&str]| {
+        let mut v = vec![common::BIN, "--socket", &sock];
+        v.extend_from_slice(args);
+        common::run(&v)
+    };
+    let out = cli(&["apply", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("added network green"));
+    a.ns.exec(&[
+        "ip", "link", "add", "pod0", "type", "veth", "peer", "name", "pod0b",
+    ]);
+    let out = cli(&["attach", "green", "pod0"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("bridge=l2mb-001001") && text.contains("pod_cidr=10.7.0.0/24"),
+        "{text}"
+    );
+    let status = String::from_utf8_lossy(&cli(&["status"]).stdout).to_string();
+    for needle in ["green", "4097", "pod0", "other", "remote", "revision 7"] {
+        assert!(status.contains(needle), "{needle} missing:\n{status}");
+    }
+    assert!(cli(&["detach", "green", "pod0"]).status.success());
+    let out = cli(&["attach", "green", "nope0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("no interface named \"nope0\""), "{err}");
+    let out = cli(&["attach", "purple", "pod0"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no network named \"purple\""));
+    std::fs::write(
+        &file,
+        r#"{"networks": [{"name": "x", "vni": 1}], "bogus": 1}"#,
+    )
+    .unwrap();
+    let out = cli(&["apply", file.to_str().unwrap()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("bogus"));
+    // Nothing changed by the bad file.
+    assert!(String::from_utf8_lossy(&cli(&["status"]).stdout).contains("revision 7"));
+}
