@@ -52,6 +52,7 @@ pub struct L2NetworkSpec {
     pub scope: Scope,
     /// MTU of the pod interfaces; default 1390.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 576, max = 8890))]
     pub mtu: Option<u32>,
     /// IPv4 range (CIDR) pods get addresses from; none means no l2mesh IPAM.
     /// For multi-cluster networks the broker's range wins; this one must match it if set.
