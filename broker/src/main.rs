@@ -95,6 +95,15 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     } else {
         args.advertise
     };
+    if advertise.iter().any(|a| {
+        a.parse::<std::net::SocketAddr>()
+            .is_ok_and(|s| s.ip().is_unspecified())
+    }) {
+        tracing::warn!(
+            advertise = ?advertise,
+            "join strings will carry an unspecified address that agents cannot reach: pass --advertise HOST:PORT"
+        );
+    }
     let mut config = ServeConfig::new(data_dir, advertise);
     config.default_token_ttl = args.token_ttl;
     config.join_failures_per_minute = args.join_failures_per_minute;

@@ -84,6 +84,12 @@ impl std::fmt::Debug for Broker {
 impl Broker {
     /// Open the data dir: store, CA, admin credential; publish every view.
     pub async fn open(config: ServeConfig) -> Result<Self> {
+        if config.advertise.iter().all(|a| a.trim().is_empty()) {
+            return Err(Error::InvalidArgument(
+                "no advertise address: pass --advertise HOST:PORT (where agents reach the broker)"
+                    .into(),
+            ));
+        }
         let pki = Pki::load_or_create(&config.data_dir, &config.advertise)?;
         let store = Store::open(&config.data_dir.join("store"))?;
         let mut state = store.load()?;

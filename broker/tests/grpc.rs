@@ -574,7 +574,7 @@ async fn restart_keeps_state_and_resumes_watches() {
         .unwrap();
     assert!(!matches!(end, Ok(Some(_))));
 
-    let mut b = TestBroker::start_in(tmp.path(), |c| c.advertise = vec![]).await;
+    let mut b = TestBroker::start_in(tmp.path(), |_| {}).await;
     let mut cred = cred;
     cred.brokers = vec![b.addr.clone()];
     let mut a = cred.connect().await.unwrap();
