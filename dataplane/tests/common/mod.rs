@@ -212,10 +212,22 @@ pub struct Node {
     pub port: u16,
     pub public_key: Vec<u8>,
     pub tunnel_ip: String,
+    pub extra: Vec<String>,
 }
 
 impl Node {
     pub async fn start(tag: &str, underlay: &mut Underlay, tunnel_ip: &str) -> Self {
+        Self::start_with(tag, underlay, tunnel_ip, |_| Vec::new()).await
+    }
+
+    /// Like `start`, with extra `run` arguments computed from the node's
+    /// namespace and directory (before the daemon starts).
+    pub async fn start_with(
+        tag: &str,
+        underlay: &mut Underlay,
+        tunnel_ip: &str,
+        extra: impl FnOnce(&Node) -> Vec<String>,
+    ) -> Self {
         let ns = Netns::new(tag);
         // Only pods speak IPv6; the node itself stays quiet on every link.
         ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
@@ -231,7 +243,9 @@ impl Node {
             port: 0,
             public_key: vec![],
             tunnel_ip: tunnel_ip.into(),
+            extra: Vec::new(),
         };
+        node.extra = extra(&node);
         node.launch().await;
         node
     }
@@ -239,7 +253,7 @@ impl Node {
     /// (Re)starts the daemon process and waits until its API answers.
     pub async fn launch(&mut self) {
         let state = self.dir.path().join("state");
-        let proc = self.ns.spawn(&[
+        let mut args = vec![
             BIN,
             "run",
             "--socket",
@@ -248,7 +262,9 @@ impl Node {
             state.to_str().unwrap(),
             "--listen-port",
             "0",
-        ]);
+        ];
+        args.extend(self.extra.iter().map(String::as_str));
+        let proc = self.ns.spawn(&args);
         self.proc = Some(proc);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -361,4 +377,18 @@ pub fn peer_drop(s: &NodeStatus, peer: &str, reason: &str) -> u64 {
         .filter(|d| d.reason == reason)
         .map(|d| d.count)
         .sum()
+}
+
+/// A TCP listener bound inside `ns` (the socket stays in that namespace
+/// after the helper thread that entered it exits).
+pub fn listen_in(ns: &Netns, addr: &str) -> std::net::TcpListener {
+    let path = format!("/run/netns/{}", ns.name);
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        std::net::TcpListener::bind(addr).expect("bind in netns")
+    })
+    .join()
+    .expect("listener thread")
 }
