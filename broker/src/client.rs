@@ -165,7 +165,7 @@ async fn connect_one(addr: &str, config: Arc<ClientConfig>) -> Result<Channel> {
 }
 
 /// What a successful join gives a cluster. Keep `key_pem` private.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct ClusterCredential {
     pub cluster: String,
     pub cert_pem: String,
@@ -228,6 +228,25 @@ pub async fn join(join: &JoinString) -> Result<ClusterCredential> {
 }
 
 impl ClusterCredential {
+    /// Save as JSON, readable only by the owner (it holds the private key).
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::Pki(format!("cannot encode the credential: {e}")))?;
+        crate::pki::write_private(path, &json)
+    }
+
+    /// Load what [`ClusterCredential::save`] wrote.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+        serde_json::from_str(&text).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "{} is not a saved cluster credential ({e}): join again with a new token",
+                path.display()
+            ))
+        })
+    }
+
     /// mTLS rustls config for this cluster.
     pub fn tls_config(&self) -> Result<Arc<ClientConfig>> {
         let ca = CertificateDer::from_pem_slice(self.ca_pem.as_bytes())

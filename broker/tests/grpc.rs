@@ -22,6 +22,10 @@ async fn valid_join_gives_a_working_certificate_and_consumes_the_token() {
     let cred = client::join(&j).await.unwrap();
     assert_eq!(cred.cluster, "edge-1");
     assert_eq!(cred.tunnel_subnet, "100.64.0.0/24");
+    // Saved and loaded again, the credential still works.
+    let saved = b.dir.join("edge-1.json");
+    cred.save(&saved).unwrap();
+    let cred = client::ClusterCredential::load(&saved).unwrap();
     let mut c = cred.connect().await.unwrap();
     c.report_gateways(pb::GatewayReport {
         gateways: vec![gateway("gw-1", 1, "100.64.0.1")],
