@@ -20,6 +20,7 @@ pub mod capture;
 pub mod cni;
 pub mod error;
 pub mod lab;
+pub mod mesh;
 pub mod netns;
 pub mod ping;
 pub mod plan;

@@ -1,0 +1,436 @@
+//! l2mesh itself on a [`Lab`]: the real broker, one standalone agent per
+//! cluster (on its gateway), one dataplane per node, and pods attached
+//! through the real `l2mesh-cni`, the way an operator would set it up.
+//!
+//! Ports: the broker and the agents bind port 0 and the harness reads the
+//! address they report. WireGuard listens on 51820 on every node, because
+//! the Nodes manifest must name gateway endpoints in advance; every node is
+//! its own namespace, so nothing can collide.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::binaries::Binaries;
+use crate::cni::CniCall;
+use crate::lab::Lab;
+use crate::plan::Segment;
+use crate::process::{ProcId, ProcSpec};
+use crate::{Error, Result};
+
+/// UDP port of every dataplane.
+pub const WG_PORT: u16 = 51820;
+/// The multi-cluster network every pod joins.
+pub const NETWORK: &str = "blue";
+/// Its IPv4 range; pod `i` (1-based) gets `10.200.0.i/16`.
+pub const NETWORK_CIDR: &str = "10.200.0.0/16";
+/// Pod `i` also gets `fd00:200::i/64`.
+pub const POD_V6_PREFIX: [u16; 4] = [0xfd00, 0x200, 0, 0];
+/// Interface name of the l2mesh attachment inside pods.
+pub const POD_IF: &str = "net1";
+
+/// A pod attached to the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Role, e.g. `c1-n1-p1`.
+    pub role: String,
+    /// Its node's role.
+    pub node: String,
+    /// 1-based cluster index.
+    pub cluster: usize,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+/// A node's dataplane.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub role: String,
+    pub cluster: usize,
+    pub socket: PathBuf,
+    pub proc: ProcId,
+}
+
+/// The running mesh. Its processes belong to the lab and die with it.
+#[derive(Debug)]
+pub struct Mesh {
+    broker_bin: PathBuf,
+    broker_data: PathBuf,
+    pub broker: ProcId,
+    pub broker_addr: String,
+    /// Agent of cluster `i` at index `i-1`.
+    pub agents: Vec<ProcId>,
+    pub nodes: Vec<NodeInfo>,
+    pub pods: Vec<PodInfo>,
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or_default().trim().to_owned()
+}
+
+/// The `listen=ADDR` field of the broker's "broker serving" log line.
+pub fn parse_broker_listen(log: &str) -> Option<String> {
+    log.lines()
+        .filter(|l| l.contains("broker serving"))
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("listen=")))
+        .map(|a| {
+            a.trim_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == ':'))
+                .to_owned()
+        })
+}
+
+fn nodes_manifest(plan: &crate::plan::ClusterPlan) -> String {
+    let mut y = String::from("apiVersion: l2mesh.io/v1alpha1\nkind: Nodes\nnodes:\n");
+    for n in &plan.nodes {
+        let seg = if n.is_gateway {
+            Segment::Wan
+        } else {
+            Segment::Lan(plan.index)
+        };
+        let addr = n
+            .host
+            .addr_on(seg)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        y.push_str(&format!(
+            "  - name: {}\n    gateway: {}\n    endpoint: {addr}:{WG_PORT}\n",
+            n.host.role, n.is_gateway
+        ));
+    }
+    y
+}
+
+fn network_manifest(name: &str) -> String {
+    format!(
+        "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  scope: multiCluster\n"
+    )
+}
+
+impl Mesh {
+    /// Starts everything and attaches every pod of the topology to
+    /// [`NETWORK`]. Waits on conditions, never on the clock.
+    pub fn start(lab: &Lab, bins: &Binaries, progress: &mut dyn FnMut(&str)) -> Result<Self> {
+        let topo = lab.topology();
+        let plan = topo.plan().clone();
+        let broker_bin = bins.path("l2mesh-broker")?.to_path_buf();
+        let broker_data = lab.log_dir().join("broker-data");
+        let broker_ip = plan
+            .broker
+            .addr_on(Segment::Wan)
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+
+        progress("broker");
+        let broker = lab.procs().spawn(
+            ProcSpec::new("broker", topo.broker()?, &broker_bin)
+                .arg("--data-dir")
+                .arg(&broker_data)
+                .args(["serve", "--listen", &format!("{broker_ip}:0")])
+                .args(["--metrics-listen", "127.0.0.1:0"])
+                .env("NO_COLOR", "1")
+                .daemon(),
+        )?;
+        let broker_addr =
+            lab.procs()
+                .wait_for("the broker is serving", Duration::from_secs(20), || {
+                    lab.procs()
+                        .log(broker)
+                        .ok()
+                        .and_then(|l| parse_broker_listen(&l))
+                })?;
+        let mut mesh = Self {
+            broker_bin,
+            broker_data,
+            broker,
+            broker_addr,
+            agents: Vec::new(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+        };
+
+        let mut create = vec!["network", "create", NETWORK, "--cidr", NETWORK_CIDR];
+        for c in &plan.clusters {
+            create.extend(["--allow", c.name.as_str()]);
+        }
+        progress(&format!(
+            "network {NETWORK} ({NETWORK_CIDR}) for every cluster"
+        ));
+        mesh.admin(lab, &create)?;
+
+        let agent_bin = bins.path("l2mesh-agent")?;
+        for c in &plan.clusters {
+            progress(&format!("cluster {}: token, agent on its gateway", c.name));
+            let join = first_line(&mesh.admin(lab, &["token", "create", "--cluster", &c.name])?);
+            let dir = format!("{}/agent", c.name);
+            lab.write_file(&format!("{dir}/manifests/nodes.yaml"), &nodes_manifest(c))?;
+            lab.write_file(
+                &format!("{dir}/manifests/{NETWORK}.yaml"),
+                &network_manifest(NETWORK),
+            )?;
+            let agent_dir = lab.log_dir().join(&dir);
+            let gw = c
+                .nodes
+                .first()
+                .ok_or_else(|| Error::Spec("a cluster without nodes".into()))?;
+            let gw_lan = gw
+                .host
+                .addr_on(Segment::Lan(c.index))
+                .unwrap_or(Ipv4Addr::UNSPECIFIED);
+            let agent = lab.procs().spawn(
+                ProcSpec::new(
+                    &format!("{}-agent", c.name),
+                    topo.netns(&gw.host.role)?,
+                    agent_bin,
+                )
+                .arg("standalone")
+                .arg("--manifests")
+                .arg(agent_dir.join("manifests"))
+                .arg("--state-dir")
+                .arg(agent_dir.join("state"))
+                .args(["--join-string", &join])
+                .args(["--node-sync-listen", &format!("{gw_lan}:0")])
+                .args(["--metrics-listen", "", "--poll-ms", "200"])
+                .env("NO_COLOR", "1")
+                .daemon(),
+            )?;
+            mesh.agents.push(agent);
+        }
+
+        let dp_bin = bins.path("l2mesh-dataplane")?;
+        for c in &plan.clusters {
+            let sync_dir = lab
+                .log_dir()
+                .join(format!("{}/agent/state/node-sync", c.name));
+            let addr_file = sync_dir.join("listen-addr");
+            let agent_addr = lab.procs().wait_for(
+                &format!("the agent of {} serves node sync", c.name),
+                Duration::from_secs(20),
+                || {
+                    let a = std::fs::read_to_string(&addr_file).ok()?;
+                    (sync_dir.join("token").exists() && !a.trim().is_empty())
+                        .then(|| a.trim().to_owned())
+                },
+            )?;
+            for n in &c.nodes {
+                progress(&format!("dataplane on {}", n.host.role));
+                let seg = if n.is_gateway {
+                    Segment::Wan
+                } else {
+                    Segment::Lan(c.index)
+                };
+                let ep = n.host.addr_on(seg).unwrap_or(Ipv4Addr::UNSPECIFIED);
+                let dir = lab.log_dir().join(format!("{}/dp", n.host.role));
+                let socket = dir.join("dp.sock");
+                let proc = lab.procs().spawn(
+                    ProcSpec::new(
+                        &format!("{}-dp", n.host.role),
+                        topo.netns(&n.host.role)?,
+                        dp_bin,
+                    )
+                    .arg("run")
+                    .arg("--socket")
+                    .arg(&socket)
+                    .arg("--state-dir")
+                    .arg(&dir)
+                    .args(["--listen-port", &WG_PORT.to_string()])
+                    .args(["--metrics-listen", "127.0.0.1:0"])
+                    .args(["--agent", &format!("https://{agent_addr}")])
+                    .arg("--agent-ca")
+                    .arg(sync_dir.join("ca.crt"))
+                    .arg("--agent-token-file")
+                    .arg(sync_dir.join("token"))
+                    .args(["--node-name", &n.host.role])
+                    .args(["--endpoint", &format!("{ep}:{WG_PORT}")])
+                    .env("NO_COLOR", "1")
+                    .daemon(),
+                )?;
+                mesh.nodes.push(NodeInfo {
+                    role: n.host.role.clone(),
+                    cluster: c.index,
+                    socket,
+                    proc,
+                });
+            }
+        }
+
+        let cni_bin = bins.path("l2mesh-cni")?;
+        let mut i: u16 = 0;
+        for c in &plan.clusters {
+            for n in &c.nodes {
+                let node = mesh
+                    .nodes
+                    .iter()
+                    .find(|x| x.role == n.host.role)
+                    .cloned()
+                    .ok_or_else(|| Error::Spec(format!("no dataplane for {}", n.host.role)))?;
+                for p in &n.pods {
+                    i += 1;
+                    progress(&format!("pod {p} via l2mesh-cni"));
+                    let [o1, o2] = i.to_be_bytes();
+                    let v4 = Ipv4Addr::new(10, 200, o1, o2);
+                    let [a, b, c6, d] = POD_V6_PREFIX;
+                    let v6 = Ipv6Addr::new(a, b, c6, d, 0, 0, 0, i);
+                    mesh.attach(lab, cni_bin, &node, p, v4, v6)?;
+                    mesh.pods.push(PodInfo {
+                        role: p.clone(),
+                        node: n.host.role.clone(),
+                        cluster: c.index,
+                        v4,
+                        v6,
+                    });
+                }
+            }
+        }
+        Ok(mesh)
+    }
+
+    /// CNI ADD of `pod` on `node`, retried until the node's dataplane has
+    /// the network (it arrives from the agent shortly after start).
+    fn attach(
+        &self,
+        lab: &Lab,
+        cni: &Path,
+        node: &NodeInfo,
+        pod: &str,
+        v4: Ipv4Addr,
+        v6: Ipv6Addr,
+    ) -> Result<()> {
+        let topo = lab.topology();
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": NETWORK,
+            "type": "l2mesh-cni",
+            "dataplaneSocket": node.socket,
+            "ipam": {"type": "static", "addresses": [
+                {"address": format!("{v4}/16")},
+                {"address": format!("{v6}/64")},
+            ]},
+        })
+        .to_string();
+        let call = CniCall::add(topo.netns(pod)?, POD_IF, conf);
+        let node_ns = topo.netns(&node.role)?;
+        let mut last = String::new();
+        lab.procs()
+            .wait_until(
+                &format!("l2mesh-cni attaches {pod} to {NETWORK}"),
+                Duration::from_secs(30),
+                || match call.run(node_ns, cni) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        last = e.to_string();
+                        false
+                    }
+                },
+            )
+            .map_err(|e| Error::Timeout(format!("{e}\nlast CNI error: {last}")))
+    }
+
+    /// Runs an admin command of the broker CLI in the broker's namespace.
+    pub fn admin(&self, lab: &Lab, args: &[&str]) -> Result<String> {
+        let mut all: Vec<std::ffi::OsString> = vec![
+            "--data-dir".into(),
+            self.broker_data.clone().into_os_string(),
+        ];
+        all.extend(args.iter().map(Into::into));
+        all.extend(["--broker".into(), self.broker_addr.clone().into()]);
+        lab.topology().broker()?.run(&self.broker_bin, all)
+    }
+
+    /// `l2mesh-dataplane status` of a node.
+    pub fn status(&self, lab: &Lab, bins: &Binaries, node: &str) -> Result<String> {
+        let n = self
+            .nodes
+            .iter()
+            .find(|n| n.role == node)
+            .ok_or_else(|| Error::Spec(format!("no dataplane on {node}")))?;
+        let ns = lab.topology().netns(node)?;
+        ns.run(
+            bins.path("l2mesh-dataplane")?,
+            [
+                std::ffi::OsStr::new("status"),
+                "--socket".as_ref(),
+                n.socket.as_os_str(),
+            ],
+        )
+    }
+
+    /// Pings every pod from every other pod (IPv4 or IPv6) in parallel,
+    /// retrying each pair until `timeout`. Returns `(from, to, replied)`.
+    pub fn ping_matrix(
+        &self,
+        lab: &Lab,
+        v6: bool,
+        timeout: Duration,
+    ) -> Result<Vec<(String, String, bool)>> {
+        let topo = lab.topology();
+        let pairs: Vec<(&PodInfo, &PodInfo)> = self
+            .pods
+            .iter()
+            .flat_map(|a| {
+                self.pods
+                    .iter()
+                    .filter(move |b| b.role != a.role)
+                    .map(move |b| (a, b))
+            })
+            .collect();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = pairs
+                .into_iter()
+                .map(|(a, b)| {
+                    s.spawn(move || -> Result<(String, String, bool)> {
+                        let ns = topo.netns(&a.role)?;
+                        let addr = if v6 {
+                            IpAddr::V6(b.v6)
+                        } else {
+                            IpAddr::V4(b.v4)
+                        };
+                        let deadline = Instant::now() + timeout;
+                        loop {
+                            if ns.ping(addr, 1)? {
+                                return Ok((a.role.clone(), b.role.clone(), true));
+                            }
+                            if Instant::now() >= deadline {
+                                return Ok((a.role.clone(), b.role.clone(), false));
+                            }
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Spec("ping thread panicked".into())))
+                })
+                .collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Plan, TopologySpec};
+
+    #[test]
+    fn broker_listen_address_is_read_from_its_log() {
+        let log = "x INFO l2mesh_broker: broker serving listen=192.0.2.1:46231 metrics=127.0.0.1:1 advertise=[\"192.0.2.1:46231\"]\n";
+        assert_eq!(parse_broker_listen(log).as_deref(), Some("192.0.2.1:46231"));
+        assert_eq!(parse_broker_listen("starting\n"), None);
+    }
+
+    #[test]
+    fn manifests_name_every_node_with_its_endpoint() {
+        let plan = Plan::new(TopologySpec::default()).unwrap();
+        let y = nodes_manifest(&plan.clusters[1]);
+        assert!(y.contains("kind: Nodes"));
+        assert!(
+            y.contains("- name: c2-gw\n    gateway: true\n    endpoint: 192.0.2.12:51820"),
+            "{y}"
+        );
+        assert!(
+            y.contains("- name: c2-n1\n    gateway: false\n    endpoint: 10.2.0.2:51820"),
+            "{y}"
+        );
+        assert!(network_manifest("blue").contains("scope: multiCluster"));
+    }
+}
