@@ -89,27 +89,39 @@ async fn session_loop(
                     return Ok(());
                 }
                 let r = reports.borrow_and_update().clone();
-                client
-                    .report_gateways(GatewayReport { gateways: r.gateways })
-                    .await
-                    .map_err(|s| format!("report gateways: {}", s.message()))?;
-                let answer = client
-                    .request_networks(NetworkRequest { networks: r.networks })
-                    .await
-                    .map_err(|s| format!("request networks: {}", s.message()))?
-                    .into_inner();
-                for a in &answer.admissions {
-                    tracing::info!(network = %a.network, state = ?a.state(), reason = %a.reason, "admission");
+                // A report the broker refuses is logged, not retried in a
+                // loop: the session (and the view) stays up.
+                match client.report_gateways(GatewayReport { gateways: r.gateways }).await {
+                    Ok(_) => {}
+                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                        tracing::error!(error = %s.message(), "the broker refused the gateway report");
+                    }
+                    Err(s) => return Err(format!("report gateways: {}", s.message())),
                 }
-                shared.set_admissions(answer.admissions);
+                match client.request_networks(NetworkRequest { networks: r.networks }).await {
+                    Ok(answer) => {
+                        let answer = answer.into_inner();
+                        for a in &answer.admissions {
+                            tracing::info!(network = %a.network, state = ?a.state(), reason = %a.reason, "admission");
+                        }
+                        shared.set_admissions(answer.admissions);
+                    }
+                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                        tracing::error!(error = %s.message(), "the broker refused the network request");
+                    }
+                    Err(s) => return Err(format!("request networks: {}", s.message())),
+                }
             }
             _ = ticker.tick() => {
                 let links = shared.link_health();
                 if !links.is_empty() {
-                    client
-                        .report_link_health(LinkHealthReport { links })
-                        .await
-                        .map_err(|s| format!("report link health: {}", s.message()))?;
+                    match client.report_link_health(LinkHealthReport { links }).await {
+                        Ok(_) => {}
+                        Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                            tracing::warn!(error = %s.message(), "the broker refused the link health report");
+                        }
+                        Err(s) => return Err(format!("report link health: {}", s.message())),
+                    }
                 }
             }
         }

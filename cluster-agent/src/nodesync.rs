@@ -17,6 +17,9 @@ pub struct NodeSyncService {
     shared: Arc<Shared>,
 }
 
+/// The broker accepts at most this many endpoints per gateway.
+const MAX_ENDPOINTS: usize = 16;
+
 type DesiredStream = Pin<Box<dyn Stream<Item = Result<DesiredState, Status>> + Send>>;
 
 impl NodeSyncService {
@@ -79,6 +82,20 @@ impl NodeSync for NodeSyncService {
             return Err(Status::invalid_argument(
                 "public_key must be the node's 32-byte WireGuard public key",
             ));
+        }
+        if hello.endpoints.len() > MAX_ENDPOINTS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_ENDPOINTS} endpoints"
+            )));
+        }
+        if let Some(bad) = hello
+            .endpoints
+            .iter()
+            .find(|e| e.parse::<std::net::SocketAddr>().is_err())
+        {
+            return Err(Status::invalid_argument(format!(
+                "endpoint {bad:?} is not ip:port"
+            )));
         }
         tracing::info!(node = %hello.node_name, endpoints = ?hello.endpoints, "node connected");
         let rx = self.shared.subscribe(&hello.node_name);

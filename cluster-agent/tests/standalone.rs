@@ -362,6 +362,10 @@ async fn standalone_agent_joins_serves_nodes_writes_status_and_restarts_without_
     let mut bad = node_client(&state, Some("wrong-token")).await;
     let e = bad.watch_desired(hello("gw", 1)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let mut bad_endpoint = hello("w1", 2);
+    bad_endpoint.endpoints = vec!["not-an-address".into()];
+    let e = w1.watch_desired(bad_endpoint).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
     let e = w1.watch_desired(hello("stranger", 3)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     assert!(e.message().contains("Nodes manifest"));
