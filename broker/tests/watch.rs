@@ -192,3 +192,51 @@ async fn restart_keeps_state_and_resumes_watches() {
     client::join(&j).await.unwrap();
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_rejoin_replaces_the_certificate_and_closes_the_old_stream() {
+    let b = TestBroker::start().await;
+    let (old, mut a) = b.join("alpha").await;
+    a.report_gateways(pb::GatewayReport {
+        gateways: vec![gateway("gw", 1, "100.64.0.1")],
+    })
+    .await
+    .unwrap();
+    let mut w = a
+        .watch(pb::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_view(&mut w).await;
+    // The cluster lost its key and joins again with a new token.
+    let new = client::join(&b.token("alpha", 600, 1).await).await.unwrap();
+    assert_eq!(new.tunnel_subnet, old.tunnel_subnet, "the subnet stays");
+    let end = tokio::time::timeout(Duration::from_secs(5), w.message())
+        .await
+        .expect("the old stream must close at once");
+    assert_eq!(end.unwrap_err().code(), Code::Unauthenticated);
+    let err = a
+        .report_gateways(pb::GatewayReport::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // The new certificate sees the same data, and the same view revision.
+    let mut c = new.connect().await.unwrap();
+    let mut w = c
+        .watch(pb::WatchRequest {
+            last_revision: first.revision,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let nothing = tokio::time::timeout(Duration::from_millis(300), w.message()).await;
+    assert!(nothing.is_err(), "{nothing:?}");
+    let list = b
+        .admin()
+        .await
+        .list_clusters(pb::ListClustersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.clusters[0].gateways.len(), 1);
+}
