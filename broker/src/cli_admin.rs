@@ -49,46 +49,58 @@ pub enum TokenCmd {
     /// Create a token and print its join string.
     Create {
         /// The only cluster name the token may join as.
-        #[arg(long)]
+        #[arg(long, env = "L2MESH_TOKEN_CLUSTER")]
         cluster: String,
         /// Lifetime, e.g. 1h, 30m, 2d [default: the broker's --token-ttl].
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, env = "L2MESH_TOKEN_CREATE_TTL", value_parser = parse_duration)]
         ttl: Option<Duration>,
         /// How many joins the token allows.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, env = "L2MESH_TOKEN_USES", default_value_t = 1)]
         uses: u32,
     },
     /// List tokens (never shows secrets).
     List,
     /// Revoke a token by id.
-    Revoke { id: String },
+    Revoke {
+        /// Token id, as shown by `token list`.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum NetworkCmd {
     /// Declare a multi-cluster network.
     Create {
+        /// Network name (what L2Networks of multi-cluster scope refer to).
         name: String,
         /// VNI (4096..=16777215) or `auto`.
-        #[arg(long, default_value = "auto")]
+        #[arg(long, env = "L2MESH_NETWORK_VNI", default_value = "auto")]
         vni: String,
         /// MTU of pod interfaces [default: 1390].
-        #[arg(long)]
+        #[arg(long, env = "L2MESH_NETWORK_MTU")]
         mtu: Option<u32>,
         /// IP range split between member clusters, e.g. 10.10.0.0/16.
-        #[arg(long)]
+        #[arg(long, env = "L2MESH_NETWORK_CIDR")]
         cidr: Option<String>,
         /// A cluster allowed to join (repeatable).
-        #[arg(long = "allow", required_unless_present = "allow_all")]
+        #[arg(
+            long = "allow",
+            env = "L2MESH_NETWORK_ALLOW",
+            value_delimiter = ',',
+            required_unless_present = "allow_all"
+        )]
         allow: Vec<String>,
         /// Allow every cluster.
-        #[arg(long)]
+        #[arg(long, env = "L2MESH_NETWORK_ALLOW_ALL")]
         allow_all: bool,
     },
     /// List networks.
     List,
     /// Delete a network (its members drop it from their views).
-    Delete { name: String },
+    Delete {
+        /// Network name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,7 +108,10 @@ pub enum ClusterCmd {
     /// List clusters.
     List,
     /// Remove a cluster: its certificate stops working and its streams close.
-    Remove { name: String },
+    Remove {
+        /// Cluster name.
+        name: String,
+    },
 }
 
 /// `30`, `90s`, `30m`, `1h`, `2d`.
