@@ -124,21 +124,13 @@ async fn kubernetes(a: Kubernetes) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes API access (in-cluster service account or KUBECONFIG)")?;
-    let listener = tokio::net::TcpListener::bind(&a.node_sync_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (--node-sync-listen)",
-                a.node_sync_listen
-            )
-        })?;
     let config = l2mesh_cluster_agent::k8s::KubeConfig {
         namespace: a.namespace,
         pod_name: a.pod_name,
         join_string: js,
         metrics_listen: Some(a.metrics_listen).filter(|m| !m.is_empty()),
     };
-    l2mesh_cluster_agent::k8s::run(client, config, listener, shutdown_signal()).await?;
+    l2mesh_cluster_agent::k8s::run(client, config, &a.node_sync_listen, shutdown_signal()).await?;
     Ok(())
 }
 

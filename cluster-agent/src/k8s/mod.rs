@@ -106,10 +106,13 @@ async fn identity(
 }
 
 /// Run as the cluster's controller until `shutdown` or loss of the lease.
+/// NodeSync binds `node_sync_listen` only once this replica leads, so a
+/// readiness probe on that port marks the leader alone ready and the
+/// Service sends nodes to it.
 pub async fn run(
     client: Client,
     config: KubeConfig,
-    listener: tokio::net::TcpListener,
+    node_sync_listen: &str,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), KubeError> {
     let lock = lease::LeaseLock {
@@ -123,6 +126,9 @@ pub async fn run(
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
     tracing::info!("leader");
+    let listener = tokio::net::TcpListener::bind(node_sync_listen)
+        .await
+        .map_err(|e| KubeError::State(format!("cannot listen on {node_sync_listen}: {e}")))?;
     let secrets_api: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
     let id = identity(&secrets_api, config.join_string.as_ref()).await?;
     let subnet = id.tunnel_subnet.parse().map_err(|_| {
