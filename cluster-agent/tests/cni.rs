@@ -550,3 +550,25 @@ async fn bad_configs_and_environments_get_cni_errors() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&pod_links.stdout).contains("net1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_adds_never_share_an_address() {
+    if !can_run() {
+        return;
+    }
+    let lab = lab(1390).await;
+    let pods: Vec<Netns> = (0..6).map(|i| Netns::new(&format!("c{i}"))).collect();
+    let conf = lab.conf(lab.l2mesh_ipam());
+    let paths: Vec<String> = pods.iter().map(Netns::path).collect();
+    let results =
+        futures::future::join_all(paths.iter().map(|p| lab.cni("ADD", p, "net1", &conf))).await;
+    let mut ips = BTreeSet::new();
+    for r in &results {
+        assert!(r.ok, "{}", r.json);
+        assert!(
+            ips.insert(pod_ip(&r.json)),
+            "address handed out twice: {ips:?}"
+        );
+    }
+    assert_eq!(lab.ports.lock().unwrap()["blue"].len(), 6);
+}
