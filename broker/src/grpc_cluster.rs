@@ -14,6 +14,8 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 const MAX_CSR_BYTES: usize = 16 << 10;
+/// A cluster needs one watch stream; a few more cover reconnect overlap.
+const MAX_STREAMS_PER_CLUSTER: usize = 8;
 
 type ViewStream = Pin<Box<dyn Stream<Item = Result<pb::ClusterView, Status>> + Send>>;
 
@@ -133,6 +135,11 @@ impl Broker {
             .peer_certs()
             .and_then(|c| c.first().map(|c| sha256(c)))
             .unwrap_or_default();
+        if self.hub.streams_of(&name) >= MAX_STREAMS_PER_CLUSTER {
+            return Err(Error::Exhausted(format!(
+                "cluster {name:?} already has {MAX_STREAMS_PER_CLUSTER} watch streams open: close some first"
+            )));
+        }
         let rx = self
             .hub
             .subscribe(&name)

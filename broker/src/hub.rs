@@ -95,6 +95,16 @@ impl Hub {
         }
     }
 
+    /// Open watch streams of `name`.
+    pub fn streams_of(&self, name: &str) -> usize {
+        self.connected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Whether `name` has an open watch stream.
     pub fn is_connected(&self, name: &str) -> bool {
         self.connected

@@ -240,3 +240,32 @@ async fn a_rejoin_replaces_the_certificate_and_closes_the_old_stream() {
         .into_inner();
     assert_eq!(list.clusters[0].gateways.len(), 1);
 }
+
+#[tokio::test]
+async fn watch_streams_per_cluster_are_limited() {
+    let b = TestBroker::start().await;
+    let (_, mut a) = b.join("alpha").await;
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        let mut w = a
+            .watch(pb::WatchRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        next_view(&mut w).await;
+        open.push(w);
+    }
+    let err = a.watch(pb::WatchRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    open.pop();
+    // The slot frees up once the server notices the stream is gone.
+    let mut ok = false;
+    for _ in 0..50 {
+        if a.watch(pb::WatchRequest::default()).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "a closed stream must free its slot");
+}
