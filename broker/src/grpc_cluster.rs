@@ -146,6 +146,7 @@ impl Broker {
             .ok_or_else(|| Error::Unauthenticated(format!("cluster {name:?} was removed")))?;
         tracing::info!(cluster = %name, last_revision = req.get_ref().last_revision, "watch opened");
         let st = WatchState {
+            name: name.clone(),
             rx,
             shutdown: self.hub.shutdown_signal(),
             cert,
@@ -162,6 +163,7 @@ impl Broker {
 }
 
 struct WatchState {
+    name: String,
     rx: watch::Receiver<Slot>,
     shutdown: watch::Receiver<bool>,
     cert: [u8; 32],
@@ -173,6 +175,7 @@ struct WatchState {
 
 impl Drop for WatchState {
     fn drop(&mut self) {
+        tracing::info!(cluster = %self.name, last_revision = self.last_sent, "watch closed");
         let n = self.broker.hub.watchers().saturating_sub(1);
         self.broker
             .metrics
