@@ -177,15 +177,50 @@ impl K8sStatusSink {
     /// The sink and the task that does the patching (spawn it).
     pub fn new(client: Client) -> (Self, impl std::future::Future<Output = ()> + Send) {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(L2Network, L2NetworkStatus)>();
+        let recorder = Recorder::new(client.clone(), MANAGER.into());
         let task = async move {
+            // Last Admitted status per network, to record its changes as events.
+            let mut admitted: BTreeMap<String, String> = BTreeMap::new();
             while let Some((net, status)) = rx.recv().await {
                 if let Err(e) = patch_status(&client, &net, &status).await {
                     tracing::warn!(network = %net.key(), error = %e, "status not patched");
+                }
+                if let Some(ev) = admission_event(&net, &status, &mut admitted)
+                    && let Err(e) = recorder.publish(&ev, &net.object_ref(&())).await
+                {
+                    tracing::debug!(error = %e, "event not recorded");
                 }
             }
         };
         (Self { tx }, task)
     }
+}
+
+/// An event when a multi-cluster network's admission changes.
+fn admission_event(
+    net: &L2Network,
+    status: &L2NetworkStatus,
+    last: &mut BTreeMap<String, String>,
+) -> Option<Event> {
+    if net.spec.scope != crate::crd::Scope::MultiCluster {
+        return None;
+    }
+    let cond = status.conditions.iter().find(|c| c.type_ == "Admitted")?;
+    if last.insert(net.key(), cond.status.clone()).as_deref() == Some(cond.status.as_str()) {
+        return None;
+    }
+    let (type_, reason) = match cond.status.as_str() {
+        "True" => (EventType::Normal, "Admitted"),
+        "False" => (EventType::Warning, "NotAdmitted"),
+        _ => return None,
+    };
+    Some(Event {
+        type_,
+        reason: reason.into(),
+        note: Some(cond.message.clone()),
+        action: "RequestNetwork".into(),
+        secondary: None,
+    })
 }
 
 impl StatusSink for K8sStatusSink {

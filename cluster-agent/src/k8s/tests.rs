@@ -211,6 +211,53 @@ async fn status_is_patched_from_the_engine() {
 }
 
 #[tokio::test]
+async fn a_denied_multi_cluster_network_gets_its_status_and_a_warning_event() {
+    let (client, mut api) = mock();
+    let (sink, task) = K8sStatusSink::new(client);
+    tokio::spawn(task);
+    let shared = shared(Box::new(sink));
+    shared.set_nodes(vec![NodeEntry {
+        name: "n1".into(),
+        gateway: true,
+        endpoint: None,
+    }]);
+    let mut red = net(json!({"finalizers": [FINALIZER]}));
+    red.spec.scope = crate::crd::Scope::MultiCluster;
+    red.spec.ip_range = None;
+    shared.set_networks(vec![red]);
+    shared.set_admissions(vec![l2mesh_proto::broker::Admission {
+        network: "blue".into(),
+        state: l2mesh_proto::broker::AdmissionState::Denied.into(),
+        reason: "cluster edge may not join blue".into(),
+    }]);
+    shared.reconcile();
+    let (_, patch) = expect(
+        &mut api,
+        Method::PATCH,
+        &format!("{NETS}/status"),
+        StatusCode::OK,
+        serde_json::to_value(net(json!({}))).unwrap(),
+    )
+    .await;
+    let admitted = patch["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Admitted")
+        .unwrap()
+        .clone();
+    assert_eq!(admitted["status"], "False");
+    assert_eq!(admitted["message"], "cluster edge may not join blue");
+    let (_, event) = expect(&mut api, Method::POST, EVENTS, StatusCode::CREATED, json!({
+        "apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e3"}, "eventTime": null
+    }))
+    .await;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "NotAdmitted");
+    assert_eq!(event["note"], "cluster edge may not join blue");
+}
+
+#[tokio::test]
 async fn deletion_removes_the_nad_the_intent_and_then_the_finalizer() {
     let (client, mut api) = mock();
     let ctx = Arc::new(Context::new(client, shared(Box::new(NoSink))));
