@@ -151,6 +151,24 @@ pub fn workspace_binaries() -> Result<&'static Binaries> {
         .map_err(|e| Error::Earlier(e.clone()))
 }
 
+/// The binaries for the demo: `L2MESH_E2E_BIN_DIR`, else a build with the
+/// demo's own profile, else (no cargo here) the demo's own directory.
+pub fn for_demo() -> Result<Binaries> {
+    if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
+        return Binaries::from_dir(Path::new(&dir));
+    }
+    match build(Profile::of_current_exe()) {
+        Err(Error::Spawn { command, source }) => {
+            let dir = std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(Path::to_path_buf))
+                .ok_or(Error::Spawn { command, source })?;
+            Binaries::from_dir(&dir)
+        }
+        other => other,
+    }
+}
+
 /// Executables of bin targets in cargo's JSON messages.
 pub fn parse_cargo_messages(stdout: &str) -> BTreeMap<String, PathBuf> {
     let mut paths = BTreeMap::new();

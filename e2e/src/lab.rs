@@ -47,6 +47,17 @@ impl Drop for LogDir {
     }
 }
 
+/// What [`Lab::keep`] left running.
+#[derive(Debug, Clone)]
+pub struct Kept {
+    /// `(role, namespace)`.
+    pub namespaces: Vec<(String, String)>,
+    /// `(name, pid)`.
+    pub processes: Vec<(String, u32)>,
+    /// The lab directory (state and logs).
+    pub dir: PathBuf,
+}
+
 /// A running lab. Field order is teardown order.
 #[derive(Debug)]
 pub struct Lab {
@@ -100,6 +111,20 @@ impl Lab {
         }
         std::fs::write(&path, contents).map_err(|e| Error::io(&path, e))?;
         Ok(path)
+    }
+
+    /// Leaves everything up (`l2mesh-demo --keep`): processes keep running,
+    /// namespaces and the lab directory (their state) stay. Returns the
+    /// `(role, namespace)` pairs, the processes and the directory.
+    pub fn keep(self) -> Kept {
+        let processes = self.procs.detach();
+        let dir = self.logs.path.clone();
+        std::mem::forget(self.logs);
+        Kept {
+            namespaces: self.topology.keep(),
+            processes,
+            dir,
+        }
     }
 
     /// Starts a process (see [`Processes::spawn`]).

@@ -214,6 +214,21 @@ impl Processes {
         })
     }
 
+    /// Leaves every process running (for `l2mesh-demo --keep`): they are
+    /// forgotten here and in the registry. Returns their names and pids.
+    pub fn detach(&self) -> Vec<(String, u32)> {
+        let mut procs = self.lock();
+        let mut out = Vec::new();
+        for p in procs.iter_mut() {
+            if let Some(child) = p.child.take() {
+                unregister(child.id());
+                out.push((p.spec.name.clone(), child.id()));
+            }
+        }
+        procs.clear();
+        out
+    }
+
     /// Sends `signal` to the process's group and returns at once.
     pub fn signal(&self, id: ProcId, signal: Signal) -> Result<()> {
         self.with(id, |p| {

@@ -53,6 +53,7 @@ pub(crate) fn lock() -> MutexGuard<'static, Registry> {
 pub struct CleanupReport {
     pub killed_process_groups: usize,
     pub deleted_netns: Vec<String>,
+    pub deleted_dirs: Vec<String>,
     pub failures: Vec<String>,
 }
 
@@ -126,6 +127,21 @@ pub fn sweep_stale() -> crate::Result<CleanupReport> {
         match netns::delete_by_name(&name) {
             Ok(()) => report.deleted_netns.push(name),
             Err(e) => report.failures.push(e.to_string()),
+        }
+    }
+    // Lab directories (`$TMPDIR/l2e-<pid>-<n>-logs`) of dead owners, which
+    // `--keep` leaves for the processes it kept.
+    let tmp = std::env::temp_dir();
+    if let Ok(entries) = std::fs::read_dir(&tmp) {
+        let dirs: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with("-logs"))
+            .collect();
+        for dir in stale_names(&dirs, pid_alive) {
+            if std::fs::remove_dir_all(tmp.join(&dir)).is_ok() {
+                report.deleted_dirs.push(dir);
+            }
         }
     }
     Ok(report)

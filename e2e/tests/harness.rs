@@ -317,31 +317,24 @@ fn routes_and_forwarding_join_two_segments() {
     );
 }
 
-#[test]
-fn the_demo_checks_the_underlay_then_refuses_to_fake_success() {
-    if !should_run(
-        "the_demo_checks_the_underlay_then_refuses_to_fake_success",
-        &NETNS_TOOLS,
-    ) {
-        return;
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_l2mesh-demo"))
-        .args(["--clusters", "2", "--nodes", "2"])
-        .env_remove("L2MESH_DEMO_KEEP")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !out.status.success(),
-        "the demo must not claim success yet:\n{text}"
-    );
-    assert!(text.contains("underlay ok"), "{text}");
-    assert!(text.contains("not built yet"), "{text}");
-    // The demo's process is gone; nothing of its namespaces may remain.
+/// Where the workspace binaries are, for the demo (so it does not build).
+fn bin_dir() -> std::path::PathBuf {
+    let bins = l2mesh_e2e::binaries::workspace_binaries().unwrap_or_else(|e| panic!("{e}"));
+    bins.path("l2mesh-broker")
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn demo() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_l2mesh-demo"));
+    cmd.env(l2mesh_e2e::binaries::BIN_DIR_ENV, bin_dir())
+        .env_remove("L2MESH_DEMO_KEEP");
+    cmd
+}
+
+fn prefix_of(text: &str) -> String {
     let prefix = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("namespace prefix: "))
@@ -349,6 +342,36 @@ fn the_demo_checks_the_underlay_then_refuses_to_fake_success() {
         .unwrap_or_else(|| panic!("the demo did not print its namespace prefix:\n{text}"))
         .to_owned();
     assert!(prefix.starts_with("l2e-"), "{prefix}");
+    prefix
+}
+
+#[test]
+fn the_demo_runs_the_mesh_pings_across_clusters_and_cleans_up() {
+    if !should_run(
+        "the_demo_runs_the_mesh_pings_across_clusters_and_cleans_up",
+        &NETNS_TOOLS,
+    ) {
+        return;
+    }
+    let out = demo()
+        .args(["--clusters", "2", "--nodes", "2"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the demo failed:\n{text}");
+    for needle in [
+        "underlay ok",
+        "clusters at the broker",
+        "tunnels of c1-gw",
+        "all 12 pod pairs reach each other over IPv4 and IPv6",
+    ] {
+        assert!(text.contains(needle), "lacks {needle:?}:\n{text}");
+    }
+    let prefix = prefix_of(&text);
     assert_eq!(
         leftovers(&prefix),
         Vec::<String>::new(),
@@ -496,23 +519,25 @@ fn demo_keep_leaves_the_topology_up_and_cleanup_removes_it() {
     ) {
         return;
     }
-    let demo = env!("CARGO_BIN_EXE_l2mesh-demo");
-    let out = Command::new(demo)
-        .args(["--clusters", "1", "--nodes", "2", "--pods", "1", "--keep"])
+    // Even if an assertion fails, what the kept demo left goes.
+    struct Sweep;
+    impl Drop for Sweep {
+        fn drop(&mut self) {
+            let _ = l2mesh_e2e::registry::sweep_stale();
+        }
+    }
+    let _sweep = Sweep;
+    let out = demo()
+        .args(["--clusters", "2", "--nodes", "1", "--pods", "1", "--keep"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "not built yet is exit 3:\n{text}"
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    let prefix = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("namespace prefix: "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .to_owned();
+    let prefix = prefix_of(&text);
     let kept = leftovers(&prefix);
     assert_eq!(
         kept.len(),
@@ -523,14 +548,15 @@ fn demo_keep_leaves_the_topology_up_and_cleanup_removes_it() {
         text.contains("ip netns exec"),
         "instructions missing:\n{text}"
     );
-    let gw = format!("{prefix}c1-gw");
+    // The mesh keeps working after the demo exited: pod of c1 to pod of c2.
+    let pod = format!("{prefix}c1-gw-p1");
     let ping = Command::new("ip")
-        .args(["netns", "exec", &gw, "ping", "-c1", "-W2", "192.0.2.1"])
+        .args(["netns", "exec", &pod, "ping", "-c1", "-W2", "10.200.0.2"])
         .status()
         .unwrap();
-    assert!(ping.success(), "the kept topology should still work");
+    assert!(ping.success(), "the kept mesh should still work:\n{text}");
 
-    let out = Command::new(demo).arg("--cleanup").output().unwrap();
+    let out = demo().arg("--cleanup").output().unwrap();
     let cleaned = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{cleaned}");
     assert_eq!(leftovers(&prefix), Vec::<String>::new(), "{cleaned}");
@@ -549,7 +575,7 @@ fn demo_interrupted_mid_build_removes_everything() {
     let scope = NameScope::new();
     let log_path = std::env::temp_dir().join(format!("{}demo-int.log", scope.prefix()));
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_l2mesh-demo"))
+    let mut child = demo()
         .args(["--clusters", "12", "--nodes", "3", "--pods", "1"])
         .stdout(log.try_clone().unwrap())
         .stderr(log)

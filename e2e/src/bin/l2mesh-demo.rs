@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use l2mesh_e2e::plan::{Segment, TopologySpec};
+use l2mesh_e2e::Lab;
+use l2mesh_e2e::binaries;
+use l2mesh_e2e::mesh::Mesh;
+use l2mesh_e2e::plan::TopologySpec;
 use l2mesh_e2e::preflight::{self, NETNS_TOOLS};
 use l2mesh_e2e::registry;
 use l2mesh_e2e::table::Table;
@@ -37,10 +40,6 @@ struct Cli {
     #[arg(long, env = "L2MESH_DEMO_CLEANUP", conflicts_with = "keep")]
     cleanup: bool,
 }
-
-/// Exit code when the demo ran as far as it can but l2mesh itself is
-/// missing: never a success.
-const EXIT_NOT_BUILT: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -126,24 +125,145 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         nodes_per_cluster: cli.nodes,
         pods_per_node: cli.pods,
     };
-    const STEPS: usize = 3;
-
-    step(1, STEPS, "building the topology out of network namespaces");
+    l2mesh_e2e::Plan::new(spec)?;
+    const STEPS: usize = 5;
     let started = Instant::now();
-    let topo = Topology::build(spec, &mut |what| {
+    let progress = &mut |what: &str| {
         println!("      + {what}");
         let _ = std::io::stdout().flush();
-    })?;
+    };
+
+    step(
+        1,
+        STEPS,
+        "building the l2mesh binaries (cargo build --workspace --bins)",
+    );
+    let bins = binaries::for_demo()?;
+    for name in binaries::PRODUCT_BINARIES {
+        println!("      {name}: {}", bins.path(name)?.display());
+    }
+
+    step(2, STEPS, "building the topology out of network namespaces");
+    let lab = Lab::build_with_progress(spec, progress)?;
+    let topo = lab.topology();
     println!(
         "      namespace prefix: {} ({:.1}s)",
         topo.prefix(),
         started.elapsed().as_secs_f64()
     );
 
-    step(2, STEPS, "checking the underlay (WAN and cluster LANs)");
+    step(3, STEPS, "checking the underlay (WAN and cluster LANs)");
     let results = topo.check_underlay(Duration::from_secs(5))?;
+    let failed = results.iter().filter(|r| !r.ok).count();
+    if failed > 0 {
+        print!("{}", indent(&probe_table(&results).render()));
+    }
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} underlay checks failed (see the table above)"
+    );
+    println!("      underlay ok: {} checks passed", results.len());
+    print!("{}", indent(&hosts_table(topo).render()));
+
+    step(
+        4,
+        STEPS,
+        "starting l2mesh: broker, network, tokens, agents, dataplanes, pods",
+    );
+    let mesh = Mesh::start(&lab, &bins, progress)?;
+    println!("\n      clusters at the broker:");
+    print!("{}", indent(&mesh.admin(&lab, &["cluster", "list"])?));
+    println!("\n      networks at the broker:");
+    print!("{}", indent(&mesh.admin(&lab, &["network", "list"])?));
+
+    step(
+        5,
+        STEPS,
+        "pinging between every pair of pods, across clusters",
+    );
+    let v4 = mesh.ping_matrix(&lab, false, Duration::from_secs(20))?;
+    let v6 = mesh.ping_matrix(&lab, true, Duration::from_secs(20))?;
+    print!("{}", indent(&ping_table(&mesh, &v4, &v6).render()));
+    for c in topo.plan().clusters.iter() {
+        if let Some(gw) = c.nodes.first() {
+            println!(
+                "\n      tunnels of {} (l2mesh-dataplane status):",
+                gw.host.role
+            );
+            print!("{}", indent(&mesh.status(&lab, &bins, &gw.host.role)?));
+        }
+    }
+    let failures = v4.iter().chain(&v6).filter(|r| !r.2).count();
+    if failures == 0 {
+        println!(
+            "\nall {} pod pairs reach each other over IPv4 and IPv6 ({:.1}s)",
+            v4.len(),
+            started.elapsed().as_secs_f64()
+        );
+    } else {
+        println!(
+            "\n{failures} pings FAILED (logs in {})",
+            lab.log_dir().display()
+        );
+    }
+    if cli.keep {
+        keep(lab, &mesh);
+    }
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn keep(lab: Lab, mesh: &Mesh) {
+    let l2mesh_e2e::lab::Kept {
+        namespaces: kept,
+        processes: procs,
+        dir,
+    } = lab.keep();
+    println!("\nkept the topology up (--keep). Namespaces:");
+    let mut t = Table::new(["role", "namespace", "l2mesh address"]);
+    for (role, ns) in &kept {
+        let addr = mesh
+            .pods
+            .iter()
+            .find(|p| &p.role == role)
+            .map(|p| format!("{} {}", p.v4, p.v6))
+            .unwrap_or_default();
+        t.row([role.clone(), ns.clone(), addr]);
+    }
+    print!("{}", indent(&t.render()));
+    println!(
+        "      {} processes keep running; state and logs in {}",
+        procs.len(),
+        dir.display()
+    );
+    let ns_of = |role: &str| kept.iter().find(|(r, _)| r == role).map(|(_, n)| n.clone());
+    if let (Some(a), Some(b)) = (mesh.pods.first(), mesh.pods.last())
+        && let Some(ns) = ns_of(&a.role)
+    {
+        println!("\nfor example:");
+        println!("      ip netns exec {ns} ping -c3 {}", b.v4);
+        println!(
+            "      ip netns exec {ns} ip addr show {}",
+            l2mesh_e2e::mesh::POD_IF
+        );
+    }
+    if let Some(n) = mesh.nodes.first()
+        && let Some(ns) = ns_of(&n.role)
+    {
+        println!(
+            "      ip netns exec {ns} l2mesh-dataplane status --socket {}",
+            n.socket.display()
+        );
+    }
+    println!("remove it with: l2mesh-demo --cleanup");
+}
+
+fn probe_table(results: &[l2mesh_e2e::topology::ProbeResult]) -> Table {
     let mut probes = Table::new(["from", "to", "address", "expect", "result"]);
-    for r in &results {
+    for r in results {
         probes.row([
             r.probe.from.clone(),
             r.probe.to.clone(),
@@ -161,42 +281,35 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             },
         ]);
     }
-    print!("{}", indent(&probes.render()));
-    let failed = results.iter().filter(|r| !r.ok).count();
-    anyhow::ensure!(
-        failed == 0,
-        "{failed} underlay checks failed (see the table above)"
-    );
-    println!("      underlay ok: {} checks passed", results.len());
-    print!("{}", indent(&hosts_table(&topo).render()));
+    probes
+}
 
-    step(3, STEPS, "l2mesh: broker, agents, dataplanes, pods");
-    println!(
-        "      not built yet: the demo does not run the l2mesh broker, agents and dataplanes\n\
-         \x20     yet, so there are no tunnels and no pod traffic to show. Only the underlay\n\
-         \x20     above was built and checked."
-    );
-    if cli.keep {
-        let plan = topo.plan().clone();
-        let kept = topo.keep();
-        println!("\nkept the topology up (--keep). Namespaces:");
-        let mut t = Table::new(["role", "namespace"]);
-        for (role, ns) in &kept {
-            t.row([role.clone(), ns.clone()]);
+/// From-pod rows, to-pod columns; each cell `v4/v6`.
+fn ping_table(mesh: &Mesh, v4: &[(String, String, bool)], v6: &[(String, String, bool)]) -> Table {
+    let mark = |set: &[(String, String, bool)], a: &str, b: &str| {
+        set.iter()
+            .find(|r| r.0 == a && r.1 == b)
+            .map_or("?", |r| if r.2 { "ok" } else { "FAIL" })
+    };
+    let mut header = vec!["from \\ to (v4/v6)".to_owned()];
+    header.extend(mesh.pods.iter().map(|p| p.role.clone()));
+    let mut t = Table::new(header);
+    for a in &mesh.pods {
+        let mut row = vec![a.role.clone()];
+        for b in &mesh.pods {
+            row.push(if a.role == b.role {
+                "-".to_owned()
+            } else {
+                format!(
+                    "{}/{}",
+                    mark(v4, &a.role, &b.role),
+                    mark(v6, &a.role, &b.role)
+                )
+            });
         }
-        print!("{}", indent(&t.render()));
-        if let Some((_, gw)) = kept.iter().find(|(role, _)| role == "c1-gw") {
-            let broker = plan
-                .broker
-                .addr_on(Segment::Wan)
-                .map_or_else(String::new, |a| a.to_string());
-            println!("\nfor example:");
-            println!("      ip netns exec {gw} ip addr");
-            println!("      ip netns exec {gw} ping -c1 {broker}");
-        }
-        println!("remove it with: l2mesh-demo --cleanup");
+        t.row(row);
     }
-    Ok(ExitCode::from(EXIT_NOT_BUILT))
+    t
 }
 
 fn hosts_table(topo: &Topology) -> Table {
