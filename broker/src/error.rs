@@ -25,6 +25,9 @@ pub enum Error {
     /// The persistent store failed; nothing was acknowledged.
     #[error("store failure: {0}")]
     Store(#[from] sled::Error),
+    /// A write could not be made durable; it was not applied.
+    #[error("the broker could not save this change, nothing was changed: {0}")]
+    Persist(String),
     /// A stored record could not be decoded.
     #[error("corrupt stored record {key}: {reason}")]
     Corrupt { key: String, reason: String },

@@ -121,11 +121,14 @@ impl pb::broker_admin_server::BrokerAdmin for Broker {
                 let uses = if r.uses == 0 { 1 } else { r.uses };
                 let now = now_unix();
                 let token = b
-                    .mutate(|s| {
-                        Ok((
-                            s.create_token(&r.cluster, id, &secret, ttl, uses, now)?,
-                            BTreeSet::new(),
-                        ))
+                    .mutate({
+                        let secret = secret.clone();
+                        move |s| {
+                            Ok((
+                                s.create_token(&r.cluster, id, &secret, ttl, uses, now)?,
+                                BTreeSet::new(),
+                            ))
+                        }
                     })
                     .await?;
                 tracing::info!(token_id = %token.id, cluster = %token.cluster, "token created");
@@ -167,7 +170,7 @@ impl pb::broker_admin_server::BrokerAdmin for Broker {
             req,
             async |b: &Self, r: pb::RevokeTokenRequest| {
                 let t = b
-                    .mutate(|s| Ok((s.revoke_token(&r.id)?, BTreeSet::new())))
+                    .mutate(move |s| Ok((s.revoke_token(&r.id)?, BTreeSet::new())))
                     .await?;
                 tracing::info!(token_id = %t.id, "token revoked");
                 Ok(token_info(&t))
@@ -186,7 +189,7 @@ impl pb::broker_admin_server::BrokerAdmin for Broker {
             async |b: &Self, r: pb::CreateNetworkRequest| {
                 let now = now_unix();
                 let n = b
-                    .mutate(|s| {
+                    .mutate(move |s| {
                         let (n, affected) = s.create_network(
                             &r.name,
                             r.vni,
@@ -235,7 +238,7 @@ impl pb::broker_admin_server::BrokerAdmin for Broker {
             req,
             async |b: &Self, r: pb::DeleteNetworkRequest| {
                 let (info, n) = b
-                    .mutate(|s| {
+                    .mutate(move |s| {
                         let info = s.networks.get(&r.name).map(|n| network_info(s, n));
                         let (n, affected) = s.delete_network(&r.name)?;
                         Ok(((info, n), affected))
@@ -275,10 +278,13 @@ impl pb::broker_admin_server::BrokerAdmin for Broker {
             req,
             async |b: &Self, r: pb::RemoveClusterRequest| {
                 let info = b
-                    .mutate(|s| {
-                        let info = s.clusters.get(&r.name).map(|c| cluster_info(s, c, false));
-                        let (_, affected) = s.remove_cluster(&r.name)?;
-                        Ok((info, affected))
+                    .mutate({
+                        let name = r.name.clone();
+                        move |s| {
+                            let info = s.clusters.get(&name).map(|c| cluster_info(s, c, false));
+                            let (_, affected) = s.remove_cluster(&name)?;
+                            Ok((info, affected))
+                        }
                     })
                     .await?;
                 tracing::info!(cluster = %r.name, "cluster removed");

@@ -99,16 +99,15 @@ impl Broker {
             now,
         )?;
         let (cert_pem, cert_hash) = self.pki.sign_cluster_csr(&req.csr_pem, &req.cluster_name)?;
+        let (id, secret, name) = (
+            req.token_id.clone(),
+            req.token_secret.clone(),
+            req.cluster_name.clone(),
+        );
         let cluster = self
-            .mutate(|s| {
-                let c = s.join(
-                    &req.token_id,
-                    &req.token_secret,
-                    &req.cluster_name,
-                    cert_hash,
-                    now,
-                )?;
-                Ok((c, BTreeSet::from([req.cluster_name.clone()])))
+            .mutate(move |s| {
+                let c = s.join(&id, &secret, &name, cert_hash, now)?;
+                Ok((c, BTreeSet::from([name])))
             })
             .await?;
         Ok(pb::JoinResponse {

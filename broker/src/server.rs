@@ -11,6 +11,7 @@ use crate::store::Store;
 use crate::view;
 use l2mesh_proto::broker::broker_admin_server::BrokerAdminServer;
 use l2mesh_proto::broker::broker_server::BrokerServer;
+use std::any::Any;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
@@ -57,6 +58,14 @@ pub fn now_unix() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+type Op = Box<dyn FnOnce(&mut State) -> Result<(Box<dyn Any + Send>, BTreeSet<String>)> + Send>;
+
+/// A queued mutation and where its answer goes.
+pub(crate) struct Pending {
+    op: Op,
+    reply: tokio::sync::oneshot::Sender<Result<Box<dyn Any + Send>>>,
+}
+
 pub(crate) struct Core {
     pub(crate) state: State,
     store: Store,
@@ -66,6 +75,7 @@ pub(crate) struct Core {
 #[derive(Clone)]
 pub struct Broker {
     pub(crate) core: Arc<Mutex<Core>>,
+    queue: Arc<StdMutex<Vec<Pending>>>,
     pub(crate) pki: Arc<Pki>,
     pub(crate) hub: Arc<Hub>,
     pub(crate) limiter: Arc<StdMutex<JoinLimiter>>,
@@ -99,6 +109,7 @@ impl Broker {
         store.persist(&state, &dirty).await?;
         let broker = Self {
             core: Arc::new(Mutex::new(Core { state, store })),
+            queue: Arc::default(),
             pki: Arc::new(pki),
             hub: Arc::new(Hub::default()),
             limiter: Arc::new(StdMutex::new(JoinLimiter::new(
@@ -155,16 +166,71 @@ impl Broker {
     /// Apply `f` to a copy of the state; persist what it touched, recompute
     /// the views of the clusters it names, and only then make it current.
     /// If anything fails, nothing changed.
-    pub(crate) async fn mutate<T>(
+    ///
+    /// Group commit: mutations that arrive while another batch is being
+    /// flushed are applied in order, one after the other, and share the next
+    /// flush. The work runs in a spawned task, so a caller that goes away
+    /// cannot leave a half-applied batch behind.
+    pub(crate) async fn mutate<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut State) -> Result<(T, BTreeSet<String>)>,
+        f: impl FnOnce(&mut State) -> Result<(T, BTreeSet<String>)> + Send + 'static,
     ) -> Result<T> {
-        let mut core = self.core.lock().await;
-        let mut next = core.state.clone();
-        let (out, affected) = f(&mut next)?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let op: Op = Box::new(move |s: &mut State| {
+            f(s).map(|(out, affected)| (Box::new(out) as Box<dyn Any + Send>, affected))
+        });
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Pending { op, reply });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut core = me.core.lock().await;
+            let batch = std::mem::take(
+                &mut *me
+                    .queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            if !batch.is_empty() {
+                me.commit(&mut core, batch).await;
+            }
+        });
+        let out = rx
+            .await
+            .map_err(|_| Error::Persist("the write was abandoned".into()))??;
+        out.downcast::<T>()
+            .map(|b| *b)
+            .map_err(|_| Error::Persist("internal type mismatch".into()))
+    }
+
+    async fn commit(&self, core: &mut Core, batch: Vec<Pending>) {
+        let mut next: Option<State> = None;
+        let mut affected = BTreeSet::new();
+        let mut done = Vec::with_capacity(batch.len());
+        for p in batch {
+            let mut trial = next.as_ref().unwrap_or(&core.state).clone();
+            match (p.op)(&mut trial) {
+                Ok((out, aff)) => {
+                    next = Some(trial);
+                    affected.extend(aff);
+                    done.push((p.reply, out));
+                }
+                Err(e) => {
+                    let _ = p.reply.send(Err(e));
+                }
+            }
+        }
+        let Some(mut next) = next else { return };
         let views = view::refresh(&mut next, &affected);
         let dirty = next.take_dirty();
-        core.store.persist(&next, &dirty).await?;
+        if let Err(e) = core.store.persist(&next, &dirty).await {
+            tracing::error!(error = %e, "store write failed; the batch was not applied");
+            for (reply, _) in done {
+                let _ = reply.send(Err(Error::Persist(e.to_string())));
+            }
+            return;
+        }
         let removed: Vec<String> = core
             .state
             .clusters
@@ -178,7 +244,9 @@ impl Broker {
         }
         self.publish(&core.state, views);
         self.update_gauges(&core.state);
-        Ok(out)
+        for (reply, out) in done {
+            let _ = reply.send(Ok(out));
+        }
     }
 
     /// Who the verified client certificate of this request belongs to.

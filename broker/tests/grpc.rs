@@ -443,3 +443,49 @@ async fn http_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+#[tokio::test]
+async fn a_single_use_token_admits_exactly_one_of_many_concurrent_joins() {
+    let b = TestBroker::start().await;
+    let j = b.token("edge-1", 600, 1).await;
+    let tries: Vec<_> = (0..8)
+        .map(|_| {
+            let j = j.clone();
+            tokio::spawn(async move { client::join(&j).await.is_ok() })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tries {
+        wins += usize::from(t.await.unwrap());
+    }
+    assert_eq!(wins, 1);
+    // Concurrent, independent writes all land (they share flushes).
+    let mut admin = b.admin().await;
+    let creates: Vec<_> = (0..10)
+        .map(|i| {
+            let mut a = admin.clone();
+            tokio::spawn(async move {
+                a.create_network(pb::CreateNetworkRequest {
+                    name: format!("n{i}"),
+                    allow_all: true,
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+            })
+        })
+        .collect();
+    for c in creates {
+        assert!(c.await.unwrap());
+    }
+    let nets = admin
+        .list_networks(pb::ListNetworksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .networks;
+    let mut vnis: Vec<u32> = nets.iter().map(|n| n.vni).collect();
+    vnis.sort_unstable();
+    vnis.dedup();
+    assert_eq!(vnis.len(), 10, "VNIs must be unique");
+}
