@@ -6,6 +6,7 @@
 #
 # Usage: sudo e2e/bench-dataplane.sh            (builds the release binary)
 #        BIN=/path/to/l2mesh-dataplane DURATION=10 sudo -E e2e/bench-dataplane.sh
+#        PATHS="l2mesh wggo" sudo -E e2e/bench-dataplane.sh   (a subset of l2mesh wggo vxlan)
 # Needs: root, ip, iperf3, ping, wireguard-go, wg.
 set -euo pipefail
 
@@ -162,9 +163,12 @@ bench_vxlan() {
   measure "kernel-vxlan"
 }
 
-bench_l2mesh
-bench_wggo
-bench_vxlan
+for p in ${PATHS:-l2mesh wggo vxlan}; do
+  case $p in
+    l2mesh | wggo | vxlan) "bench_$p" ;;
+    *) echo "unknown path $p (use l2mesh, wggo, vxlan)" >&2; exit 2 ;;
+  esac
+done
 
 python3 - "$WORK/results" <<'EOF'
 import sys

@@ -2,10 +2,11 @@
 //! cluster (on its gateway), one dataplane per node, and pods attached
 //! through the real `l2mesh-cni`, the way an operator would set it up.
 //!
-//! Ports: the broker and the agents bind port 0 and the harness reads the
-//! address they report. WireGuard listens on 51820 on every node, because
-//! the Nodes manifest must name gateway endpoints in advance; every node is
-//! its own namespace, so nothing can collide.
+//! Ports: the agents bind port 0 and the harness reads the address they
+//! report. The broker listens on 7443 (a restarted broker must come back
+//! where the agents' join strings point) and WireGuard on 51820 on every
+//! node (the Nodes manifest names gateway endpoints in advance): each host
+//! is its own namespace, so nothing can collide.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
@@ -18,6 +19,8 @@ use crate::plan::Segment;
 use crate::process::{ProcId, ProcSpec};
 use crate::{Error, Result};
 
+/// TCP port of the broker, in its own namespace.
+pub const BROKER_PORT: u16 = 7443;
 /// UDP port of every dataplane.
 pub const WG_PORT: u16 = 51820;
 /// The multi-cluster network every pod joins.
@@ -124,7 +127,7 @@ impl Mesh {
             ProcSpec::new("broker", topo.broker()?, &broker_bin)
                 .arg("--data-dir")
                 .arg(&broker_data)
-                .args(["serve", "--listen", &format!("{broker_ip}:0")])
+                .args(["serve", "--listen", &format!("{broker_ip}:{BROKER_PORT}")])
                 .args(["--metrics-listen", "127.0.0.1:0"])
                 .env("NO_COLOR", "1")
                 .daemon(),

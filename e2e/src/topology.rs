@@ -26,6 +26,14 @@ pub struct Topology {
     scope: NameScope,
 }
 
+/// The underlay is IPv4 only: without this, every host would chatter
+/// IPv6 neighbour discovery onto the segments, which is noise in captures.
+/// Pods keep IPv6 (their namespaces are left alone).
+fn ipv4_only(ns: &Netns) -> Result<()> {
+    ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+    ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")
+}
+
 /// Outcome of one underlay [`Probe`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeResult {
@@ -46,6 +54,7 @@ impl Topology {
             plan.segments().len()
         ));
         let switch = Netns::create(&scope, SWITCH_ROLE)?;
+        ipv4_only(&switch)?;
         for seg in plan.segments() {
             switch.add_bridge(&seg.bridge())?;
         }
@@ -81,6 +90,7 @@ impl Topology {
 
     fn add_host(&mut self, host: &HostPlan) -> Result<()> {
         let ns = Netns::create(&self.scope, &host.role)?;
+        ipv4_only(&ns)?;
         for iface in &host.ifaces {
             self.switch.add_veth(&iface.switch_port, &ns, &iface.name)?;
             self.switch

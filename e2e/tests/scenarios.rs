@@ -3,11 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use l2mesh_e2e::binaries::workspace_binaries;
-use l2mesh_e2e::capture::Capture;
-use l2mesh_e2e::mesh::{Mesh, POD_IF};
+use l2mesh_e2e::capture::{Capture, FrameKind};
+use l2mesh_e2e::mesh::{Mesh, POD_IF, WG_PORT};
+use l2mesh_e2e::ping::BackgroundPing;
 use l2mesh_e2e::plan::TopologySpec;
 use l2mesh_e2e::preflight::NETNS_TOOLS;
 use l2mesh_e2e::{Lab, should_run};
@@ -101,5 +103,186 @@ fn scenario_1_three_clusters_share_one_l2_segment() {
         missing.is_empty(),
         "the broadcast from {} did not reach {missing:?}",
         sender.role
+    );
+}
+
+fn mesh_lab(spec: TopologySpec) -> (Lab, Mesh) {
+    let bins = workspace_binaries().unwrap_or_else(|e| panic!("{e}"));
+    let lab = Lab::build(spec).unwrap();
+    let mesh = Mesh::start(&lab, bins, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    (lab, mesh)
+}
+
+fn two_clusters() -> TopologySpec {
+    TopologySpec {
+        clusters: 2,
+        nodes_per_cluster: 2,
+        pods_per_node: 1,
+    }
+}
+
+/// Scenario 8: a capture on the WAN and on both LANs shows only WireGuard
+/// between nodes (and TLS to the broker); a marker sent in clear between
+/// pods of different clusters never appears.
+#[test]
+fn scenario_8_the_wire_shows_only_wireguard() {
+    if !should_run(
+        "scenario_8_the_wire_shows_only_wireguard",
+        &["ip", "ping", "tcpdump"],
+    ) {
+        return;
+    }
+    let (lab, mesh) = mesh_lab(two_clusters());
+    let v4 = mesh
+        .ping_matrix(&lab, false, Duration::from_secs(20))
+        .unwrap();
+    assert!(
+        failed(&v4).is_empty(),
+        "{:?}\n{}",
+        failed(&v4),
+        lab.procs().report(30)
+    );
+    let sw = lab.topology().switch();
+    let caps: Vec<Capture> = ["br-wan", "br-c1", "br-c2"]
+        .iter()
+        .map(|br| Capture::start(lab.procs(), &format!("wire-{br}"), sw, br, "").unwrap())
+        .collect();
+    // From the non-gateway pod of c1 to the non-gateway pod of c2: LAN,
+    // WAN and LAN again.
+    let from = mesh.pods.iter().find(|p| p.role == "c1-n1-p1").unwrap();
+    let to = mesh.pods.iter().find(|p| p.role == "c2-n1-p1").unwrap();
+    let marker = b"L2MESHCLEARTEXT";
+    let pattern: String = marker[..16.min(marker.len())]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let out = lab
+        .topology()
+        .netns(&from.role)
+        .unwrap()
+        .run(
+            "ping",
+            [
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "2",
+                "-p",
+                &pattern,
+                &to.v4.to_string(),
+            ],
+        )
+        .unwrap();
+    assert!(out.contains("3 received"), "{out}");
+    for cap in caps {
+        let pcap = cap.stop(lab.procs()).unwrap();
+        // ping -p repeats up to 16 pattern bytes; any 8 of them in a row
+        // would betray clear text.
+        assert!(
+            !pcap.contains(&marker[..8]),
+            "the marker crossed the wire in clear"
+        );
+        let mut wireguard = 0;
+        for kind in pcap.kinds() {
+            match kind {
+                FrameKind::Udp4 {
+                    src_port,
+                    dst_port,
+                    first_payload_byte,
+                } => {
+                    assert!(
+                        src_port == WG_PORT && dst_port == WG_PORT,
+                        "UDP that is not node-to-node WireGuard: {kind:?}"
+                    );
+                    assert!(
+                        matches!(first_payload_byte, Some(1..=4)),
+                        "not a WireGuard message: {kind:?}"
+                    );
+                    wireguard += 1;
+                }
+                // Agents' TLS sessions (broker, node sync) and ARP.
+                FrameKind::Ip4(6) | FrameKind::Arp => {}
+                other => panic!("unexpected frame on the wire: {other:?}"),
+            }
+        }
+        assert!(wireguard >= 3, "the pings should have crossed as WireGuard");
+    }
+}
+
+/// Scenario 4: an agent restarts while a ping runs: the dataplanes keep
+/// forwarding, and the agent resumes from its state dir without a new
+/// token (its join string was single-use and is spent).
+#[test]
+fn scenario_4_agent_restart_keeps_traffic_and_needs_no_new_token() {
+    if !should_run(
+        "scenario_4_agent_restart_keeps_traffic_and_needs_no_new_token",
+        &["ip", "ping"],
+    ) {
+        return;
+    }
+    let (lab, mesh) = mesh_lab(two_clusters());
+    let v4 = mesh
+        .ping_matrix(&lab, false, Duration::from_secs(20))
+        .unwrap();
+    assert!(
+        failed(&v4).is_empty(),
+        "{:?}\n{}",
+        failed(&v4),
+        lab.procs().report(30)
+    );
+    let from = mesh.pods.iter().find(|p| p.role == "c1-n1-p1").unwrap();
+    let to = mesh.pods.iter().find(|p| p.role == "c2-n1-p1").unwrap();
+    let ping = BackgroundPing::start(
+        lab.procs(),
+        "ping-across",
+        lab.topology().netns(&from.role).unwrap(),
+        IpAddr::V4(to.v4),
+        Duration::from_millis(50),
+    )
+    .unwrap();
+    let agent = mesh.agents[0];
+    let sessions = || {
+        lab.procs()
+            .log(agent)
+            .unwrap()
+            .matches("broker session up")
+            .count()
+    };
+    lab.wait_until(
+        "the c1 agent holds its broker session",
+        Duration::from_secs(10),
+        || sessions() >= 1,
+    )
+    .unwrap();
+    lab.procs().kill(agent).unwrap();
+    let replies = |log: String| log.matches(" bytes from ").count();
+    let before = replies(lab.procs().log(ping.id()).unwrap());
+    lab.wait_until(
+        "pods keep talking with the agent down",
+        Duration::from_secs(10),
+        || replies(lab.procs().log(ping.id()).unwrap()) >= before + 20,
+    )
+    .unwrap();
+    lab.procs().restart(agent).unwrap();
+    lab.wait_until(
+        "the restarted agent is back at the broker",
+        Duration::from_secs(20),
+        || sessions() >= 2,
+    )
+    .unwrap();
+    let log = lab.procs().log(agent).unwrap();
+    assert_eq!(
+        log.matches("joined the broker").count(),
+        1,
+        "the agent joined again instead of resuming:\n{log}"
+    );
+    let stats = ping.finish(lab.procs()).unwrap();
+    assert!(
+        stats.lost() <= 2,
+        "lost {} of {} pings",
+        stats.lost(),
+        stats.transmitted
     );
 }
