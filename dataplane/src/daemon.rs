@@ -27,6 +27,8 @@ pub const DEFAULT_LISTEN_PORT: u16 = 51820;
 const DESIRED_FILE: &str = "desired.pb";
 const TICK: Duration = Duration::from_millis(250);
 const SOCKET_BUFFER: usize = 4 << 20;
+/// Packets handled per wakeup before the results are sent.
+const BATCH: usize = 64;
 
 struct Tap {
     dev: Arc<AsyncDevice>,
@@ -169,14 +171,26 @@ impl Daemon {
             let mut buf = vec![0u8; 65_536];
             let mut out = Vec::new();
             loop {
-                let (n, from) = match sock.recv_from(&mut buf).await {
-                    Ok(v) => v,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "udp receive");
-                        continue;
+                if let Err(e) = sock.readable().await {
+                    tracing::debug!(error = %e, "udp readiness");
+                    continue;
+                }
+                // Drain what is queued under one engine lock, then send the
+                // results: one wakeup and one lock per burst, not per packet.
+                {
+                    let mut e = lock(&d.engine);
+                    let now = Instant::now();
+                    for _ in 0..BATCH {
+                        match sock.try_recv_from(&mut buf) {
+                            Ok((n, from)) => e.handle_datagram(from, &buf[..n], now, &mut out),
+                            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(err) => {
+                                tracing::debug!(error = %err, "udp receive");
+                                break;
+                            }
+                        }
                     }
-                };
-                lock(&d.engine).handle_datagram(from, &buf[..n], Instant::now(), &mut out);
+                }
                 d.perform(&mut out).await;
             }
         });
@@ -195,6 +209,8 @@ impl Daemon {
         }
     }
 
+    /// Sends what the engine produced. The non-blocking attempt almost always
+    /// succeeds; only a full socket or TAP queue costs an await.
     async fn perform(&self, out: &mut Vec<Output>) {
         if out.is_empty() {
             return;
@@ -205,23 +221,38 @@ impl Daemon {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
+        let mut tap: Option<(u32, Option<Arc<AsyncDevice>>)> = None;
         for o in out.drain(..) {
             match o {
                 Output::Udp { to, data } => {
-                    if let Err(e) = sock.send_to(&data, to).await {
+                    let r = match sock.try_send_to(&data, to) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            sock.send_to(&data, to).await
+                        }
+                        r => r,
+                    };
+                    if let Err(e) = r {
                         tracing::debug!(error = %e, %to, "udp send");
                     }
                 }
                 Output::Tap { vni, frame } => {
-                    let dev = self
-                        .taps
-                        .read()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .get(&vni)
-                        .map(|t| Arc::clone(&t.dev));
-                    if let Some(dev) = dev
-                        && let Err(e) = dev.send(&frame).await
-                    {
+                    if tap.as_ref().is_none_or(|(v, _)| *v != vni) {
+                        let dev = self
+                            .taps
+                            .read()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .get(&vni)
+                            .map(|t| Arc::clone(&t.dev));
+                        tap = Some((vni, dev));
+                    }
+                    let Some((_, Some(dev))) = &tap else { continue };
+                    let r = match dev.try_send(&frame) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            dev.send(&frame).await
+                        }
+                        r => r,
+                    };
+                    if let Err(e) = r {
                         tracing::debug!(error = %e, vni, "tap write");
                     }
                 }
@@ -268,14 +299,25 @@ impl Daemon {
             let mut buf = vec![0u8; 65_536];
             let mut out = Vec::new();
             loop {
-                let len = match reader_dev.recv(&mut buf).await {
-                    Ok(len) => len,
-                    Err(e) => {
-                        tracing::warn!(error = %e, vni, "TAP read failed; stopping its reader");
-                        return;
+                if let Err(e) = reader_dev.readable().await {
+                    tracing::warn!(error = %e, vni, "TAP wait failed; stopping its reader");
+                    return;
+                }
+                {
+                    let mut e = lock(&d.engine);
+                    let now = Instant::now();
+                    for _ in 0..BATCH {
+                        match reader_dev.try_recv(&mut buf) {
+                            Ok(len) => e.handle_tap(vni, &buf[..len], now, &mut out),
+                            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(err) => {
+                                drop(e);
+                                tracing::warn!(error = %err, vni, "TAP read failed; stopping its reader");
+                                return;
+                            }
+                        }
                     }
-                };
-                lock(&d.engine).handle_tap(vni, &buf[..len], Instant::now(), &mut out);
+                }
                 d.perform(&mut out).await;
             }
         });
