@@ -103,7 +103,8 @@ fn nodes_manifest(plan: &crate::plan::ClusterPlan) -> String {
     y
 }
 
-fn network_manifest(name: &str) -> String {
+/// An `L2Network` manifest of multi-cluster scope for broker network `name`.
+pub fn network_manifest(name: &str) -> String {
     format!(
         "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  scope: multiCluster\n"
     )
