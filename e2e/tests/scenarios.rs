@@ -479,3 +479,97 @@ fn scenario_5_removed_cluster_is_cut_off() {
     let clusters = mesh.admin(&lab, &["cluster", "list"]).unwrap();
     assert!(!clusters.contains("c3 "), "{clusters}");
 }
+
+/// Scenario 6: the key of a gateway is rotated while a ping crosses it: no
+/// more than a couple of packets are lost, and traffic flows on the new key.
+#[test]
+#[ignore = "fails today: after `l2mesh-dataplane rotate-key` on a gateway its peers keep the old key (nothing reaches the agent or broker) and traffic stops; run with --ignored once key rotation propagates"]
+fn scenario_6_key_rotation_under_traffic_loses_at_most_a_couple_of_packets() {
+    if !should_run(
+        "scenario_6_key_rotation_under_traffic_loses_at_most_a_couple_of_packets",
+        &["ip", "ping"],
+    ) {
+        return;
+    }
+    let bins = workspace_binaries().unwrap_or_else(|e| panic!("{e}"));
+    let (lab, mesh) = mesh_lab(two_clusters());
+    let v4 = mesh
+        .ping_matrix(&lab, false, Duration::from_secs(20))
+        .unwrap();
+    assert!(
+        failed(&v4).is_empty(),
+        "{:?}\n{}",
+        failed(&v4),
+        lab.procs().report(30)
+    );
+    let gw = mesh.nodes.iter().find(|n| n.role == "c1-gw").unwrap();
+    let gw_ns = lab.topology().netns(&gw.role).unwrap();
+    let dp = bins.path("l2mesh-dataplane").unwrap();
+    let pubkey = || {
+        gw_ns
+            .run(
+                dp,
+                [
+                    std::ffi::OsStr::new("pubkey"),
+                    "--socket".as_ref(),
+                    gw.socket.as_os_str(),
+                ],
+            )
+            .map(|k| k.trim().to_owned())
+    };
+    let old_key = pubkey().unwrap();
+
+    let from = mesh.pods.iter().find(|p| p.role == "c1-n1-p1").unwrap();
+    let to = mesh.pods.iter().find(|p| p.role == "c2-n1-p1").unwrap();
+    let ping = BackgroundPing::start(
+        lab.procs(),
+        "ping-across-rotation",
+        lab.topology().netns(&from.role).unwrap(),
+        IpAddr::V4(to.v4),
+        Duration::from_millis(20),
+    )
+    .unwrap();
+    let replies = || {
+        lab.procs()
+            .log(ping.id())
+            .unwrap()
+            .matches(" bytes from ")
+            .count()
+    };
+    lab.wait_until(
+        "20 replies before the rotation",
+        Duration::from_secs(10),
+        || replies() >= 20,
+    )
+    .unwrap();
+    let printed = gw_ns
+        .run(
+            dp,
+            [
+                std::ffi::OsStr::new("rotate-key"),
+                "--socket".as_ref(),
+                gw.socket.as_os_str(),
+            ],
+        )
+        .unwrap();
+    let new_key = pubkey().unwrap();
+    assert_ne!(
+        new_key, old_key,
+        "rotate-key printed {printed:?} but the key stayed"
+    );
+    let after = replies();
+    lab.wait_until(
+        "100 replies after the rotation",
+        Duration::from_secs(20),
+        || replies() >= after + 100,
+    )
+    .unwrap();
+    let stats = ping.finish(lab.procs()).unwrap();
+    assert!(
+        stats.lost() <= 2,
+        "lost {} of {} pings across the rotation\n{}",
+        stats.lost(),
+        stats.transmitted,
+        lab.procs().report(20)
+    );
+}
