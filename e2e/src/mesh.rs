@@ -114,6 +114,17 @@ impl Mesh {
     /// Starts everything and attaches every pod of the topology to
     /// [`NETWORK`]. Waits on conditions, never on the clock.
     pub fn start(lab: &Lab, bins: &Binaries, progress: &mut dyn FnMut(&str)) -> Result<Self> {
+        Self::start_with(lab, bins, progress, &|_| true)
+    }
+
+    /// Like [`Mesh::start`], attaching only the pods whose role `attach`
+    /// accepts (the others stay isolated, e.g. for a second network).
+    pub fn start_with(
+        lab: &Lab,
+        bins: &Binaries,
+        progress: &mut dyn FnMut(&str),
+        attach: &dyn Fn(&str) -> bool,
+    ) -> Result<Self> {
         let topo = lab.topology();
         let plan = topo.plan().clone();
         let broker_bin = bins.path("l2mesh-broker")?.to_path_buf();
@@ -266,14 +277,14 @@ impl Mesh {
                     .find(|x| x.role == n.host.role)
                     .cloned()
                     .ok_or_else(|| Error::Spec(format!("no dataplane for {}", n.host.role)))?;
-                for p in &n.pods {
+                for p in n.pods.iter().filter(|p| attach(p)) {
                     i += 1;
                     progress(&format!("pod {p} via l2mesh-cni"));
                     let [o1, o2] = i.to_be_bytes();
                     let v4 = Ipv4Addr::new(10, 200, o1, o2);
                     let [a, b, c6, d] = POD_V6_PREFIX;
                     let v6 = Ipv6Addr::new(a, b, c6, d, 0, 0, 0, i);
-                    mesh.attach(lab, cni_bin, &node, p, v4, v6)?;
+                    mesh.attach(lab, cni_bin, NETWORK, &node, p, POD_IF, v4, v6)?;
                     mesh.pods.push(PodInfo {
                         role: p.clone(),
                         node: n.host.role.clone(),
@@ -287,21 +298,25 @@ impl Mesh {
         Ok(mesh)
     }
 
-    /// CNI ADD of `pod` on `node`, retried until the node's dataplane has
-    /// the network (it arrives from the agent shortly after start).
-    fn attach(
+    /// CNI ADD of `pod` (interface `ifname`) on its node to `network`,
+    /// retried until the node's dataplane has the network (it arrives from
+    /// the agent shortly after start).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attach(
         &self,
         lab: &Lab,
         cni: &Path,
+        network: &str,
         node: &NodeInfo,
         pod: &str,
+        ifname: &str,
         v4: Ipv4Addr,
         v6: Ipv6Addr,
     ) -> Result<()> {
         let topo = lab.topology();
         let conf = serde_json::json!({
             "cniVersion": "1.0.0",
-            "name": NETWORK,
+            "name": network,
             "type": "l2mesh-cni",
             "dataplaneSocket": node.socket,
             "ipam": {"type": "static", "addresses": [
@@ -310,12 +325,12 @@ impl Mesh {
             ]},
         })
         .to_string();
-        let call = CniCall::add(topo.netns(pod)?, POD_IF, conf);
+        let call = CniCall::add(topo.netns(pod)?, ifname, conf);
         let node_ns = topo.netns(&node.role)?;
         let mut last = String::new();
         lab.procs()
             .wait_until(
-                &format!("l2mesh-cni attaches {pod} to {NETWORK}"),
+                &format!("l2mesh-cni attaches {pod} to {network}"),
                 Duration::from_secs(30),
                 || match call.run(node_ns, cni) {
                     Ok(_) => true,

@@ -711,3 +711,139 @@ fn scenario_7_bad_tokens_are_refused_and_change_nothing() {
     }
     assert_eq!(state(), before, "refused joins changed the broker's state");
 }
+
+/// Scenario 2: two networks on the same clusters are isolated from each
+/// other, even with addresses of one subnet; a cluster not admitted to a
+/// network gets Admitted=False in its status and no traffic.
+#[test]
+fn scenario_2_networks_are_isolated_and_unadmitted_clusters_get_nothing() {
+    if !should_run(
+        "scenario_2_networks_are_isolated_and_unadmitted_clusters_get_nothing",
+        &["ip", "ping"],
+    ) {
+        return;
+    }
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let bins = workspace_binaries().unwrap_or_else(|e| panic!("{e}"));
+    let lab = Lab::build(TopologySpec {
+        clusters: 3,
+        nodes_per_cluster: 1,
+        pods_per_node: 2,
+    })
+    .unwrap();
+    // p1 pods join blue; p2 pods are for red.
+    let mesh = Mesh::start_with(&lab, bins, &mut |_| {}, &|pod| pod.ends_with("-p1"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v4 = mesh
+        .ping_matrix(&lab, false, Duration::from_secs(20))
+        .unwrap();
+    assert!(
+        failed(&v4).is_empty(),
+        "{:?}\n{}",
+        failed(&v4),
+        lab.procs().report(30)
+    );
+
+    // red: only c1 and c2 are allowed; all three clusters ask for it.
+    mesh.admin(
+        &lab,
+        &[
+            "network",
+            "create",
+            "red",
+            "--cidr",
+            "10.200.0.0/16",
+            "--allow",
+            "c1",
+            "--allow",
+            "c2",
+        ],
+    )
+    .unwrap();
+    for c in ["c1", "c2", "c3"] {
+        lab.write_file(
+            &format!("{c}/agent/manifests/red.yaml"),
+            &l2mesh_e2e::mesh::network_manifest("red"),
+        )
+        .unwrap();
+    }
+    let status_file = lab.log_dir().join("c3/agent/state/status/default.red.yaml");
+    lab.wait_until(
+        "c3's red status says Admitted=False",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&status_file).is_ok_and(|s| {
+                let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+                flat.contains("type: Admitted status: 'False'")
+                    || flat.contains("type: Admitted status: \"False\"")
+                    || flat.contains("status: 'False' reason: Denied")
+                    || (flat.contains("Admitted") && flat.contains("Denied"))
+            })
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nstatus file: {:?}",
+            std::fs::read_to_string(&status_file)
+        )
+    });
+
+    // Red pods use addresses inside blue's subnet: only L2 isolation keeps
+    // them apart.
+    let cni = bins.path("l2mesh-cni").unwrap();
+    let red_addr = |c: u8| Ipv4Addr::new(10, 200, 0, 100 + c);
+    for c in 1..=2u8 {
+        let node = mesh
+            .nodes
+            .iter()
+            .find(|n| n.role == format!("c{c}-gw"))
+            .unwrap();
+        mesh.attach(
+            &lab,
+            cni,
+            "red",
+            node,
+            &format!("c{c}-gw-p2"),
+            "net1",
+            red_addr(c),
+            Ipv6Addr::new(0xfd00, 0x202, 0, 0, 0, 0, 0, u16::from(c)),
+        )
+        .unwrap();
+    }
+    let topo = lab.topology();
+    let red1 = topo.netns("c1-gw-p2").unwrap();
+    lab.wait_reachable(red1, IpAddr::V4(red_addr(2)), Duration::from_secs(20))
+        .unwrap();
+    let blue1 = topo.netns("c1-gw-p1").unwrap();
+    let blue2 = topo.netns("c2-gw-p1").unwrap();
+    for (from, to) in [
+        (blue1, red_addr(2)),
+        (blue2, red_addr(1)),
+        (red1, Ipv4Addr::new(10, 200, 0, 2)),
+    ] {
+        lab.assert_unreachable(from, IpAddr::V4(to)).unwrap();
+    }
+
+    // c3 is not admitted: its node has no red network to attach to.
+    let c3_node = mesh.nodes.iter().find(|n| n.role == "c3-gw").unwrap();
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "red",
+        "type": "l2mesh-cni",
+        "dataplaneSocket": c3_node.socket,
+        "ipam": {"type": "static", "addresses": [{"address": "10.200.0.103/16"}]},
+    })
+    .to_string();
+    let attached = l2mesh_e2e::cni::CniCall::add(topo.netns("c3-gw-p2").unwrap(), "net1", conf)
+        .run(topo.netns("c3-gw").unwrap(), cni);
+    if attached.is_ok() {
+        // If the plugin accepted it, the pod must still reach no one.
+        let c3 = topo.netns("c3-gw-p2").unwrap();
+        lab.assert_unreachable(c3, IpAddr::V4(red_addr(1))).unwrap();
+    }
+    let c3_status = mesh.status(&lab, bins, "c3-gw").unwrap();
+    assert!(
+        !c3_status.contains("\nred "),
+        "c3 got the red network:\n{c3_status}"
+    );
+}
