@@ -774,10 +774,8 @@ fn scenario_2_networks_are_isolated_and_unadmitted_clusters_get_nothing() {
         || {
             std::fs::read_to_string(&status_file).is_ok_and(|s| {
                 let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
-                flat.contains("type: Admitted status: 'False'")
-                    || flat.contains("type: Admitted status: \"False\"")
-                    || flat.contains("status: 'False' reason: Denied")
-                    || (flat.contains("Admitted") && flat.contains("Denied"))
+                // One condition: reason Denied, status 'False', type Admitted.
+                flat.contains("reason: Denied status: 'False' type: Admitted")
             })
         },
     )
