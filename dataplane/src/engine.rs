@@ -80,6 +80,7 @@ pub struct Engine {
     last_limiter_reset: Option<Instant>,
     buf: Vec<u8>,
     inner: Vec<u8>,
+    pool: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -105,6 +106,17 @@ fn wg_error_label(e: &WireGuardError) -> &'static str {
     }
 }
 
+/// Buffers kept for reuse; enough for a few full batches in flight.
+const POOL_MAX: usize = 4096;
+
+/// A copy of `data` in a recycled buffer: no allocation once warmed up.
+fn pooled(pool: &mut Vec<Vec<u8>>, data: &[u8]) -> Vec<u8> {
+    let mut v = pool.pop().unwrap_or_default();
+    v.clear();
+    v.extend_from_slice(data);
+    v
+}
+
 fn bump(map: &mut BTreeMap<&'static str, u64>, reason: &'static str) {
     *map.entry(reason).or_default() += 1;
 }
@@ -125,6 +137,7 @@ impl Engine {
             last_limiter_reset: None,
             buf: vec![0; BUF_SIZE],
             inner: Vec::with_capacity(BUF_SIZE),
+            pool: Vec::new(),
         }
     }
 
@@ -134,6 +147,21 @@ impl Engine {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Takes back the buffers of outputs the shell has sent, so that the
+    /// next outputs reuse them instead of allocating.
+    pub fn recycle(&mut self, spent: &mut Vec<Vec<u8>>) {
+        let room = POOL_MAX.saturating_sub(self.pool.len());
+        let n = spent.len().min(room);
+        self.pool.extend(spent.drain(..n));
+        spent.clear();
+    }
+
+    /// Counts a node-wide drop the shell detected (e.g. a TAP frame it could
+    /// not segment).
+    pub fn count_drop(&mut self, reason: &'static str) {
+        bump(&mut self.drops, reason);
     }
 
     /// Node-wide drop counters (packets not attributable to a peer).
@@ -263,7 +291,7 @@ impl Engine {
                 bump(&mut self.drops, "cookie_sent");
                 out.push(Output::Udp {
                     to: src,
-                    data: cookie.to_vec(),
+                    data: pooled(&mut self.pool, cookie),
                 });
                 return;
             }
@@ -316,7 +344,7 @@ impl Engine {
                 ok = true;
                 out.push(Output::Udp {
                     to: src,
-                    data: reply.to_vec(),
+                    data: pooled(&mut self.pool, reply),
                 });
                 // Packets queued while the handshake was in flight.
                 while let TunnResult::WriteToNetwork(p) =
@@ -326,13 +354,13 @@ impl Engine {
                     peer.stats.tx_bytes += p.len() as u64;
                     out.push(Output::Udp {
                         to: src,
-                        data: p.to_vec(),
+                        data: pooled(&mut self.pool, p),
                     });
                 }
             }
             TunnResult::WriteToTunnelV4(pkt, _) => {
                 ok = true;
-                delivered = Some(pkt.to_vec());
+                delivered = Some(pooled(&mut self.pool, pkt));
             }
             TunnResult::WriteToTunnelV6(..) => {
                 ok = true;
@@ -348,20 +376,33 @@ impl Engine {
         peer.stats.rx_bytes += data.len() as u64;
         let Some(pkt) = delivered else { return };
         let tunnel_ip = peer.cfg.tunnel_ip;
-        let decoded = match wire::decode(&pkt) {
-            Ok(d) => d,
-            Err(_) => {
-                bump(&mut peer.stats.drops, "bad_vxlan");
+        self.deliver(id, tunnel_ip, &pkt, now, out);
+        if self.pool.len() < POOL_MAX {
+            self.pool.push(pkt);
+        }
+    }
+
+    /// The decrypted inner packet of peer `id`: check it and switch its frame.
+    fn deliver(
+        &mut self,
+        id: PeerId,
+        tunnel_ip: Ipv4Addr,
+        pkt: &[u8],
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) {
+        let reason = match wire::decode(pkt) {
+            Ok(d) if d.src == tunnel_ip => {
+                let result = self.switch.from_peer(id, d.vni, d.frame, now);
+                self.dispatch(Port::Peer(id), d.vni, d.frame, result, now, out);
                 return;
             }
+            Ok(_) => "bad_inner_source",
+            Err(_) => "bad_vxlan",
         };
-        if decoded.src != tunnel_ip {
-            bump(&mut peer.stats.drops, "bad_inner_source");
-            return;
+        if let Some(p) = self.peers.get_mut(&id) {
+            bump(&mut p.stats.drops, reason);
         }
-        let (vni, frame) = (decoded.vni, decoded.frame);
-        let result = self.switch.from_peer(id, vni, frame, now);
-        self.dispatch(Port::Peer(id), vni, frame, result, now, out);
     }
 
     /// A frame read from the TAP of network `vni`.
@@ -405,7 +446,7 @@ impl Engine {
         if fwd.to_tap && self.has_network(vni) {
             out.push(Output::Tap {
                 vni,
-                frame: frame.to_vec(),
+                frame: pooled(&mut self.pool, frame),
             });
         }
         let Some(src_ip) = self.cfg.tunnel_ip else {
@@ -426,7 +467,7 @@ impl Engine {
                         peer.stats.tx_bytes += p.len() as u64;
                         out.push(Output::Udp {
                             to,
-                            data: p.to_vec(),
+                            data: pooled(&mut self.pool, p),
                         });
                     }
                     None => bump(&mut peer.stats.drops, "no_endpoint"),
@@ -457,7 +498,7 @@ impl Engine {
                         peer.stats.tx_bytes += p.len() as u64;
                         out.push(Output::Udp {
                             to,
-                            data: p.to_vec(),
+                            data: pooled(&mut self.pool, p),
                         });
                     }
                 }

@@ -5,6 +5,7 @@
 //! - [`switch`]: MAC learning, flooding and split horizon.
 //! - [`config`]: validation of the desired state and its diff.
 //! - [`engine`]: boringtun tunnels around the switch, still without I/O.
+//! - [`offload`]: TAP virtio-net headers and TCP segmentation (TSO in software).
 
 pub mod api;
 pub mod client;
@@ -15,6 +16,7 @@ pub mod file;
 pub mod keys;
 pub mod metrics;
 pub mod netdev;
+pub mod offload;
 pub mod switch;
 pub mod sync;
 pub mod wire;
