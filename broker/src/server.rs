@@ -327,7 +327,18 @@ impl Broker {
                     .await;
             })
         });
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // `Server::tcp_nodelay` only applies to listeners tonic binds itself;
+        // without it every small response waits ~40 ms for Nagle/delayed ACK.
+        let incoming = futures::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |conn| {
+                conn.inspect(|s| {
+                    if let Err(e) = s.set_nodelay(true) {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                })
+            },
+        );
         let result = Server::builder()
             .tls_config(tls)
             .map_err(|e| Error::Transport(e.to_string()))?

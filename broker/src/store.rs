@@ -132,3 +132,25 @@ mod tests {
         assert!(!loaded.networks.contains_key("red"));
     }
 }
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// `cargo test -p l2mesh-broker --lib -- --ignored --nocapture flush_timing`
+    #[tokio::test]
+    #[ignore = "timing probe, not a test"]
+    async fn flush_timing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let mut s = State::default();
+        let t = std::time::Instant::now();
+        for i in 0..50 {
+            s.create_token("edge", format!("t{i}"), "sec", 60, 1, 0)
+                .unwrap();
+            let dirty = s.take_dirty();
+            store.persist(&s, &dirty).await.unwrap();
+        }
+        println!("persist+flush: {:?} each", t.elapsed() / 50);
+    }
+}
