@@ -383,11 +383,14 @@ impl State {
         let cluster = self.cluster_mut(name)?;
         let old = std::mem::replace(&mut cluster.requested, new.clone());
         self.touch(Key::Cluster(name.to_owned()));
-        let touched: BTreeSet<String> = old.union(&new).cloned().collect();
-        for net in &touched {
-            self.reconcile_slots(net);
-        }
-        let mut affected = self.requesters_of(&touched);
+        // Other clusters' views change only where the membership did: asking
+        // for an unknown network, or being denied, changes nothing for them.
+        let changed: BTreeSet<String> = old
+            .union(&new)
+            .filter(|net| self.reconcile_slots(net))
+            .cloned()
+            .collect();
+        let mut affected = self.requesters_of(&changed);
         affected.insert(name.to_owned());
         Ok(affected)
     }
@@ -425,7 +428,7 @@ impl State {
             self.touch(Key::Token(id));
         }
         for net in &cluster.requested {
-            self.reconcile_slots(net);
+            let _ = self.reconcile_slots(net);
         }
         self.reindex();
         let affected = self.requesters_of(&cluster.requested);

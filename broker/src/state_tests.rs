@@ -273,3 +273,21 @@ fn removing_a_cluster_revokes_its_unused_tokens() {
     assert!(!s.tokens["other"].revoked);
     assert!(matches!(s.remove_cluster("a"), Err(Error::NotFound(_))));
 }
+
+#[test]
+fn asking_for_an_unknown_or_denied_network_affects_only_the_asker() {
+    let mut s = joined(&["a", "b", "c"]);
+    s.create_network("blue", 0, 0, "", vec!["a".into(), "b".into()], false, 0)
+        .unwrap();
+    s.request_networks("a", vec!["blue".into(), "ghost".into()])
+        .unwrap();
+    let affected = s.request_networks("b", vec!["ghost".into()]).unwrap();
+    assert_eq!(affected, BTreeSet::from(["b".to_string()]));
+    let affected = s.request_networks("c", vec!["blue".into()]).unwrap();
+    assert_eq!(affected, BTreeSet::from(["c".to_string()]));
+    let affected = s.request_networks("b", vec!["blue".into()]).unwrap();
+    assert_eq!(
+        affected,
+        BTreeSet::from(["a".to_string(), "b".to_string(), "c".to_string()])
+    );
+}

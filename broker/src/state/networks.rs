@@ -81,7 +81,7 @@ impl State {
         self.meta.next_vni = if vni >= VNI_MAX { VNI_MIN } else { vni + 1 };
         self.touch(Key::Meta);
         self.touch(Key::Network(name.to_owned()));
-        self.reconcile_slots(name);
+        let _ = self.reconcile_slots(name);
         let affected = self.requesters_of(&BTreeSet::from([name.to_owned()]));
         let network = self
             .networks
@@ -142,10 +142,10 @@ impl State {
     }
 
     /// Give members without a slice the lowest free one; take slices back
-    /// from clusters that left.
-    pub(super) fn reconcile_slots(&mut self, net: &str) {
+    /// from clusters that left. Returns whether the membership changed.
+    pub(super) fn reconcile_slots(&mut self, net: &str) -> bool {
         let Some(network) = self.networks.get(net) else {
-            return;
+            return false;
         };
         let wanting: BTreeSet<String> = self
             .clusters
@@ -167,12 +167,14 @@ impl State {
             used.insert(free);
             slots.insert(c.clone(), free);
         }
-        if slots != network.slots {
-            if let Some(n) = self.networks.get_mut(net) {
-                n.slots = slots;
-            }
-            self.touch(Key::Network(net.to_owned()));
+        if slots == network.slots {
+            return false;
         }
+        if let Some(n) = self.networks.get_mut(net) {
+            n.slots = slots;
+        }
+        self.touch(Key::Network(net.to_owned()));
+        true
     }
 
     /// Whether `cluster` is admitted to `net`, and why not.
