@@ -20,9 +20,9 @@ use tun_rs::AsyncDevice;
 use crate::config::{Config, NetConfig, key_b64};
 use crate::engine::{Engine, Output};
 use crate::netdev::{self, Netlink};
-use crate::offload;
 use crate::switch::Group;
 use crate::{Error, keys};
+use crate::{offload, udp};
 
 /// UDP port used when neither the flag nor the desired state sets one.
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
@@ -92,7 +92,9 @@ fn bind_udp(port: u16) -> Result<UdpSocket, Error> {
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     s.set_nonblocking(true)?;
     s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).into())?;
-    Ok(UdpSocket::from_std(s.into())?)
+    let sock = UdpSocket::from_std(s.into())?;
+    udp::enable_gro(&sock);
+    Ok(sock)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -215,8 +217,12 @@ impl Daemon {
                         if out.len() >= MAX_OUTPUTS {
                             break;
                         }
-                        match sock.try_recv_from(&mut buf) {
-                            Ok((n, from)) => e.handle_datagram(from, &buf[..n], now, &mut out),
+                        match udp::try_recv(&sock, &mut buf) {
+                            Ok((n, from, seg)) => {
+                                for r in udp::gro_segments(n, seg) {
+                                    e.handle_datagram(from, &buf[r], now, &mut out);
+                                }
+                            }
                             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
                             Err(err) => {
                                 tracing::debug!(error = %err, "udp receive");
@@ -256,21 +262,45 @@ impl Daemon {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
         let mut tap: Option<(u32, Option<Arc<AsyncDevice>>)> = None;
-        for o in out.drain(..) {
-            match o {
-                Output::Udp { to, data } => {
-                    let r = match sock.try_send_to(&data, to) {
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            sock.send_to(&data, to).await
+        let mut i = 0;
+        while i < out.len() {
+            match &out[i] {
+                Output::Udp { to, .. } => {
+                    let to = *to;
+                    let run = udp::gso_run(out[i..].iter().map_while(|o| match o {
+                        Output::Udp { to, data } => Some((*to, data.len())),
+                        Output::Tap { .. } => None,
+                    }));
+                    let mut sent = false;
+                    if run > 1 {
+                        let bufs: Vec<&[u8]> = out[i..i + run]
+                            .iter()
+                            .filter_map(|o| match o {
+                                Output::Udp { data, .. } => Some(data.as_slice()),
+                                Output::Tap { .. } => None,
+                            })
+                            .collect();
+                        match udp::send_segmented(&sock, to, &bufs).await {
+                            Ok(()) => sent = true,
+                            // E.g. a path MTU below the segment size: send
+                            // them one by one below.
+                            Err(e) => tracing::debug!(error = %e, %to, "segmented udp send"),
                         }
-                        r => r,
-                    };
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, %to, "udp send");
                     }
-                    spent.push(data);
+                    if !sent {
+                        for o in &out[i..i + run] {
+                            if let Output::Udp { data, .. } = o
+                                && let Err(e) = sock.send_to(data, to).await
+                            {
+                                tracing::debug!(error = %e, %to, "udp send");
+                            }
+                        }
+                    }
+                    i += run.max(1);
                 }
                 Output::Tap { vni, frame } => {
+                    let vni = *vni;
+                    i += 1;
                     if tap.as_ref().is_none_or(|(v, _)| *v != vni) {
                         let dev = self
                             .taps
@@ -281,7 +311,7 @@ impl Daemon {
                         tap = Some((vni, dev));
                     }
                     let Some((_, Some(dev))) = &tap else { continue };
-                    let iov = [IoSlice::new(&RX_VNET_HDR), IoSlice::new(&frame)];
+                    let iov = [IoSlice::new(&RX_VNET_HDR), IoSlice::new(frame)];
                     let r = match dev.try_send_vectored(&iov) {
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             dev.send_vectored(&iov).await
@@ -291,10 +321,13 @@ impl Daemon {
                     if let Err(e) = r {
                         tracing::debug!(error = %e, vni, "tap write");
                     }
-                    spent.push(frame);
                 }
             }
         }
+        spent.extend(out.drain(..).map(|o| match o {
+            Output::Udp { data, .. } => data,
+            Output::Tap { frame, .. } => frame,
+        }));
     }
 
     async fn add_network(self: &Arc<Self>, n: &NetConfig) -> Result<(), Error> {

@@ -19,6 +19,7 @@ pub mod netdev;
 pub mod offload;
 pub mod switch;
 pub mod sync;
+pub mod udp;
 pub mod wire;
 
 /// Errors of the dataplane library.

@@ -1,0 +1,205 @@
+//! Underlay UDP with segmentation offloads. A run of equal-sized datagrams to
+//! one peer (what a TCP super-frame from the TAP turns into) leaves in one
+//! `sendmsg` with `UDP_SEGMENT`; with `UDP_GRO` on, the receiver gets such a
+//! run back in one `recvmsg`. The wire still carries ordinary datagrams, so
+//! peers without offloads (a stock WireGuard) see no difference.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::ops::Range;
+use std::os::fd::AsRawFd as _;
+
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, SockaddrStorage, recvmsg, sendmsg,
+    setsockopt, sockopt,
+};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+/// The kernel accepts at most this many segments per `UDP_SEGMENT` send.
+pub const MAX_SEGMENTS: usize = 64;
+/// Payload limit of one UDP/IPv4 send (65535 - 20 - 8), with a margin.
+pub const MAX_GSO_BYTES: usize = 65_000;
+
+/// How many of `items` (destination, length), from the first, can leave in
+/// one segmented send: same destination, every one as long as the first
+/// except a shorter last one, within the kernel's limits.
+pub fn gso_run(items: impl IntoIterator<Item = (SocketAddr, usize)>) -> usize {
+    let mut it = items.into_iter();
+    let Some((to, size)) = it.next() else {
+        return 0;
+    };
+    if size == 0 {
+        return 1;
+    }
+    let (mut n, mut total) = (1, size);
+    for (t, len) in it {
+        if t != to || len > size || n == MAX_SEGMENTS || total + len > MAX_GSO_BYTES || len == 0 {
+            break;
+        }
+        n += 1;
+        total += len;
+        if len < size {
+            break;
+        }
+    }
+    n
+}
+
+/// The datagrams inside a coalesced receive of `n` bytes whose segment size
+/// the kernel reported as `seg` (0 or absent: one datagram).
+pub fn gro_segments(n: usize, seg: usize) -> impl Iterator<Item = Range<usize>> {
+    let step = if seg == 0 { n.max(1) } else { seg };
+    (0..n).step_by(step).map(move |s| s..(s + step).min(n))
+}
+
+/// Asks the kernel to coalesce received runs; harmless where unsupported.
+pub fn enable_gro(sock: &UdpSocket) {
+    if let Err(e) = setsockopt(sock, sockopt::UdpGroSegment, &true) {
+        tracing::debug!(error = %e, "UDP GRO unavailable");
+    }
+}
+
+fn v4(to: SocketAddr) -> Option<SockaddrIn> {
+    match to {
+        SocketAddr::V4(a) => Some(SockaddrIn::from(a)),
+        SocketAddr::V6(_) => None,
+    }
+}
+
+/// Sends `bufs` to `to` as `bufs.len()` datagrams of `bufs[0].len()` bytes
+/// (the last may be shorter) in one system call.
+pub async fn send_segmented(sock: &UdpSocket, to: SocketAddr, bufs: &[&[u8]]) -> io::Result<()> {
+    let Some(addr) = v4(to) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "IPv6 endpoint on an IPv4 socket",
+        ));
+    };
+    let seg = u16::try_from(bufs.first().map_or(0, |b| b.len()))
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment too large"))?;
+    let iov: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+    let fd = sock.as_raw_fd();
+    sock.async_io(Interest::WRITABLE, || {
+        let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+        sendmsg(fd, &iov, &cmsg, MsgFlags::empty(), Some(&addr))
+            .map(|_| ())
+            .map_err(io::Error::from)
+    })
+    .await
+}
+
+/// One non-blocking receive: bytes, sender and GRO segment size (0 if the
+/// kernel did not coalesce).
+pub fn try_recv(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+    let fd = sock.as_raw_fd();
+    sock.try_io(Interest::READABLE, || {
+        let mut cmsg = nix::cmsg_space!(i32);
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
+            .map_err(io::Error::from)?;
+        let from = msg
+            .address
+            .and_then(|a| a.as_sockaddr_in().copied())
+            .map(|a| SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())))
+            .ok_or_else(|| io::Error::other("datagram without an IPv4 source"))?;
+        let mut seg = 0;
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::UdpGroSegments(s) = c {
+                    seg = usize::try_from(s).unwrap_or(0);
+                }
+            }
+        }
+        Ok((msg.bytes, from, seg))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn runs_of_equal_datagrams_with_a_shorter_tail() {
+        let t = a(1);
+        assert_eq!(gso_run([]), 0);
+        assert_eq!(gso_run([(t, 1400)]), 1);
+        assert_eq!(gso_run([(t, 1400), (t, 1400), (t, 1400)]), 3);
+        // A shorter one ends the run and belongs to it.
+        assert_eq!(gso_run([(t, 1400), (t, 1400), (t, 7), (t, 1400)]), 3);
+        // A longer one does not.
+        assert_eq!(gso_run([(t, 1400), (t, 1401)]), 1);
+        // Another destination ends it.
+        assert_eq!(gso_run([(t, 1400), (t, 1400), (a(2), 1400)]), 2);
+        assert_eq!(gso_run([(t, 0), (t, 0)]), 1);
+    }
+
+    #[test]
+    fn runs_respect_kernel_limits() {
+        let t = a(1);
+        assert_eq!(gso_run(std::iter::repeat_n((t, 100), 200)), MAX_SEGMENTS);
+        assert_eq!(
+            gso_run(std::iter::repeat_n((t, 1472), 64)),
+            MAX_GSO_BYTES / 1472
+        );
+    }
+
+    #[test]
+    fn coalesced_receives_split_at_the_segment_size() {
+        let v: Vec<_> = gro_segments(3000, 1400).collect();
+        assert_eq!(v, vec![0..1400, 1400..2800, 2800..3000]);
+        assert_eq!(gro_segments(1400, 1400).collect::<Vec<_>>(), vec![0..1400]);
+        assert_eq!(gro_segments(100, 0).collect::<Vec<_>>(), vec![0..100]);
+        assert_eq!(gro_segments(0, 0).count(), 0);
+    }
+
+    #[tokio::test]
+    async fn segmented_send_arrives_as_separate_datagrams() {
+        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = rx.local_addr().unwrap();
+        let bufs: Vec<Vec<u8>> = (0..5u8)
+            .map(|i| vec![i; if i == 4 { 33 } else { 1200 }])
+            .collect();
+        let refs: Vec<&[u8]> = bufs.iter().map(Vec::as_slice).collect();
+        match send_segmented(&tx, to, &refs).await {
+            Ok(()) => {}
+            Err(e) => {
+                eprintln!("skipping: UDP GSO not available here: {e}");
+                return;
+            }
+        }
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65_536];
+        while got.len() < bufs.len() {
+            let (n, _) = rx.recv_from(&mut buf).await.unwrap();
+            got.push(buf[..n].to_vec());
+        }
+        assert_eq!(got, bufs);
+    }
+
+    #[tokio::test]
+    async fn gro_receive_reports_the_sender() {
+        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        enable_gro(&rx);
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        tx.send_to(b"hello", rx.local_addr().unwrap())
+            .await
+            .unwrap();
+        rx.readable().await.unwrap();
+        let mut buf = vec![0u8; 65_536];
+        let (n, from, seg) = loop {
+            match try_recv(&rx, &mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => rx.readable().await.unwrap(),
+                r => break r.unwrap(),
+            }
+        };
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(from, tx.local_addr().unwrap());
+        assert!(gro_segments(n, seg).eq([0..5]));
+    }
+}
