@@ -101,6 +101,12 @@ fn cargo() -> PathBuf {
 /// Builds every binary of the workspace with `profile` (`cargo build
 /// --workspace --bins`) and returns where they are.
 pub fn build(profile: Profile) -> Result<Binaries> {
+    build_with(profile, false)
+}
+
+/// Like [`build`]; with `show_progress` cargo's progress goes to our
+/// stderr (for the demo: a first release build takes minutes).
+pub fn build_with(profile: Profile, show_progress: bool) -> Result<Binaries> {
     let root = workspace_root();
     let mut cmd = Command::new(cargo());
     cmd.arg("build")
@@ -115,6 +121,9 @@ pub fn build(profile: Profile) -> Result<Binaries> {
     if profile == Profile::Release {
         cmd.arg("--release");
     }
+    if show_progress {
+        cmd.stderr(Stdio::inherit());
+    }
     let command = crate::netns::describe(&cmd);
     let out = cmd.output().map_err(|source| Error::Spawn {
         command: command.clone(),
@@ -123,10 +132,14 @@ pub fn build(profile: Profile) -> Result<Binaries> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(Error::Build(format!(
-            "`{command}` exited with {}:\n{}",
-            out.status,
+        let detail = if show_progress {
+            "(see cargo's output above)\n".to_owned()
+        } else {
             crate::process::tail(&stderr, 60)
+        };
+        return Err(Error::Build(format!(
+            "`{command}` exited with {}:\n{detail}",
+            out.status
         )));
     }
     Ok(Binaries {
@@ -157,7 +170,7 @@ pub fn for_demo() -> Result<Binaries> {
     if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
         return Binaries::from_dir(Path::new(&dir));
     }
-    match build(Profile::of_current_exe()) {
+    match build_with(Profile::of_current_exe(), true) {
         Err(Error::Spawn { command, source }) => {
             let dir = std::env::current_exe()
                 .ok()
