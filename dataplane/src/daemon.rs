@@ -34,13 +34,15 @@ const BATCH: usize = 64;
 /// Stop reading and send once this many outputs are queued (a few TSO
 /// super-frames' worth), which bounds latency and buffer use.
 const MAX_OUTPUTS: usize = 256;
-/// Header for frames written to a TAP: no GSO, checksum already verified.
-/// WireGuard authenticated the frame, and the sender's stack (or our
-/// segmentation) filled in the checksums, so the pod need not check again,
-/// as the kernel's WireGuard also marks what it decrypts.
-const RX_VNET_HDR: [u8; offload::VNET_HDR_LEN] =
-    [VIRTIO_NET_HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
+
+/// Buffers an I/O task keeps across wakeups.
+#[derive(Default)]
+struct Scratch {
+    /// Output buffers already sent, handed back to the engine's pool.
+    spent: Vec<Vec<u8>>,
+    /// The super-frame being written to a TAP.
+    gro: Vec<u8>,
+}
 
 nix::ioctl_write_int!(tunsetoffload, b'T', 208);
 
@@ -201,7 +203,7 @@ impl Daemon {
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
             let mut out = Vec::new();
-            let mut spent = Vec::new();
+            let mut scratch = Scratch::default();
             loop {
                 if let Err(e) = sock.readable().await {
                     tracing::debug!(error = %e, "udp readiness");
@@ -211,7 +213,7 @@ impl Daemon {
                 // results: one wakeup and one lock per burst, not per packet.
                 {
                     let mut e = lock(&d.engine);
-                    e.recycle(&mut spent);
+                    e.recycle(&mut scratch.spent);
                     let now = Instant::now();
                     for _ in 0..BATCH {
                         if out.len() >= MAX_OUTPUTS {
@@ -231,7 +233,7 @@ impl Daemon {
                         }
                     }
                 }
-                d.perform(&mut out, &mut spent).await;
+                d.perform(&mut out, &mut scratch).await;
             }
         });
         if let Some(old) = lock(&self.udp_task).replace(task) {
@@ -245,13 +247,13 @@ impl Daemon {
         loop {
             iv.tick().await;
             lock(&self.engine).tick(Instant::now(), &mut out);
-            self.perform(&mut out, &mut Vec::new()).await;
+            self.perform(&mut out, &mut Scratch::default()).await;
         }
     }
 
     /// Sends what the engine produced. The non-blocking attempt almost always
     /// succeeds; only a full socket or TAP queue costs an await.
-    async fn perform(&self, out: &mut Vec<Output>, spent: &mut Vec<Vec<u8>>) {
+    async fn perform(&self, out: &mut Vec<Output>, scratch: &mut Scratch) {
         if out.is_empty() {
             return;
         }
@@ -298,9 +300,16 @@ impl Daemon {
                     }
                     i += run.max(1);
                 }
-                Output::Tap { vni, frame } => {
+                Output::Tap { vni, .. } => {
                     let vni = *vni;
-                    i += 1;
+                    let frames: Vec<&[u8]> = out[i..]
+                        .iter()
+                        .map_while(|o| match o {
+                            Output::Tap { vni: v, frame } if *v == vni => Some(frame.as_slice()),
+                            _ => None,
+                        })
+                        .collect();
+                    i += frames.len();
                     if tap.as_ref().is_none_or(|(v, _)| *v != vni) {
                         let dev = self
                             .taps
@@ -311,20 +320,34 @@ impl Daemon {
                         tap = Some((vni, dev));
                     }
                     let Some((_, Some(dev))) = &tap else { continue };
-                    let iov = [IoSlice::new(&RX_VNET_HDR), IoSlice::new(frame)];
-                    let r = match dev.try_send_vectored(&iov) {
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            dev.send_vectored(&iov).await
+                    let mut j = 0;
+                    while j < frames.len() {
+                        // Runs of one TCP flow go up as one super-frame: one
+                        // write, one trip through bridge and pod stack.
+                        let n = offload::coalesce(&frames[j..], &mut scratch.gro).max(1);
+                        let iov = if n > 1 {
+                            [IoSlice::new(&scratch.gro), IoSlice::new(&[])]
+                        } else {
+                            [
+                                IoSlice::new(&offload::PLAIN_RX_HDR),
+                                IoSlice::new(frames[j]),
+                            ]
+                        };
+                        j += n;
+                        let r = match dev.try_send_vectored(&iov) {
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                dev.send_vectored(&iov).await
+                            }
+                            r => r,
+                        };
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, vni, "tap write");
                         }
-                        r => r,
-                    };
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, vni, "tap write");
                     }
                 }
             }
         }
-        spent.extend(out.drain(..).map(|o| match o {
+        scratch.spent.extend(out.drain(..).map(|o| match o {
             Output::Udp { data, .. } => data,
             Output::Tap { frame, .. } => frame,
         }));
@@ -371,9 +394,9 @@ impl Daemon {
             // A TSO super-frame is up to 64 KiB of IP plus Ethernet and the
             // virtio-net header.
             let mut buf = vec![0u8; 65_536 + 1024];
-            let mut scratch = Vec::with_capacity(65_536);
+            let mut seg_buf = Vec::with_capacity(65_536);
             let mut out = Vec::new();
-            let mut spent = Vec::new();
+            let mut scratch = Scratch::default();
             loop {
                 if let Err(e) = reader_dev.readable().await {
                     tracing::warn!(error = %e, vni, "TAP wait failed; stopping its reader");
@@ -381,7 +404,7 @@ impl Daemon {
                 }
                 {
                     let mut e = lock(&d.engine);
-                    e.recycle(&mut spent);
+                    e.recycle(&mut scratch.spent);
                     let now = Instant::now();
                     for _ in 0..BATCH {
                         if out.len() >= MAX_OUTPUTS {
@@ -389,7 +412,7 @@ impl Daemon {
                         }
                         match reader_dev.try_recv(&mut buf) {
                             Ok(len) => {
-                                let r = offload::segment(&mut buf[..len], &mut scratch, |f| {
+                                let r = offload::segment(&mut buf[..len], &mut seg_buf, |f| {
                                     e.handle_tap(vni, f, now, &mut out);
                                 });
                                 if let Err(err) = r {
@@ -406,7 +429,7 @@ impl Daemon {
                         }
                     }
                 }
-                d.perform(&mut out, &mut spent).await;
+                d.perform(&mut out, &mut scratch).await;
             }
         });
         let old = self

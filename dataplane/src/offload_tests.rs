@@ -261,3 +261,103 @@ proptest! {
         let _ = segment(&mut raw, &mut scratch, |_| {});
     }
 }
+
+/// Segments a super-frame, then joins the segments again.
+fn segments_of(v6: bool, len: usize, mss: usize, flags: u8) -> Vec<Vec<u8>> {
+    let mut raw = super_frame(v6, false, &payload(len), mss, flags);
+    run(&mut raw).into_iter().map(|s| s.frame).collect()
+}
+
+fn coalesce_all(frames: &[Vec<u8>]) -> Vec<(usize, Vec<u8>)> {
+    let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+    let mut i = 0;
+    let mut v = Vec::new();
+    let mut out = Vec::new();
+    while i < refs.len() {
+        let n = coalesce(&refs[i..], &mut out);
+        assert!(n >= 1);
+        v.push((n, out.clone()));
+        i += n;
+    }
+    v
+}
+
+#[test]
+fn coalesced_segments_resegment_to_the_same_frames() {
+    for (v6, len, mss) in [
+        (false, 3 * 1338 + 7, 1338),
+        (true, 5 * 1318, 1318),
+        (false, 64 * 1024 - 60 - 33, 1338),
+        (false, 1338 + 1, 1338),
+    ] {
+        let segs = segments_of(v6, len, mss, TCP_ACK | TCP_PSH);
+        let runs = coalesce_all(&segs);
+        assert_eq!(runs.len(), 1, "one run for {len}");
+        let (n, mut sup) = runs.into_iter().next().unwrap();
+        assert_eq!(n, segs.len());
+        let h = VnetHdr::parse(&sup).unwrap();
+        assert_eq!(usize::from(h.gso_size), mss);
+        assert_eq!(h.flags, F_NEEDS_CSUM);
+        let again: Vec<Vec<u8>> = run(&mut sup).into_iter().map(|s| s.frame).collect();
+        assert_eq!(again, segs);
+    }
+}
+
+#[test]
+fn runs_stop_at_gaps_other_flows_and_odd_segments() {
+    let segs = segments_of(false, 4 * 1338, 1338, TCP_ACK);
+    let refs: Vec<&[u8]> = segs.iter().map(Vec::as_slice).collect();
+    let mut out = Vec::new();
+    // A lost segment: the run stops before the gap.
+    let gap = [refs[0], refs[1], refs[3]];
+    assert_eq!(coalesce(&gap, &mut out), 2);
+    // Another flow in between.
+    let other = segments_of(true, 3 * 1318, 1318, TCP_ACK);
+    let mixed = [refs[0], other[0].as_slice(), refs[1]];
+    assert_eq!(coalesce(&mixed, &mut out), 1);
+    assert!(out.is_empty());
+    // A single frame is left for a plain write.
+    assert_eq!(coalesce(&refs[..1], &mut out), 1);
+    assert!(out.is_empty());
+    assert_eq!(coalesce(&[], &mut out), 0);
+    // A short segment ends the run and is part of it.
+    let short = segments_of(false, 1338 + 5, 1338, TCP_ACK);
+    let v = [short[0].as_slice(), short[1].as_slice(), refs[2]];
+    assert_eq!(coalesce(&v, &mut out), 2);
+    // FIN/SYN segments and non-TCP frames are never joined.
+    let fin = segments_of(false, 2 * 1338, 1338, TCP_ACK | TCP_FIN);
+    let v = [fin[0].as_slice(), fin[1].as_slice()];
+    assert_eq!(coalesce(&v, &mut out), 1);
+    let not_tcp = vec![0u8; 100];
+    assert_eq!(coalesce(&[&not_tcp, &not_tcp], &mut out), 1);
+    // The coalesced IPv4 header checksum is right.
+    assert_eq!(coalesce(&refs, &mut out), 4);
+    let f = &out[VNET_HDR_LEN..];
+    assert_eq!(fold(sum16(0, &f[14..34])), 0xffff);
+    assert_eq!(
+        usize::from(u16::from_be_bytes([f[16], f[17]])),
+        f.len() - 14
+    );
+}
+
+proptest! {
+    #[test]
+    fn coalesce_never_panics(
+        frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..5),
+    ) {
+        let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+        let mut out = Vec::new();
+        let n = coalesce(&refs, &mut out);
+        prop_assert!(n <= refs.len());
+    }
+
+    #[test]
+    fn mutated_runs_never_panic(at in 0usize..120, byte in any::<u8>(), which in 0usize..3) {
+        let mut segs = segments_of(false, 3 * 536, 536, TCP_ACK);
+        let i = at.min(segs[which].len() - 1);
+        segs[which][i] = byte;
+        let refs: Vec<&[u8]> = segs.iter().map(Vec::as_slice).collect();
+        let mut out = Vec::new();
+        prop_assert!(coalesce(&refs, &mut out) >= 1);
+    }
+}
