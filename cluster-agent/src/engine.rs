@@ -197,7 +197,24 @@ impl Shared {
     }
 
     /// Store a node's status; returns the node's current desired revision.
+    /// A status carrying a new public key is a key rotation: the node's hello
+    /// is updated so that its peers (and the broker) get the new key at once.
     pub fn set_node_status(&self, status: NodeStatus) -> u64 {
+        let rotated = {
+            let s = self.lock();
+            s.hellos.get(&status.node_name).and_then(|hello| {
+                (status.public_key.len() == 32 && hello.public_key != status.public_key).then(
+                    || Hello {
+                        public_key: status.public_key.clone(),
+                        ..hello.clone()
+                    },
+                )
+            })
+        };
+        if let Some(hello) = rotated {
+            tracing::info!(node = %status.node_name, "node rotated its WireGuard key");
+            self.set_hello(&status.node_name, hello);
+        }
         let mut s = self.lock();
         let rev = s
             .desired
@@ -488,6 +505,61 @@ mod tests {
         assert_eq!(second.peers.len(), 1);
         assert!(s.is_known_node("b"));
         assert!(!s.is_known_node("c"));
+    }
+
+    #[test]
+    fn a_status_with_a_new_key_is_a_rotation_that_reaches_the_peers() {
+        let s = shared();
+        let rx_a = s.subscribe("a");
+        s.set_intent(vec![node("a"), node("b")], vec![blue()]);
+        let hello = |key: u8| Hello {
+            public_key: vec![key; 32],
+            listen_port: 1,
+            endpoints: vec!["127.0.0.1:1".into()],
+        };
+        s.set_hello("b", hello(2));
+        s.reconcile();
+        let before = rx_a.borrow().clone().unwrap();
+        assert_eq!(before.peers[0].public_key, vec![2; 32]);
+
+        // Same key again: nothing changes.
+        s.set_node_status(NodeStatus {
+            node_name: "b".into(),
+            public_key: vec![2; 32],
+            ..Default::default()
+        });
+        s.reconcile();
+        assert_eq!(rx_a.borrow().as_ref().unwrap().revision, before.revision);
+
+        s.set_node_status(NodeStatus {
+            node_name: "b".into(),
+            public_key: vec![3; 32],
+            ..Default::default()
+        });
+        s.reconcile();
+        let after = rx_a.borrow().clone().unwrap();
+        assert!(after.revision > before.revision);
+        assert_eq!(
+            after.peers[0].public_key,
+            vec![3; 32],
+            "peer a learns b's new key"
+        );
+        assert_eq!(
+            after.peers[0].endpoint, before.peers[0].endpoint,
+            "endpoint kept"
+        );
+
+        // A malformed key in a status is ignored, not adopted.
+        s.set_node_status(NodeStatus {
+            node_name: "b".into(),
+            public_key: vec![4; 5],
+            ..Default::default()
+        });
+        s.reconcile();
+        assert_eq!(
+            rx_a.borrow().as_ref().unwrap().peers[0].public_key,
+            vec![3; 32]
+        );
     }
 
     #[derive(Debug, Default, Clone)]

@@ -17,12 +17,18 @@ use crate::daemon::Daemon;
 /// The name the agent's certificate must carry.
 pub const AGENT_SERVER_NAME: &str = "l2mesh-agent";
 const REPORT_EVERY: Duration = Duration::from_secs(5);
+/// How often the node's public key is compared with the one last reported: a
+/// rotated key must reach the agent (and through it every peer) at once, since
+/// peers cannot handshake with us again until they have it.
+const KEY_CHECK_EVERY: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// What the sync loop needs from the dataplane (the daemon, or a fake in tests).
 pub trait Applier: Send + Sync + 'static {
     fn apply(&self, d: DesiredState) -> impl Future<Output = Result<ApplyResult, Error>> + Send;
     fn status(&self) -> impl Future<Output = Result<NodeStatus, Error>> + Send;
+    /// The node's current WireGuard public key (cheap; polled).
+    fn public_key(&self) -> [u8; 32];
 }
 
 impl Applier for Arc<Daemon> {
@@ -32,6 +38,10 @@ impl Applier for Arc<Daemon> {
 
     fn status(&self) -> impl Future<Output = Result<NodeStatus, Error>> + Send {
         Daemon::status(self)
+    }
+
+    fn public_key(&self) -> [u8; 32] {
+        Daemon::public_key(self)
     }
 }
 
@@ -131,6 +141,8 @@ async fn session<A: Applier>(
     let mut stream = client.watch_desired(hello).await?.into_inner();
     tracing::info!(agent = %opts.agent, "watching the agent for desired state");
     let mut tick = tokio::time::interval(REPORT_EVERY);
+    let mut key_check = tokio::time::interval(KEY_CHECK_EVERY);
+    let mut reported_key = status.public_key;
     loop {
         tokio::select! {
             msg = stream.message() => {
@@ -140,10 +152,22 @@ async fn session<A: Applier>(
                     Ok(r) => *last_revision = r.applied_revision,
                     Err(e) => tracing::warn!(revision, error = %e, "rejected desired state; keeping the last one"),
                 }
-                client.report_status(applier.status().await?).await?;
+                let status = applier.status().await?;
+                reported_key.clone_from(&status.public_key);
+                client.report_status(status).await?;
             }
             _ = tick.tick() => {
-                client.report_status(applier.status().await?).await?;
+                let status = applier.status().await?;
+                reported_key.clone_from(&status.public_key);
+                client.report_status(status).await?;
+            }
+            _ = key_check.tick() => {
+                if applier.public_key().as_slice() != reported_key.as_slice() {
+                    let status = applier.status().await?;
+                    tracing::info!("public key rotated; reporting it to the agent");
+                    reported_key.clone_from(&status.public_key);
+                    client.report_status(status).await?;
+                }
             }
         }
     }

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 
 use l2mesh_proto::node::SyncAck;
 use l2mesh_proto::node::node_sync_server::{NodeSync, NodeSyncServer};
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
@@ -12,11 +12,14 @@ use tonic::{Request, Response, Status};
 struct Seen {
     hellos: Vec<NodeHello>,
     reports: Vec<u64>,
+    report_keys: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, Default)]
 struct Agent {
     seen: Arc<Mutex<Seen>>,
+    /// Keep the watch open after the states instead of ending it.
+    hold_open: bool,
 }
 
 #[tonic::async_trait]
@@ -42,14 +45,22 @@ impl NodeSync for Agent {
                 ..Default::default()
             })
         });
-        Ok(Response::new(Box::pin(tokio_stream::iter(
-            states.collect::<Vec<_>>(),
-        ))))
+        let states = tokio_stream::iter(states.collect::<Vec<_>>());
+        if self.hold_open {
+            Ok(Response::new(Box::pin(
+                states.chain(tokio_stream::pending()),
+            )))
+        } else {
+            Ok(Response::new(Box::pin(states)))
+        }
     }
 
     async fn report_status(&self, req: Request<NodeStatus>) -> Result<Response<SyncAck>, Status> {
-        let rev = req.into_inner().applied_revision;
-        self.seen.lock().unwrap().reports.push(rev);
+        let status = req.into_inner();
+        let rev = status.applied_revision;
+        let mut seen = self.seen.lock().unwrap();
+        seen.reports.push(rev);
+        seen.report_keys.push(status.public_key);
         Ok(Response::new(SyncAck { revision: rev }))
     }
 }
@@ -57,6 +68,13 @@ impl NodeSync for Agent {
 #[derive(Clone, Default)]
 struct Fake {
     applied: Arc<Mutex<Vec<u64>>>,
+    rotated_key: Arc<Mutex<Option<[u8; 32]>>>,
+}
+
+impl Fake {
+    fn key(&self) -> [u8; 32] {
+        self.rotated_key.lock().unwrap().unwrap_or([7; 32])
+    }
 }
 
 impl Applier for Fake {
@@ -72,23 +90,31 @@ impl Applier for Fake {
 
     fn status(&self) -> impl Future<Output = Result<NodeStatus, Error>> + Send {
         let rev = self.applied.lock().unwrap().last().copied().unwrap_or(0);
+        let key = self.key();
         async move {
             Ok(NodeStatus {
-                public_key: vec![7; 32],
+                public_key: key.to_vec(),
                 listen_port: 1234,
                 applied_revision: rev,
                 ..Default::default()
             })
         }
     }
+
+    fn public_key(&self) -> [u8; 32] {
+        self.key()
+    }
 }
 
 async fn start_agent() -> (Agent, String, Vec<u8>) {
+    start_agent_with(Agent::default()).await
+}
+
+async fn start_agent_with(agent: Agent) -> (Agent, String, Vec<u8>) {
     let ck = rcgen::generate_simple_self_signed(vec![AGENT_SERVER_NAME.to_string()]).unwrap();
     let (cert, key) = (ck.cert.pem(), ck.signing_key.serialize_pem());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let agent = Agent::default();
     let svc = NodeSyncServer::new(agent.clone());
     tokio::spawn(async move {
         Server::builder()
@@ -145,6 +171,40 @@ async fn applies_every_state_reports_and_reconnects_with_last_revision() {
         seen.reports
     );
     assert_eq!(fake.applied.lock().unwrap()[..2], [1, 2]);
+}
+
+// Multi-threaded: the checks below block their thread while the client runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_is_reported_at_once_without_waiting_for_the_periodic_report() {
+    let (agent, url, ca) = start_agent_with(Agent {
+        hold_open: true,
+        ..Agent::default()
+    })
+    .await;
+    let fake = Fake::default();
+    let task = tokio::spawn(run(fake.clone(), opts(url, ca, "s3cret")));
+    let wait_for = |what: &'static str, cond: &dyn Fn(&Seen) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            if cond(&agent.seen.lock().unwrap()) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("first reports", &|s| s.reports.len() >= 2);
+    *fake.rotated_key.lock().unwrap() = Some([9; 32]);
+    // Well under the 5 s periodic report: the key check must trigger it.
+    wait_for("rotated key reported within 3 s", &|s| {
+        s.report_keys.iter().any(|k| k == &vec![9; 32])
+    });
+    task.abort();
+    assert_eq!(
+        agent.seen.lock().unwrap().hellos.len(),
+        1,
+        "no reconnect was needed"
+    );
 }
 
 #[tokio::test]
