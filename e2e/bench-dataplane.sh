@@ -88,7 +88,15 @@ measure() {
     dcpus=$(python3 -c "print(f'{($d1-$d0)/$HZ/max($bytes/1e9,1e-9):.2f}')")
     res+=("$gbps" "$cpus" "$dcpus")
   done
-  echo "$name ${res[*]} ${rtt:-nan}" >> "$WORK/results"
+  # Small frames: 64-byte UDP payloads as fast as one sender goes; packets
+  # per second that arrive.
+  ip netns exec "$PB" iperf3 -s -D -1 >/dev/null 2>&1 || true
+  sleep 0.3
+  local pps
+  pps=$(ip netns exec "$PA" iperf3 -c 10.9.0.2 -u -b 0 -l 64 -t "$DURATION" -J |
+    python3 -c 'import json,sys; s=json.load(sys.stdin)["end"]["sum"]; print("%.0f" % ((s["packets"]-s["lost_packets"])/max(s["seconds"],1e-9)/1e3))' ||
+    echo nan)
+  echo "$name ${res[*]} ${rtt:-nan} $pps" >> "$WORK/results"
 }
 
 # ---------------------------------------------------------------- l2mesh
@@ -191,10 +199,12 @@ rows = [l.split() for l in open(sys.argv[1])]
 ref = {r[0]: r for r in rows}
 wg = ref.get("vxlan-over-wireguard-go")
 print("CPU s/GB: whole machine (noisy when it is shared) / tunnel processes only; (1) and (4) streams")
-print(f"{'path':<26}{'1 stream':>12}{'4 streams':>13}{'CPU s/GB(1)':>15}{'CPU s/GB(4)':>15}{'RTT ms':>9}{'vs wg-go (1/4)':>17}")
-for name, g1, c1, d1, g4, c4, d4, rtt in rows:
+print("64B kpps: 64-byte UDP datagrams received per second (thousands), one sender")
+print(f"{'path':<26}{'1 stream':>12}{'4 streams':>13}{'CPU s/GB(1)':>15}{'CPU s/GB(4)':>15}{'RTT ms':>9}{'64B kpps':>10}{'vs wg-go (1/4/64B)':>22}")
+for name, g1, c1, d1, g4, c4, d4, rtt, pps in rows:
     ratio = ""
     if wg:
-        ratio = f"{float(g1)/max(float(wg[1]),1e-9):.2f}x/{float(g4)/max(float(wg[4]),1e-9):.2f}x"
-    print(f"{name:<26}{g1+' Gb/s':>12}{g4+' Gb/s':>13}{c1+' / '+d1:>15}{c4+' / '+d4:>15}{rtt:>9}{ratio:>17}")
+        r = lambda a, b: f"{float(a)/max(float(b),1e-9):.2f}x"
+        ratio = f"{r(g1, wg[1])}/{r(g4, wg[4])}/{r(pps, wg[8])}"
+    print(f"{name:<26}{g1+' Gb/s':>12}{g4+' Gb/s':>13}{c1+' / '+d1:>15}{c4+' / '+d4:>15}{rtt:>9}{pps:>10}{ratio:>22}")
 EOF
