@@ -46,7 +46,28 @@ struct Peer {
     tunn: Tunn,
     endpoint: Option<SocketAddr>,
     stats: PeerStats,
+    /// The tunnel still runs on the node key from before the last rotation
+    /// (its sessions are alive; see [`PreviousKey`]).
+    on_previous_key: bool,
+    /// Send a handshake initiation on the next tick instead of waiting for
+    /// traffic: a peer that rotated its key moves to it only when we handshake.
+    handshake_now: bool,
 }
+
+/// The node key before a rotation. Make-before-break: tunnels keep their
+/// sessions on it until their peer, having learnt the new key, handshakes with
+/// it, or until [`PREVIOUS_KEY_GRACE`] has passed.
+struct PreviousKey {
+    secret: StaticSecret,
+    public: PublicKey,
+    limiter: Arc<RateLimiter>,
+    /// Set on the first tick after the rotation (the engine has no clock).
+    retire_at: Option<Instant>,
+}
+
+/// How long tunnels may stay on the previous key after a rotation: long
+/// enough for the new key to reach every peer through the control plane.
+const PREVIOUS_KEY_GRACE: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,6 +99,7 @@ pub struct Engine {
     switch: Switch,
     drops: BTreeMap<&'static str, u64>,
     last_limiter_reset: Option<Instant>,
+    previous: Option<PreviousKey>,
     buf: Vec<u8>,
     inner: Vec<u8>,
     pool: Vec<Vec<u8>>,
@@ -135,6 +157,7 @@ impl Engine {
             switch: Switch::default(),
             drops: BTreeMap::new(),
             last_limiter_reset: None,
+            previous: None,
             buf: vec![0; BUF_SIZE],
             inner: Vec::with_capacity(BUF_SIZE),
             pool: Vec::new(),
@@ -226,6 +249,8 @@ impl Engine {
                     tunn,
                     endpoint: p.endpoint,
                     stats: PeerStats::default(),
+                    on_previous_key: false,
+                    handshake_now: p.endpoint.is_some(),
                 },
             );
         }
@@ -238,6 +263,7 @@ impl Engine {
                 if let Some(t) = fresh {
                     // boringtun cannot change keepalive in place.
                     peer.tunn = t;
+                    peer.on_previous_key = false;
                 }
                 if old.endpoint != new.endpoint && new.endpoint.is_some() {
                     peer.endpoint = new.endpoint;
@@ -259,15 +285,42 @@ impl Engine {
     }
 
     /// Replaces the node key; every peer re-handshakes with the new one.
+    /// Rotate the node key. Existing tunnels keep their sessions (on the
+    /// previous key) so traffic flows on; each moves to the new key when its
+    /// peer handshakes with the new key, and all do after the grace period.
+    /// New tunnels use the new key at once.
     pub fn set_private_key(&mut self, secret: StaticSecret) {
         let public = PublicKey::from(&secret);
-        self.limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        // A second rotation within the grace period retires the oldest key now.
+        self.retire_previous_key();
+        let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        let old_limiter = std::mem::replace(&mut self.limiter, limiter);
+        let old_secret = std::mem::replace(&mut self.secret, secret);
+        let old_public = std::mem::replace(&mut self.public, public);
         for peer in self.peers.values_mut() {
-            peer.tunn
-                .set_static_private(secret.clone(), public, Some(Arc::clone(&self.limiter)));
+            peer.on_previous_key = true;
         }
-        self.secret = secret;
-        self.public = public;
+        self.previous = Some(PreviousKey {
+            secret: old_secret,
+            public: old_public,
+            limiter: old_limiter,
+            retire_at: None,
+        });
+    }
+
+    /// Move every tunnel still on the previous key to the current one.
+    fn retire_previous_key(&mut self) {
+        if self.previous.take().is_none() {
+            return;
+        }
+        for peer in self.peers.values_mut().filter(|p| p.on_previous_key) {
+            peer.tunn.set_static_private(
+                self.secret.clone(),
+                self.public,
+                Some(Arc::clone(&self.limiter)),
+            );
+            peer.on_previous_key = false;
+        }
     }
 
     fn has_network(&self, vni: u32) -> bool {
@@ -282,10 +335,18 @@ impl Engine {
         now: Instant,
         out: &mut Vec<Output>,
     ) {
-        let packet = match self
+        let mut verified = self
             .limiter
-            .verify_packet(Some(src.ip()), data, &mut self.buf)
+            .verify_packet(Some(src.ip()), data, &mut self.buf);
+        if let (Err(TunnResult::Err(WireGuardError::InvalidMac)), Some(prev)) =
+            (&verified, &self.previous)
         {
+            // A handshake still addressed to the key from before the rotation.
+            verified = prev
+                .limiter
+                .verify_packet(Some(src.ip()), data, &mut self.buf);
+        }
+        let packet = match verified {
             Ok(p) => p,
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 bump(&mut self.drops, "cookie_sent");
@@ -313,9 +374,24 @@ impl Engine {
         };
         let id = match packet {
             Packet::HandshakeInit(p) => {
-                match parse_handshake_anon(&self.secret, &self.public, &p) {
-                    Ok(h) => match self.by_key.get(&h.peer_static_public) {
-                        Some(id) => *id,
+                let (parsed, to_current_key) =
+                    match parse_handshake_anon(&self.secret, &self.public, &p) {
+                        Ok(h) => (Ok(h), true),
+                        Err(e) => match &self.previous {
+                            Some(prev) => {
+                                (parse_handshake_anon(&prev.secret, &prev.public, &p), false)
+                            }
+                            None => (Err(e), false),
+                        },
+                    };
+                match parsed {
+                    Ok(h) => match self.by_key.get(&h.peer_static_public).copied() {
+                        Some(id) => {
+                            if to_current_key {
+                                self.move_to_current_key(id);
+                            }
+                            id
+                        }
                         None => {
                             bump(&mut self.drops, "unknown_key");
                             return;
@@ -379,6 +455,20 @@ impl Engine {
         self.deliver(id, tunnel_ip, &pkt, now, out);
         if self.pool.len() < POOL_MAX {
             self.pool.push(pkt);
+        }
+    }
+
+    /// The peer handshakes with our current key: it has learnt it, so its
+    /// tunnel leaves the previous key (dropping the old sessions, which the
+    /// peer has dropped too).
+    fn move_to_current_key(&mut self, id: PeerId) {
+        if let Some(peer) = self.peers.get_mut(&id).filter(|p| p.on_previous_key) {
+            peer.tunn.set_static_private(
+                self.secret.clone(),
+                self.public,
+                Some(Arc::clone(&self.limiter)),
+            );
+            peer.on_previous_key = false;
         }
     }
 
@@ -487,10 +577,32 @@ impl Engine {
             .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
         {
             self.limiter.reset_count();
+            if let Some(prev) = &self.previous {
+                prev.limiter.reset_count();
+            }
             self.last_limiter_reset = Some(now);
             self.switch.expire(now);
         }
+        if let Some(prev) = &mut self.previous {
+            let retire_at = *prev.retire_at.get_or_insert(now + PREVIOUS_KEY_GRACE);
+            if now >= retire_at || self.peers.values().all(|p| !p.on_previous_key) {
+                self.retire_previous_key();
+            }
+        }
         for peer in self.peers.values_mut() {
+            if std::mem::take(&mut peer.handshake_now)
+                && let (Some(to), TunnResult::WriteToNetwork(p)) = (
+                    peer.endpoint,
+                    peer.tunn.format_handshake_initiation(&mut self.buf, false),
+                )
+            {
+                peer.stats.tx_packets += 1;
+                peer.stats.tx_bytes += p.len() as u64;
+                out.push(Output::Udp {
+                    to,
+                    data: pooled(&mut self.pool, p),
+                });
+            }
             match peer.tunn.update_timers(&mut self.buf) {
                 TunnResult::WriteToNetwork(p) => {
                     if let Some(to) = peer.endpoint {

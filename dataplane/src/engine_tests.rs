@@ -99,6 +99,12 @@ impl Net {
         self.run(out.into_iter().map(|o| (node, o)).collect());
     }
 
+    fn tick(&mut self, node: u8) {
+        let mut out = Vec::new();
+        self.engine_mut(node).tick(Instant::now(), &mut out);
+        self.run(out.into_iter().map(|o| (node, o)).collect());
+    }
+
     fn engine(&self, node: u8) -> &Engine {
         &self.nodes.iter().find(|(n, _)| *n == node).unwrap().1
     }
@@ -271,13 +277,31 @@ fn rotating_the_key_keeps_other_state_and_peers_rehandshake() {
     net.send_tap(1, VNI, &frame([0xff; 6], 1, 0));
     net.taps.clear();
     net.engine_mut(1).set_private_key(secret(11));
+    // Make-before-break: until node 2 learns the new key, the sessions on the
+    // previous key carry traffic both ways.
+    net.tick(1);
+    net.send_tap(1, VNI, &frame([0xff; 6], 1, 3));
+    net.send_tap(2, VNI, &frame([0xff; 6], 2, 4));
+    assert_eq!(
+        net.taps.len(),
+        2,
+        "traffic flows before the peer learns the key"
+    );
+    net.taps.clear();
     let mut cfg = net.engine(2).config().clone();
     let mut p = cfg.peers.remove(&pubkey(1)).unwrap();
     p.key = *PublicKey::from(&secret(11)).as_bytes();
     cfg.peers.insert(p.key, p);
     net.engine_mut(2).apply(cfg);
+    // Node 2 handshakes with the new key at once; node 1 moves that tunnel.
+    net.tick(2);
     net.send_tap(1, VNI, &frame([0xff; 6], 1, 5));
-    assert_eq!(net.taps.len(), 1);
+    net.send_tap(2, VNI, &frame([0xff; 6], 2, 6));
+    assert_eq!(net.taps.len(), 2, "traffic flows on the new key");
+    assert_eq!(
+        net.engine(1).peers()[0].stats.drops.get("bad_handshake"),
+        None
+    );
 }
 
 #[test]
