@@ -171,4 +171,7 @@ async fn stock_wireguard_go_with_kernel_vxlan_exchanges_frames() {
         !shown.trim().ends_with("\t0"),
         "wg saw a handshake: {shown}"
     );
+    // Bulk TCP both ways against a stock kernel stack: our TSO segmentation
+    // and TAP coalescing must produce what it accepts, byte for byte.
+    common::bulk::both_ways(&pod, &w_pod, "10.1.0.9:0", 8 << 20);
 }

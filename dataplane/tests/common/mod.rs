@@ -14,6 +14,8 @@ use l2mesh_proto::node::{
     StatusRequest,
 };
 
+pub mod bulk;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_l2mesh-dataplane");
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
