@@ -503,7 +503,14 @@ impl Daemon {
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&sock);
             self.spawn_udp(sock);
         }
-        let diff = lock(&self.engine).apply(cfg);
+        let mut out = Vec::new();
+        let diff = {
+            let mut engine = lock(&self.engine);
+            let diff = engine.apply(cfg);
+            engine.initiate_pending_handshakes(&mut out);
+            diff
+        };
+        self.perform(&mut out, &mut Scratch::default()).await;
         self.save(&desired)?;
         let changes = diff.describe();
         if !changes.is_empty() {

@@ -228,9 +228,15 @@ impl Engine {
         for n in cfg.networks.values() {
             self.switch.set_network(n.vni, n.mtu);
         }
+        // A peer that rotated its key shows up as removed + added with the same
+        // tunnel IP. Keep the address it was last heard from: the configured
+        // endpoint may be one this node cannot reach (a gateway's WAN address).
+        let mut last_heard: HashMap<Ipv4Addr, SocketAddr> = HashMap::new();
         for p in &diff.peers_removed {
             if let Some(id) = self.by_key.remove(&p.key) {
-                self.peers.remove(&id);
+                if let Some(endpoint) = self.peers.remove(&id).and_then(|peer| peer.endpoint) {
+                    last_heard.insert(p.tunnel_ip, endpoint);
+                }
                 self.switch.remove_peer(id);
             }
         }
@@ -242,15 +248,16 @@ impl Engine {
             let tunn = self.new_tunn(id, p);
             self.switch.set_peer(id, p.group, p.vnis.clone());
             self.by_key.insert(p.key, id);
+            let endpoint = last_heard.get(&p.tunnel_ip).copied().or(p.endpoint);
             self.peers.insert(
                 id,
                 Peer {
                     cfg: p.clone(),
                     tunn,
-                    endpoint: p.endpoint,
+                    endpoint,
                     stats: PeerStats::default(),
                     on_previous_key: false,
-                    handshake_now: p.endpoint.is_some(),
+                    handshake_now: endpoint.is_some(),
                 },
             );
         }
@@ -589,20 +596,8 @@ impl Engine {
                 self.retire_previous_key();
             }
         }
+        self.initiate_pending_handshakes(out);
         for peer in self.peers.values_mut() {
-            if std::mem::take(&mut peer.handshake_now)
-                && let (Some(to), TunnResult::WriteToNetwork(p)) = (
-                    peer.endpoint,
-                    peer.tunn.format_handshake_initiation(&mut self.buf, false),
-                )
-            {
-                peer.stats.tx_packets += 1;
-                peer.stats.tx_bytes += p.len() as u64;
-                out.push(Output::Udp {
-                    to,
-                    data: pooled(&mut self.pool, p),
-                });
-            }
             match peer.tunn.update_timers(&mut self.buf) {
                 TunnResult::WriteToNetwork(p) => {
                     if let Some(to) = peer.endpoint {
@@ -617,6 +612,26 @@ impl Engine {
                 TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
                 TunnResult::Err(e) => bump(&mut peer.stats.drops, wg_error_label(&e)),
                 _ => {}
+            }
+        }
+    }
+
+    /// Handshake initiations for peers added since the last call (also done
+    /// on every tick); call right after [`Engine::apply`] to save a tick.
+    pub fn initiate_pending_handshakes(&mut self, out: &mut Vec<Output>) {
+        for peer in self.peers.values_mut() {
+            if std::mem::take(&mut peer.handshake_now)
+                && let (Some(to), TunnResult::WriteToNetwork(p)) = (
+                    peer.endpoint,
+                    peer.tunn.format_handshake_initiation(&mut self.buf, false),
+                )
+            {
+                peer.stats.tx_packets += 1;
+                peer.stats.tx_bytes += p.len() as u64;
+                out.push(Output::Udp {
+                    to,
+                    data: pooled(&mut self.pool, p),
+                });
             }
         }
     }

@@ -419,3 +419,25 @@ fn handshake_floods_get_cookie_replies_instead_of_work() {
         "handshake response"
     );
 }
+
+#[test]
+fn a_rotated_peer_is_reached_where_it_was_last_heard_from() {
+    let mut net = pair();
+    net.send_tap(1, VNI, &frame([0xff; 6], 1, 0));
+    net.send_tap(2, VNI, &frame([0xff; 6], 2, 0));
+    net.taps.clear();
+    net.engine_mut(1).set_private_key(secret(11));
+    let mut cfg = net.engine(2).config().clone();
+    let mut p = cfg.peers.remove(&pubkey(1)).unwrap();
+    p.key = *PublicKey::from(&secret(11)).as_bytes();
+    // The configured endpoint is one node 2 cannot reach (as a gateway's WAN
+    // address is for the nodes on its LAN); the last heard one still works.
+    p.endpoint = Some(addr(99));
+    cfg.peers.insert(p.key, p);
+    net.engine_mut(2).apply(cfg);
+    net.tick(1);
+    net.tick(2);
+    net.send_tap(2, VNI, &frame([0xff; 6], 2, 6));
+    net.send_tap(1, VNI, &frame([0xff; 6], 1, 5));
+    assert_eq!(net.taps.len(), 2, "traffic flows on the new key");
+}

@@ -282,7 +282,6 @@ fn scenario_5_removed_cluster_is_cut_off() {
 /// Scenario 6: the key of a gateway is rotated while a ping crosses it: no
 /// more than a couple of packets are lost, and traffic flows on the new key.
 #[test]
-#[ignore = "fails today: after `l2mesh-dataplane rotate-key` on a gateway its peers keep the old key (nothing reaches the agent or broker) and traffic stops; run with --ignored once key rotation propagates"]
 fn scenario_6_key_rotation_under_traffic_loses_at_most_a_couple_of_packets() {
     if !should_run(
         "scenario_6_key_rotation_under_traffic_loses_at_most_a_couple_of_packets",
