@@ -314,8 +314,10 @@ fn scenario_8_the_wire_shows_only_wireguard() {
                     );
                     wireguard += 1;
                 }
-                // Agents' TLS sessions (broker, node sync) and ARP.
-                FrameKind::Ip4(6) | FrameKind::Arp => {}
+                // Agents' TLS sessions (broker, node sync), ARP, and IGMP
+                // membership reports the kernel sends for the underlay
+                // interfaces themselves (they carry no pod data).
+                FrameKind::Ip4(6) | FrameKind::Ip4(2) | FrameKind::Arp => {}
                 other => panic!("unexpected frame on the wire: {other:?}"),
             }
         }
