@@ -76,10 +76,17 @@ measure() {
   for streams in 1 4; do
     ip netns exec "$PB" iperf3 -s -D -1 >/dev/null 2>&1 || true
     sleep 0.3
-    local c0 c1 d0 d1 out bps bytes
+    local c0 c1 d0 d1 out bps bytes pinger=""
     c0=$(cpu_busy); d0=$(cpu_daemons)
+    if [[ $streams == 1 ]]; then # RTT under load, alongside the one stream
+      (sleep 1; ip netns exec "$PA" ping -c $(((DURATION - 2) * 20)) -i 0.05 -q 10.9.0.2 |
+        awk -F/ '/rtt/{print $5}' >"$WORK/loaded-rtt") &
+      pinger=$!
+    fi
     out=$(ip netns exec "$PA" iperf3 -c 10.9.0.2 -t "$DURATION" -P "$streams" -J)
     c1=$(cpu_busy); d1=$(cpu_daemons)
+    [[ -n $pinger ]] && wait "$pinger"
+    pinger=""
     bps=$(echo "$out" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["end"]["sum_received"]["bits_per_second"])')
     bytes=$(echo "$out" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["end"]["sum_received"]["bytes"])')
     local gbps cpus dcpus
@@ -96,7 +103,9 @@ measure() {
   pps=$(ip netns exec "$PA" iperf3 -c 10.9.0.2 -u -b 0 -l 64 -t "$DURATION" -J |
     python3 -c 'import json,sys; s=json.load(sys.stdin)["end"]["sum"]; print("%.0f" % ((s["packets"]-s["lost_packets"])/max(s["seconds"],1e-9)/1e3))' ||
     echo nan)
-  echo "$name ${res[*]} ${rtt:-nan} $pps" >> "$WORK/results"
+  local lrtt
+  lrtt=$(cat "$WORK/loaded-rtt" 2>/dev/null)
+  echo "$name ${res[*]} ${rtt:-nan} $pps ${lrtt:-nan}" >> "$WORK/results"
 }
 
 # ---------------------------------------------------------------- l2mesh
@@ -200,11 +209,12 @@ ref = {r[0]: r for r in rows}
 wg = ref.get("vxlan-over-wireguard-go")
 print("CPU s/GB: whole machine (noisy when it is shared) / tunnel processes only; (1) and (4) streams")
 print("64B kpps: 64-byte UDP datagrams received per second (thousands), one sender")
-print(f"{'path':<26}{'1 stream':>12}{'4 streams':>13}{'CPU s/GB(1)':>15}{'CPU s/GB(4)':>15}{'RTT ms':>9}{'64B kpps':>10}{'vs wg-go (1/4/64B)':>22}")
-for name, g1, c1, d1, g4, c4, d4, rtt, pps in rows:
+print("RTT ms: idle / while one stream runs")
+print(f"{'path':<26}{'1 stream':>12}{'4 streams':>13}{'CPU s/GB(1)':>15}{'CPU s/GB(4)':>15}{'RTT ms':>14}{'64B kpps':>10}{'vs wg-go (1/4/64B)':>22}")
+for name, g1, c1, d1, g4, c4, d4, rtt, pps, lrtt in rows:
     ratio = ""
     if wg:
         r = lambda a, b: f"{float(a)/max(float(b),1e-9):.2f}x"
         ratio = f"{r(g1, wg[1])}/{r(g4, wg[4])}/{r(pps, wg[8])}"
-    print(f"{name:<26}{g1+' Gb/s':>12}{g4+' Gb/s':>13}{c1+' / '+d1:>15}{c4+' / '+d4:>15}{rtt:>9}{pps:>10}{ratio:>22}")
+    print(f"{name:<26}{g1+' Gb/s':>12}{g4+' Gb/s':>13}{c1+' / '+d1:>15}{c4+' / '+d4:>15}{rtt+' / '+lrtt:>14}{pps:>10}{ratio:>22}")
 EOF
