@@ -177,6 +177,34 @@ fn time(unix: i64) -> String {
     )
 }
 
+/// Print a listing as a table (with `header`) or as a JSON array.
+fn print_list<T>(
+    output: Output,
+    header: &[&str],
+    items: &[T],
+    json: fn(&T) -> Value,
+    row: fn(&T) -> Vec<String>,
+) {
+    match output {
+        Output::Json => println!("{}", Value::Array(items.iter().map(json).collect())),
+        Output::Table => table(header, &items.iter().map(row).collect::<Vec<_>>()),
+    }
+}
+
+/// Print one item as a one-row table or as a JSON object.
+fn print_one<T>(
+    output: Output,
+    header: &[&str],
+    item: &T,
+    json: fn(&T) -> Value,
+    row: fn(&T) -> Vec<String>,
+) {
+    match output {
+        Output::Json => println!("{}", json(item)),
+        Output::Table => table(header, &[row(item)]),
+    }
+}
+
 fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
@@ -258,16 +286,7 @@ pub async fn token(data_dir: &Path, a: AdminArgs<TokenCmd>) -> Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            match a.output {
-                Output::Json => println!(
-                    "{}",
-                    Value::Array(r.tokens.iter().map(token_json).collect())
-                ),
-                Output::Table => table(
-                    TOKEN_HEADER,
-                    &r.tokens.iter().map(token_row).collect::<Vec<_>>(),
-                ),
-            }
+            print_list(a.output, TOKEN_HEADER, &r.tokens, token_json, token_row);
         }
         TokenCmd::Revoke { id } => {
             let t = c
@@ -275,10 +294,7 @@ pub async fn token(data_dir: &Path, a: AdminArgs<TokenCmd>) -> Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            match a.output {
-                Output::Json => println!("{}", token_json(&t)),
-                Output::Table => table(TOKEN_HEADER, &[token_row(&t)]),
-            }
+            print_one(a.output, TOKEN_HEADER, &t, token_json, token_row);
         }
     }
     Ok(())
@@ -354,23 +370,17 @@ pub async fn network(data_dir: &Path, a: AdminArgs<NetworkCmd>) -> Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            match a.output {
-                Output::Json => println!(
-                    "{}",
-                    Value::Array(r.networks.iter().map(network_json).collect())
-                ),
-                Output::Table => table(
-                    NETWORK_HEADER,
-                    &r.networks.iter().map(network_row).collect::<Vec<_>>(),
-                ),
-            }
+            print_list(
+                a.output,
+                NETWORK_HEADER,
+                &r.networks,
+                network_json,
+                network_row,
+            );
             return Ok(());
         }
     };
-    match a.output {
-        Output::Json => println!("{}", network_json(&one)),
-        Output::Table => table(NETWORK_HEADER, &[network_row(&one)]),
-    }
+    print_one(a.output, NETWORK_HEADER, &one, network_json, network_row);
     Ok(())
 }
 
@@ -429,16 +439,13 @@ pub async fn cluster(data_dir: &Path, a: AdminArgs<ClusterCmd>) -> Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            match a.output {
-                Output::Json => println!(
-                    "{}",
-                    Value::Array(r.clusters.iter().map(cluster_json).collect())
-                ),
-                Output::Table => table(
-                    CLUSTER_HEADER,
-                    &r.clusters.iter().map(cluster_row).collect::<Vec<_>>(),
-                ),
-            }
+            print_list(
+                a.output,
+                CLUSTER_HEADER,
+                &r.clusters,
+                cluster_json,
+                cluster_row,
+            );
         }
         ClusterCmd::Remove { name } => {
             let r = c
@@ -446,10 +453,7 @@ pub async fn cluster(data_dir: &Path, a: AdminArgs<ClusterCmd>) -> Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            match a.output {
-                Output::Json => println!("{}", cluster_json(&r)),
-                Output::Table => table(CLUSTER_HEADER, &[cluster_row(&r)]),
-            }
+            print_one(a.output, CLUSTER_HEADER, &r, cluster_json, cluster_row);
         }
     }
     Ok(())
