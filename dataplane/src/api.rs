@@ -30,7 +30,9 @@ impl Service {
 
 fn status(e: Error) -> Status {
     match e {
-        Error::Config(_) | Error::OwnedInterface(_) => Status::invalid_argument(e.to_string()),
+        Error::Config(_) | Error::OwnedInterface(_) | Error::InvalidPod(_) => {
+            Status::invalid_argument(e.to_string())
+        }
         Error::NoSuchNetwork(_) | Error::NoSuchInterface(_) => Status::not_found(e.to_string()),
         Error::NotAttached { .. } => Status::failed_precondition(e.to_string()),
         _ => Status::internal(e.to_string()),
@@ -61,7 +63,7 @@ impl Dataplane for Service {
     ) -> Result<Response<PortResult>, Status> {
         let r = req.into_inner();
         self.daemon
-            .attach(&r.network, &r.ifname)
+            .attach(&r.network, &r.ifname, &r.pod_namespace, &r.pod_name)
             .await
             .map(Response::new)
             .map_err(status)

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use l2mesh_proto::node::{
     ApplyResult, DesiredState, DropCounter, MacEntry, NetworkStatus, NodeStatus, PeerGroup,
-    PeerStatus, PortResult,
+    PeerStatus, PortResult, PortStatus,
 };
 use prost::Message;
 use tokio::net::UdpSocket;
@@ -20,6 +20,7 @@ use tun_rs::AsyncDevice;
 use crate::config::{Config, NetConfig, key_b64};
 use crate::engine::{Engine, Output};
 use crate::netdev::{self, Netlink};
+use crate::port::{PodRef, Port};
 use crate::switch::Group;
 use crate::{Error, keys};
 use crate::{offload, udp};
@@ -544,8 +545,16 @@ impl Daemon {
         }
     }
 
-    /// Puts a host interface (a pod veth) into a network's bridge.
-    pub async fn attach(&self, network: &str, ifname: &str) -> Result<PortResult, Error> {
+    /// Puts a host interface (a pod veth) into a network's bridge and
+    /// records its pod (both names empty: no pod) on the interface.
+    pub async fn attach(
+        &self,
+        network: &str,
+        ifname: &str,
+        pod_namespace: &str,
+        pod_name: &str,
+    ) -> Result<PortResult, Error> {
+        let pod = PodRef::from_request(pod_namespace, pod_name)?;
         let n = self.network(network)?;
         if netdev::owned_vni(ifname).is_some() {
             return Err(Error::OwnedInterface(ifname.to_string()));
@@ -567,6 +576,10 @@ impl Daemon {
         self.netlink
             .enslave(link.index, bridge.index, n.mtu)
             .await?;
+        let alias = pod.as_ref().map(PodRef::to_alias).unwrap_or_default();
+        if link.alias.as_deref().unwrap_or_default() != alias {
+            self.netlink.set_alias(link.index, &alias).await?;
+        }
         Ok(Self::port_result(&n))
     }
 
@@ -588,6 +601,9 @@ impl Daemon {
             });
         }
         self.netlink.release(link.index).await?;
+        if link.alias.as_deref().and_then(PodRef::from_alias).is_some() {
+            self.netlink.set_alias(link.index, "").await?;
+        }
         Ok(Self::port_result(&n))
     }
 
@@ -637,11 +653,13 @@ impl Daemon {
         let mut networks = Vec::new();
         for n in cfg.networks.values() {
             let bridge = netdev::bridge_name(n.vni);
+            let ports = self.netlink.ports(&bridge).await?;
             networks.push(NetworkStatus {
                 name: n.name.clone(),
                 vni: n.vni,
                 mtu: n.mtu,
-                ports: self.netlink.ports(&bridge).await?,
+                ports: ports.iter().map(|p| p.ifname.clone()).collect(),
+                port_status: ports.into_iter().map(port_status).collect(),
                 bridge,
                 tap: netdev::tap_name(n.vni),
                 macs: macs
@@ -695,5 +713,14 @@ impl Daemon {
             networks,
             drops: counters(&drops),
         })
+    }
+}
+
+fn port_status(p: Port) -> PortStatus {
+    let (pod_namespace, pod_name) = p.pod.map(|r| (r.namespace, r.name)).unwrap_or_default();
+    PortStatus {
+        ifname: p.ifname,
+        pod_namespace,
+        pod_name,
     }
 }

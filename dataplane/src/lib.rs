@@ -17,6 +17,7 @@ pub mod keys;
 pub mod metrics;
 pub mod netdev;
 pub mod offload;
+pub mod port;
 pub mod switch;
 pub mod sync;
 pub mod udp;
@@ -43,6 +44,8 @@ pub enum Error {
     },
     #[error("interface {0:?} is a device the dataplane owns; attach pod interfaces only")]
     OwnedInterface(String),
+    #[error("invalid pod in attach request: {0}")]
+    InvalidPod(String),
     #[error("key file {path}: {reason}")]
     Key { path: String, reason: String },
     #[error("state file {path}: {reason}")]

@@ -74,13 +74,38 @@ enum Command {
         file: PathBuf,
     },
     /// Put a host interface into a network's bridge.
-    Attach { network: String, ifname: String },
+    Attach {
+        network: String,
+        ifname: String,
+        /// The pod the interface belongs to, as NAMESPACE/NAME; shown in
+        /// `status` and reported to the agent.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        pod: Option<String>,
+    },
     /// Take a host interface out of a network's bridge.
     Detach { network: String, ifname: String },
     /// Print this node's WireGuard public key (base64).
     Pubkey,
     /// Generate a new node key pair; prints the new public key.
     RotateKey,
+}
+
+/// Ports as `ifname` or `ifname(namespace/pod)`.
+fn port_list(n: &l2mesh_proto::node::NetworkStatus) -> String {
+    if n.port_status.is_empty() {
+        return n.ports.join(",");
+    }
+    n.port_status
+        .iter()
+        .map(|p| {
+            if p.pod_name.is_empty() {
+                p.ifname.clone()
+            } else {
+                format!("{}({}/{})", p.ifname, p.pod_namespace, p.pod_name)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn main() -> ExitCode {
@@ -222,12 +247,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Attach { network, ifname } => {
+        Command::Attach {
+            network,
+            ifname,
+            pod,
+        } => {
+            let (pod_namespace, pod_name) = match pod.as_deref() {
+                None => (String::new(), String::new()),
+                Some(p) => p
+                    .split_once('/')
+                    .map(|(ns, n)| (ns.to_string(), n.to_string()))
+                    .with_context(|| format!("--pod {p:?}: expected NAMESPACE/NAME"))?,
+            };
             let mut c = client::connect(&socket)
                 .await
                 .with_context(|| connect_hint(&socket))?;
             let r = c
-                .attach_port(AttachPortRequest { network, ifname })
+                .attach_port(AttachPortRequest {
+                    network,
+                    ifname,
+                    pod_namespace,
+                    pod_name,
+                })
                 .await?
                 .into_inner();
             println!(
@@ -336,7 +377,7 @@ fn render_status(s: &NodeStatus) -> String {
             n.mtu,
             n.bridge,
             n.pod_cidr,
-            n.ports.join(",")
+            port_list(n)
         );
         for m in &n.macs {
             let _ = writeln!(o, "    {}  {:<24} {}s", m.mac, m.port, m.age_ms / 1000);

@@ -7,6 +7,7 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 
 use crate::Error;
+use crate::port::{PodRef, Port};
 
 const ENODEV: i32 = 19;
 
@@ -41,6 +42,7 @@ pub struct Link {
     pub index: u32,
     pub name: String,
     pub controller: Option<u32>,
+    pub alias: Option<String>,
 }
 
 fn to_link(m: &LinkMessage) -> Link {
@@ -48,11 +50,13 @@ fn to_link(m: &LinkMessage) -> Link {
         index: m.header.index,
         name: String::new(),
         controller: None,
+        alias: None,
     };
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => l.name.clone_from(n),
             LinkAttribute::Controller(c) => l.controller = Some(*c),
+            LinkAttribute::IfAlias(a) if !a.is_empty() => l.alias = Some(a.clone()),
             _ => {}
         }
     }
@@ -136,6 +140,16 @@ impl Netlink {
             .map_err(|e| nl(&format!("attaching link {index} to bridge {bridge}"), e))
     }
 
+    /// Sets a link's alias; an empty alias removes it.
+    pub async fn set_alias(&self, index: u32, alias: &str) -> Result<(), Error> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).alias(alias).build())
+            .execute()
+            .await
+            .map_err(|e| nl(&format!("setting the alias of link {index}"), e))
+    }
+
     pub async fn release(&self, index: u32) -> Result<(), Error> {
         self.handle
             .link()
@@ -157,18 +171,21 @@ impl Netlink {
         }
     }
 
-    /// Names of the interfaces attached to a bridge, sorted.
-    pub async fn ports(&self, bridge: &str) -> Result<Vec<String>, Error> {
+    /// The interfaces attached to a bridge with their pods, sorted by name.
+    pub async fn ports(&self, bridge: &str) -> Result<Vec<Port>, Error> {
         let links = self.links().await?;
         let Some(br) = links.iter().find(|l| l.name == bridge).map(|l| l.index) else {
             return Ok(Vec::new());
         };
-        let mut v: Vec<String> = links
+        let mut v: Vec<Port> = links
             .into_iter()
             .filter(|l| l.controller == Some(br))
-            .map(|l| l.name)
+            .map(|l| Port {
+                pod: l.alias.as_deref().and_then(PodRef::from_alias),
+                ifname: l.name,
+            })
             .collect();
-        v.sort();
+        v.sort_by(|a, b| a.ifname.cmp(&b.ifname));
         Ok(v)
     }
 

@@ -408,17 +408,44 @@ async fn cli_apply_status_attach_detach_and_helpful_errors() {
     a.ns.exec(&[
         "ip", "link", "add", "pod0", "type", "veth", "peer", "name", "pod0b",
     ]);
-    let out = cli(&["attach", "green", "pod0"]);
+    // A pod name Kubernetes would refuse is rejected before anything changes.
+    let out = cli(&["attach", "green", "pod0", "--pod", "Team-A/web-0"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("not a Kubernetes name"),
+        "{err}"
+    );
+    let links = a.ns.exec(&["ip", "-d", "link", "show", "pod0"]);
+    assert!(
+        !links.contains("master"),
+        "a refused attach changed nothing: {links}"
+    );
+    let out = cli(&["attach", "green", "pod0", "--pod", "team-a/web-0"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         text.contains("bridge=l2mb-001001") && text.contains("pod_cidr=10.7.0.0/24"),
         "{text}"
     );
     let status = String::from_utf8_lossy(&cli(&["status"]).stdout).to_string();
-    for needle in ["green", "4097", "pod0", "other", "remote", "revision 7"] {
+    for needle in [
+        "green",
+        "4097",
+        "pod0(team-a/web-0)",
+        "other",
+        "remote",
+        "revision 7",
+    ] {
         assert!(status.contains(needle), "{needle} missing:\n{status}");
     }
+    // The pod lives on the interface, so a restarted daemon still knows it.
+    let alias = a.ns.exec(&["ip", "link", "show", "pod0"]);
+    assert!(alias.contains("alias l2mesh-pod:team-a/web-0"), "{alias}");
     assert!(cli(&["detach", "green", "pod0"]).status.success());
+    let alias = a.ns.exec(&["ip", "link", "show", "pod0"]);
+    assert!(
+        !alias.contains("l2mesh-pod"),
+        "detach clears the pod: {alias}"
+    );
     let out = cli(&["attach", "green", "nope0"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).to_string();

@@ -342,6 +342,7 @@ impl Node {
             .attach_port(AttachPortRequest {
                 network: network.into(),
                 ifname: host.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()
