@@ -8,7 +8,6 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use l2mesh_e2e::binaries::workspace_binaries;
-use l2mesh_e2e::ping::BackgroundPing;
 use l2mesh_e2e::plan::TopologySpec;
 use l2mesh_e2e::should_run;
 
@@ -26,16 +25,7 @@ fn scenario_3_broker_restart_loses_nothing_and_agents_reconnect() {
     ) {
         return;
     }
-    let (lab, mesh) = mesh_lab(two_clusters());
-    let v4 = mesh
-        .ping_matrix(&lab, false, Duration::from_secs(20))
-        .unwrap();
-    assert!(
-        failed(&v4).is_empty(),
-        "{:?}\n{}",
-        failed(&v4),
-        lab.procs().report(30)
-    );
+    let (lab, mesh) = converged_mesh(two_clusters());
     let clusters_before = mesh.admin(&lab, &["cluster", "list"]).unwrap();
     let sessions = |agent| {
         lab.procs()
@@ -54,16 +44,14 @@ fn scenario_3_broker_restart_loses_nothing_and_agents_reconnect() {
     }
 
     lab.procs().kill(mesh.broker).unwrap();
-    let from = mesh.pods.iter().find(|p| p.role == "c1-n1-p1").unwrap();
-    let to = mesh.pods.iter().find(|p| p.role == "c2-gw-p1").unwrap();
-    let ping = BackgroundPing::start(
-        lab.procs(),
+    let ping = ping_between(
+        &lab,
+        &mesh,
         "ping-without-broker",
-        lab.topology().netns(&from.role).unwrap(),
-        IpAddr::V4(to.v4),
+        "c1-n1-p1",
+        "c2-gw-p1",
         Duration::from_millis(50),
-    )
-    .unwrap();
+    );
     lab.wait_until(
         "pods keep talking with the broker down",
         Duration::from_secs(10),
@@ -156,26 +144,15 @@ fn scenario_4_agent_restart_keeps_traffic_and_needs_no_new_token() {
     ) {
         return;
     }
-    let (lab, mesh) = mesh_lab(two_clusters());
-    let v4 = mesh
-        .ping_matrix(&lab, false, Duration::from_secs(20))
-        .unwrap();
-    assert!(
-        failed(&v4).is_empty(),
-        "{:?}\n{}",
-        failed(&v4),
-        lab.procs().report(30)
-    );
-    let from = mesh.pods.iter().find(|p| p.role == "c1-n1-p1").unwrap();
-    let to = mesh.pods.iter().find(|p| p.role == "c2-n1-p1").unwrap();
-    let ping = BackgroundPing::start(
-        lab.procs(),
+    let (lab, mesh) = converged_mesh(two_clusters());
+    let ping = ping_between(
+        &lab,
+        &mesh,
         "ping-across",
-        lab.topology().netns(&from.role).unwrap(),
-        IpAddr::V4(to.v4),
+        "c1-n1-p1",
+        "c2-n1-p1",
         Duration::from_millis(50),
-    )
-    .unwrap();
+    );
     let agent = mesh.agents[0];
     let sessions = || {
         lab.procs()
@@ -229,20 +206,11 @@ fn scenario_5_removed_cluster_is_cut_off() {
         return;
     }
     let bins = workspace_binaries().unwrap_or_else(|e| panic!("{e}"));
-    let (lab, mesh) = mesh_lab(TopologySpec {
+    let (lab, mesh) = converged_mesh(TopologySpec {
         clusters: 3,
         nodes_per_cluster: 1,
         pods_per_node: 1,
     });
-    let v4 = mesh
-        .ping_matrix(&lab, false, Duration::from_secs(20))
-        .unwrap();
-    assert!(
-        failed(&v4).is_empty(),
-        "{:?}\n{}",
-        failed(&v4),
-        lab.procs().report(30)
-    );
     let status = mesh.status(&lab, bins, "c1-gw").unwrap();
     assert!(status.contains("c3/c3-gw"), "{status}");
 
@@ -258,20 +226,22 @@ fn scenario_5_removed_cluster_is_cut_off() {
         },
     )
     .unwrap();
-    let pod = |role: &str| mesh.pods.iter().find(|p| p.role == role).unwrap();
     let c3 = lab.topology().netns("c3-gw-p1").unwrap();
     lab.wait_until(
         "c3's pod no longer reaches c1's",
         Duration::from_secs(10),
-        || !c3.ping(IpAddr::V4(pod("c1-gw-p1").v4), 1).unwrap_or(true),
+        || {
+            !c3.ping(IpAddr::V4(pod(&mesh, "c1-gw-p1").v4), 1)
+                .unwrap_or(true)
+        },
     )
     .unwrap();
-    lab.assert_unreachable(c3, IpAddr::V4(pod("c2-gw-p1").v4))
+    lab.assert_unreachable(c3, IpAddr::V4(pod(&mesh, "c2-gw-p1").v4))
         .unwrap();
     // The remaining clusters still talk.
     lab.wait_reachable(
         lab.topology().netns("c1-gw-p1").unwrap(),
-        IpAddr::V4(pod("c2-gw-p1").v4),
+        IpAddr::V4(pod(&mesh, "c2-gw-p1").v4),
         Duration::from_secs(10),
     )
     .unwrap();
@@ -290,16 +260,7 @@ fn scenario_6_key_rotation_under_traffic_loses_at_most_a_couple_of_packets() {
         return;
     }
     let bins = workspace_binaries().unwrap_or_else(|e| panic!("{e}"));
-    let (lab, mesh) = mesh_lab(two_clusters());
-    let v4 = mesh
-        .ping_matrix(&lab, false, Duration::from_secs(20))
-        .unwrap();
-    assert!(
-        failed(&v4).is_empty(),
-        "{:?}\n{}",
-        failed(&v4),
-        lab.procs().report(30)
-    );
+    let (lab, mesh) = converged_mesh(two_clusters());
     let gw = mesh.nodes.iter().find(|n| n.role == "c1-gw").unwrap();
     let gw_ns = lab.topology().netns(&gw.role).unwrap();
     let dp = bins.path("l2mesh-dataplane").unwrap();
@@ -317,16 +278,14 @@ fn scenario_6_key_rotation_under_traffic_loses_at_most_a_couple_of_packets() {
     };
     let old_key = pubkey().unwrap();
 
-    let from = mesh.pods.iter().find(|p| p.role == "c1-n1-p1").unwrap();
-    let to = mesh.pods.iter().find(|p| p.role == "c2-n1-p1").unwrap();
-    let ping = BackgroundPing::start(
-        lab.procs(),
+    let ping = ping_between(
+        &lab,
+        &mesh,
         "ping-across-rotation",
-        lab.topology().netns(&from.role).unwrap(),
-        IpAddr::V4(to.v4),
+        "c1-n1-p1",
+        "c2-n1-p1",
         Duration::from_millis(20),
-    )
-    .unwrap();
+    );
     let replies = || {
         lab.procs()
             .log(ping.id())

@@ -36,26 +36,9 @@ fn scenario_1_three_clusters_share_one_l2_segment() {
     progress("mesh up");
     assert_eq!(mesh.pods.len(), 6);
 
-    let v4 = mesh
-        .ping_matrix(&lab, false, Duration::from_secs(20))
-        .unwrap();
-    let bad = failed(&v4);
-    assert!(
-        bad.is_empty(),
-        "IPv4 pings failed: {bad:?}\n{}",
-        lab.procs().report(30)
-    );
+    assert_all_reach(&lab, &mesh, false);
     progress("IPv4 matrix ok");
-    let v6 = mesh
-        .ping_matrix(&lab, true, Duration::from_secs(20))
-        .unwrap();
-    let bad = failed(&v6);
-    assert!(
-        bad.is_empty(),
-        "IPv6 pings failed: {bad:?}\n{}",
-        lab.procs().report(30)
-    );
-
+    assert_all_reach(&lab, &mesh, true);
     progress("IPv6 matrix ok");
     // A broadcast from the first pod reaches every other pod.
     let topo = lab.topology();
@@ -121,15 +104,7 @@ fn scenario_2_networks_are_isolated_and_unadmitted_clusters_get_nothing() {
     // p1 pods join blue; p2 pods are for red.
     let mesh = Mesh::start_with(&lab, bins, &mut |_| {}, &|pod| pod.ends_with("-p1"))
         .unwrap_or_else(|e| panic!("{e}"));
-    let v4 = mesh
-        .ping_matrix(&lab, false, Duration::from_secs(20))
-        .unwrap();
-    assert!(
-        failed(&v4).is_empty(),
-        "{:?}\n{}",
-        failed(&v4),
-        lab.procs().report(30)
-    );
+    assert_all_reach(&lab, &mesh, false);
 
     // red: only c1 and c2 are allowed; all three clusters ask for it.
     mesh.admin(
@@ -244,16 +219,7 @@ fn scenario_8_the_wire_shows_only_wireguard() {
     ) {
         return;
     }
-    let (lab, mesh) = mesh_lab(two_clusters());
-    let v4 = mesh
-        .ping_matrix(&lab, false, Duration::from_secs(20))
-        .unwrap();
-    assert!(
-        failed(&v4).is_empty(),
-        "{:?}\n{}",
-        failed(&v4),
-        lab.procs().report(30)
-    );
+    let (lab, mesh) = converged_mesh(two_clusters());
     let sw = lab.topology().switch();
     let caps: Vec<Capture> = ["br-wan", "br-c1", "br-c2"]
         .iter()
@@ -261,8 +227,7 @@ fn scenario_8_the_wire_shows_only_wireguard() {
         .collect();
     // From the non-gateway pod of c1 to the non-gateway pod of c2: LAN,
     // WAN and LAN again.
-    let from = mesh.pods.iter().find(|p| p.role == "c1-n1-p1").unwrap();
-    let to = mesh.pods.iter().find(|p| p.role == "c2-n1-p1").unwrap();
+    let (from, to) = (pod(&mesh, "c1-n1-p1"), pod(&mesh, "c2-n1-p1"));
     let marker = b"L2MESHCLEARTEXT";
     let pattern: String = marker[..16.min(marker.len())]
         .iter()

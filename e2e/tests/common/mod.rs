@@ -1,9 +1,13 @@
 //! Helpers shared by the scenario test binaries.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::net::IpAddr;
+use std::time::Duration;
+
 use l2mesh_e2e::Lab;
 use l2mesh_e2e::binaries::workspace_binaries;
-use l2mesh_e2e::mesh::Mesh;
+use l2mesh_e2e::mesh::{Mesh, PodInfo};
+use l2mesh_e2e::ping::BackgroundPing;
 use l2mesh_e2e::plan::TopologySpec;
 
 pub fn failed(results: &[(String, String, bool)]) -> Vec<String> {
@@ -19,6 +23,53 @@ pub fn mesh_lab(spec: TopologySpec) -> (Lab, Mesh) {
     let lab = Lab::build(spec).unwrap();
     let mesh = Mesh::start(&lab, bins, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     (lab, mesh)
+}
+
+/// Starts the mesh and waits until every pod reaches every other over IPv4.
+pub fn converged_mesh(spec: TopologySpec) -> (Lab, Mesh) {
+    let (lab, mesh) = mesh_lab(spec);
+    assert_all_reach(&lab, &mesh, false);
+    (lab, mesh)
+}
+
+/// Every pod pings every other (IPv6 if `v6`) within 20 s, or the test
+/// fails with the pairs that did not and the processes' recent logs.
+pub fn assert_all_reach(lab: &Lab, mesh: &Mesh, v6: bool) {
+    let results = mesh.ping_matrix(lab, v6, Duration::from_secs(20)).unwrap();
+    let bad = failed(&results);
+    let family = if v6 { "IPv6" } else { "IPv4" };
+    assert!(
+        bad.is_empty(),
+        "{family} pings failed: {bad:?}\n{}",
+        lab.procs().report(30)
+    );
+}
+
+/// The pod with this role ("c1-n1-p1"); panics if the mesh has none.
+pub fn pod<'a>(mesh: &'a Mesh, role: &str) -> &'a PodInfo {
+    mesh.pods
+        .iter()
+        .find(|p| p.role == role)
+        .unwrap_or_else(|| panic!("no pod {role} in the mesh"))
+}
+
+/// A ping every `interval` from one pod to another's IPv4 address.
+pub fn ping_between(
+    lab: &Lab,
+    mesh: &Mesh,
+    name: &str,
+    from: &str,
+    to: &str,
+    interval: Duration,
+) -> BackgroundPing {
+    BackgroundPing::start(
+        lab.procs(),
+        name,
+        lab.topology().netns(&pod(mesh, from).role).unwrap(),
+        IpAddr::V4(pod(mesh, to).v4),
+        interval,
+    )
+    .unwrap()
 }
 
 pub fn two_clusters() -> TopologySpec {
