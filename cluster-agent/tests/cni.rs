@@ -2,7 +2,8 @@
 //! namespaces. The plugin runs inside a "node" namespace (like a runtime on a
 //! host) and puts veths into "pod" namespaces; a test-local `Dataplane` gRPC
 //! server really plugs the host ends into a bridge the test made in the node
-//! namespace. Needs root, `ip` and `nsenter`; skips otherwise unless `CI` is set.
+//! namespace. The plugin itself runs with an empty `PATH`: it uses netlink,
+//! no tools. The harness needs root and `ip`; skips otherwise unless `CI` is set.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use l2mesh_proto::node::dataplane_server::{Dataplane, DataplaneServer};
@@ -22,19 +23,12 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 fn can_run() -> bool {
     let root = nix::unistd::geteuid().is_root();
-    let tools = ["ip", "nsenter"].iter().all(|t| {
-        Command::new(t)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-    });
+    let tools = ip_path().is_some();
     if root && tools {
         return true;
     }
     let why = if root {
-        "ip or nsenter is missing"
+        "ip (iproute2) is missing"
     } else {
         "not root"
     };
@@ -44,6 +38,15 @@ fn can_run() -> bool {
     );
     eprintln!("skipping CNI namespace test: {why}");
     false
+}
+
+/// Absolute path of `ip`, so the plugin's own `PATH` can be empty.
+fn ip_path() -> Option<PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join("ip"))
+        .find(|p| p.is_file())
 }
 
 fn sh(args: &[&str]) {
@@ -273,7 +276,7 @@ impl Lab {
         conf: &Value,
         extra: &[(&str, &str)],
     ) -> Outcome {
-        let mut cmd = tokio::process::Command::new("ip");
+        let mut cmd = tokio::process::Command::new(ip_path().unwrap());
         cmd.args([
             "netns",
             "exec",
@@ -281,7 +284,8 @@ impl Lab {
             env!("CARGO_BIN_EXE_l2mesh-cni"),
         ])
         .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        // No tools for the plugin: everything it does must be netlink.
+        .env("PATH", "/nonexistent/l2mesh-cni-test")
         .env("CNI_COMMAND", command)
         .env(
             "CNI_CONTAINERID",

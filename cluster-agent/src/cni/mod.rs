@@ -12,10 +12,11 @@ pub mod store;
 pub mod types;
 
 use crate::ipam;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use l2mesh_proto::node::dataplane_client::DataplaneClient;
 use l2mesh_proto::node::{AttachPortRequest, DetachPortRequest, PortResult, StatusRequest};
-use link::Ns;
+use link::Netlink;
+use std::net::IpAddr;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use types::{CniEnv, CniError, CniResult, Interface, IpConfig, NetConf, code};
@@ -106,23 +107,30 @@ fn io_err(msg: String) -> CniError {
     CniError::new(code::IO_FAILURE, msg, "")
 }
 
-fn requested_mac(conf: &NetConf, env: &CniEnv) -> Result<Option<String>, CniError> {
+/// A CIDR from a result or configuration; a bare address gets a host prefix.
+fn parse_net(field: &str, s: &str) -> Result<IpNet, CniError> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("{field} {s:?} is not an IP address or CIDR"),
+                "use a form like 10.1.0.7/16 or fd00::7/64",
+            )
+        })
+}
+
+fn requested_mac(conf: &NetConf, env: &CniEnv) -> Result<Option<[u8; 6]>, CniError> {
     let Some(mac) = conf.runtime_config.mac.clone().or_else(|| env.arg("MAC")) else {
         return Ok(None);
     };
-    let parts: Vec<&str> = mac.split(':').collect();
-    let ok = parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok());
-    if !ok {
-        return Err(CniError::new(
+    link::parse_mac(&mac).map(Some).ok_or_else(|| {
+        CniError::new(
             code::INVALID_CONFIG,
             format!("MAC address {mac:?} is malformed"),
             "use six hex octets like 02:00:00:00:00:01",
-        ));
-    }
-    Ok(Some(mac.to_lowercase()))
+        )
+    })
 }
 
 fn requested_ips(conf: &NetConf, env: &CniEnv) -> Result<Vec<Ipv4Net>, CniError> {
@@ -243,45 +251,68 @@ async fn add(env: &CniEnv, conf: &NetConf, stdin: &[u8]) -> Result<CniResult, Cn
     let mut dp = client(conf).await?;
     let host = link::host_ifname(&env.container_id, &env.ifname);
     let network = conf.network().to_owned();
-    // A leftover from an ADD that died halfway would make the name clash.
-    link::delete(Ns::Host, &host).map_err(io_err)?;
-    let first_mtu = conf.mtu.unwrap_or(crate::crd::DEFAULT_MTU);
-    link::create_veth(&env.netns, &env.ifname, &host, first_mtu, mac.as_deref()).map_err(|e| {
+    let ns_file = link::open_netns(&env.netns).map_err(|e| {
         CniError::new(
-            code::IO_FAILURE,
-            format!("cannot create interface {} in the pod: {e}", env.ifname),
-            "nothing was attached",
+            code::UNKNOWN_CONTAINER,
+            e,
+            "the container is gone; nothing was changed",
         )
     })?;
+    let host_nl = Netlink::host().map_err(io_err)?;
+    let pod_nl = Netlink::in_netns(&ns_file).await.map_err(io_err)?;
+    // A leftover from an ADD that died halfway would make the name clash.
+    host_nl.delete(&host).await.map_err(io_err)?;
+    let first_mtu = conf.mtu.unwrap_or(crate::crd::DEFAULT_MTU);
+    host_nl
+        .create_veth(&host, &ns_file, &env.ifname, first_mtu, mac)
+        .await
+        .map_err(|e| {
+            CniError::new(
+                code::IO_FAILURE,
+                format!("cannot create interface {} in the pod: {e}", env.ifname),
+                "nothing was attached",
+            )
+        })?;
+    let nls = Links {
+        host: host_nl,
+        pod: pod_nl,
+    };
     let port = match dp
         .attach_port(AttachPortRequest {
             network: network.clone(),
             ifname: host.clone(),
+            ..AttachPortRequest::default()
         })
         .await
     {
         Ok(r) => r.into_inner(),
         Err(s) => {
-            cleanup(conf, &host, false).await;
+            cleanup(conf, &nls.host, &host, false).await;
             return Err(status_error(&network, "AttachPort", &s));
         }
     };
-    let result = finish_add(env, conf, stdin, &host, &port, &statics).await;
+    let result = finish_add(env, conf, stdin, &nls, &host, &port, &statics).await;
     if result.is_err() {
         if let Ipam::L2mesh = ipam_kind(conf)
             && let Ok(store) = store::Store::open(&data_dir(conf), &network)
         {
             let _ = store.release(&env.container_id, &env.ifname);
         }
-        cleanup(conf, &host, true).await;
+        cleanup(conf, &nls.host, &host, true).await;
     }
     result
 }
 
+/// Netlink connections in the host's and in the pod's namespace.
+struct Links {
+    host: Netlink,
+    pod: Netlink,
+}
+
 /// Undo a half-done ADD; errors are ignored because the ADD error is what
 /// the runtime must see.
-async fn cleanup(conf: &NetConf, host: &str, attached: bool) {
-    let _ = link::delete(Ns::Host, host);
+async fn cleanup(conf: &NetConf, nl: &Netlink, host: &str, attached: bool) {
+    let _ = nl.delete(host).await;
     if attached && let Ok(mut dp) = client(conf).await {
         let _ = dp
             .detach_port(DetachPortRequest {
@@ -296,18 +327,18 @@ async fn finish_add(
     env: &CniEnv,
     conf: &NetConf,
     stdin: &[u8],
+    nl: &Links,
     host: &str,
     port: &PortResult,
     statics: &[Ipv4Net],
 ) -> Result<CniResult, CniError> {
-    let pod = Ns::Pod(&env.netns);
     let mtu = conf
         .mtu
         .or((port.mtu != 0).then_some(port.mtu))
         .unwrap_or(crate::crd::DEFAULT_MTU);
     if mtu != conf.mtu.unwrap_or(crate::crd::DEFAULT_MTU) {
-        link::set_mtu(Ns::Host, host, mtu).map_err(io_err)?;
-        link::set_mtu(pod, &env.ifname, mtu).map_err(io_err)?;
+        nl.host.set_mtu(host, mtu).await.map_err(io_err)?;
+        nl.pod.set_mtu(&env.ifname, mtu).await.map_err(io_err)?;
     }
     let mut result = CniResult {
         cni_version: conf.cni_version.clone(),
@@ -341,15 +372,42 @@ async fn finish_add(
         }
     }
     for ip in &result.ips {
-        link::add_address(pod, &env.ifname, &ip.address).map_err(io_err)?;
+        let addr = parse_net("ips address", &ip.address)?;
+        nl.pod
+            .add_address(&env.ifname, addr)
+            .await
+            .map_err(io_err)?;
     }
-    link::set_up(pod, &env.ifname).map_err(io_err)?;
-    link::set_up(Ns::Host, host).map_err(io_err)?;
+    nl.pod.set_up(&env.ifname).await.map_err(io_err)?;
+    nl.host.set_up(host).await.map_err(io_err)?;
     for route in &result.routes {
-        link::add_route(pod, &env.ifname, &route.dst, route.gw.as_deref()).map_err(io_err)?;
+        let dst = parse_net("routes dst", &route.dst)?;
+        let gw = route
+            .gw
+            .as_deref()
+            .map(|g| {
+                g.parse::<IpAddr>().map_err(|_| {
+                    CniError::new(
+                        code::INVALID_CONFIG,
+                        format!("route gateway {g:?} is not an IP address"),
+                        "fix the IPAM plugin's routes",
+                    )
+                })
+            })
+            .transpose()?;
+        nl.pod
+            .add_route(&env.ifname, dst, gw)
+            .await
+            .map_err(io_err)?;
     }
-    let host_info = link::link_info(Ns::Host, host).unwrap_or_default();
-    let pod_info = link::link_info(pod, &env.ifname).unwrap_or_default();
+    let host_info = nl.host.link(host).await.ok().flatten().unwrap_or_default();
+    let pod_info = nl
+        .pod
+        .link(&env.ifname)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     result.interfaces = vec![
         Interface {
             name: host.to_owned(),
@@ -394,9 +452,19 @@ async fn del(env: &CniEnv, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError>
     {
         tracing::debug!(error = %s, "detach port");
     }
-    link::delete(Ns::Host, &host).map_err(io_err)?;
-    if !env.netns.is_empty() && Path::new(&env.netns).exists() {
-        link::delete(Ns::Pod(&env.netns), &env.ifname).map_err(io_err)?;
+    Netlink::host()
+        .map_err(io_err)?
+        .delete(&host)
+        .await
+        .map_err(io_err)?;
+    // The pod end went with the host end; this catches a pod interface
+    // whose host end was lost some other way. A namespace that is gone or
+    // cannot be entered has nothing left to clean.
+    if !env.netns.is_empty()
+        && let Ok(ns) = link::open_netns(&env.netns)
+        && let Ok(pod) = Netlink::in_netns(&ns).await
+    {
+        pod.delete(&env.ifname).await.map_err(io_err)?;
     }
     Ok(())
 }
@@ -422,9 +490,15 @@ async fn check(env: &CniEnv, conf: &NetConf, stdin: &[u8]) -> Result<(), CniErro
                 .map_err(|e| CniError::new(code::DECODE_FAILURE, format!("prevResult: {e}"), ""))
         })?;
     netns_must_exist(env)?;
-    let pod = Ns::Pod(&env.netns);
+    let ns_file = link::open_netns(&env.netns)
+        .map_err(|e| CniError::new(code::UNKNOWN_CONTAINER, e, "the container is gone"))?;
+    let pod = Netlink::in_netns(&ns_file).await.map_err(io_err)?;
+    let host_nl = Netlink::host().map_err(io_err)?;
     let host = link::host_ifname(&env.container_id, &env.ifname);
-    let info = link::link_info(pod, &env.ifname)
+    let info = pod
+        .link(&env.ifname)
+        .await
+        .map_err(io_err)?
         .ok_or_else(|| check_failed(format!("interface {} is missing in the pod", env.ifname)))?;
     if let Some(want) = prev.interfaces.iter().find(|i| i.name == env.ifname) {
         if !want.mac.is_empty() && !want.mac.eq_ignore_ascii_case(&info.mac) {
@@ -442,16 +516,20 @@ async fn check(env: &CniEnv, conf: &NetConf, stdin: &[u8]) -> Result<(), CniErro
             )));
         }
     }
-    let have = link::addresses(pod, &env.ifname).map_err(io_err)?;
+    let have = pod.addresses(&env.ifname).await.map_err(io_err)?;
     for ip in &prev.ips {
-        if !have.contains(&ip.address) {
+        let want = parse_net("prevResult ips address", &ip.address)?;
+        if !have.contains(&want) {
             return Err(check_failed(format!(
                 "address {} is missing on {}",
                 ip.address, env.ifname
             )));
         }
     }
-    let host_info = link::link_info(Ns::Host, &host)
+    let host_info = host_nl
+        .link(&host)
+        .await
+        .map_err(io_err)?
         .ok_or_else(|| check_failed(format!("host interface {host} is missing")))?;
     if !host_info.up {
         return Err(check_failed(format!("host interface {host} is down")));
