@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestBroker, gateway, next_view, request};
+use common::{TestBroker, gateway, next_view, request, watch};
 use l2mesh_broker::client::{self, tls_config};
 use l2mesh_proto::broker as pb;
 use l2mesh_proto::broker::broker_client::BrokerClient;
@@ -289,11 +289,7 @@ async fn a_cluster_cannot_read_or_write_what_is_not_its_own() {
     let r = request(&mut a, &["blue", "secret"]).await;
     let secret = r.admissions.iter().find(|x| x.network == "secret").unwrap();
     assert_eq!(secret.state(), pb::AdmissionState::Denied);
-    let mut w = a
-        .watch(pb::WatchRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = watch(&mut a, 0).await;
     let v = next_view(&mut w).await;
     assert_eq!(v.cluster_name, "alpha");
     assert_eq!(v.networks.len(), 1);

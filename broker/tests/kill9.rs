@@ -2,7 +2,7 @@
 //! `kill -9` and a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use common::{Proc, start};
+use common::{Proc, assert_quiet, start, watch};
 use l2mesh_broker::client;
 use l2mesh_broker::pki::AdminCredential;
 use l2mesh_proto::broker as pb;
@@ -74,11 +74,7 @@ async fn acknowledged_state_survives_kill_9() {
     })
     .await
     .unwrap();
-    let mut w = c
-        .watch(pb::WatchRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = watch(&mut c, 0).await;
     let view = tokio::time::timeout(Duration::from_secs(5), w.message())
         .await
         .unwrap()
@@ -148,16 +144,6 @@ async fn acknowledged_state_survives_kill_9() {
     let mut cred = cred;
     cred.brokers = vec![p.addr.clone()];
     let mut c = cred.connect().await.unwrap();
-    let mut w = c
-        .watch(pb::WatchRequest {
-            last_revision: view.revision,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let nothing = tokio::time::timeout(Duration::from_millis(400), w.message()).await;
-    assert!(
-        nothing.is_err(),
-        "unchanged view resent after restart: {nothing:?}"
-    );
+    let mut w = watch(&mut c, view.revision).await;
+    assert_quiet(&mut w, "unchanged view resent after restart").await;
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestBroker, gateway, next_view, request, view_until};
+use common::{TestBroker, assert_quiet, gateway, next_view, request, view_until, watch};
 use l2mesh_broker::client;
 use l2mesh_proto::broker as pb;
 use std::time::Duration;
@@ -13,11 +13,7 @@ use tonic::Code;
 async fn removing_a_cluster_closes_its_live_watch_and_refuses_its_certificate() {
     let b = TestBroker::start().await;
     let (_, mut a) = b.join("alpha").await;
-    let mut w = a
-        .watch(pb::WatchRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = watch(&mut a, 0).await;
     next_view(&mut w).await;
     b.admin()
         .await
@@ -45,29 +41,15 @@ async fn watch_resumes_and_does_not_resend_an_unchanged_view() {
     let b = TestBroker::start().await;
     let (_, mut a) = b.join("alpha").await;
     request(&mut a, &["blue"]).await;
-    let mut w = a
-        .watch(pb::WatchRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = watch(&mut a, 0).await;
     let first = next_view(&mut w).await;
     assert_eq!(
         first.admissions[0].state(),
         pb::AdmissionState::UnknownNetwork
     );
     drop(w);
-    let mut w = a
-        .watch(pb::WatchRequest {
-            last_revision: first.revision,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let nothing = tokio::time::timeout(Duration::from_millis(400), w.message()).await;
-    assert!(
-        nothing.is_err(),
-        "an unchanged view must not be resent: {nothing:?}"
-    );
+    let mut w = watch(&mut a, first.revision).await;
+    assert_quiet(&mut w, "an unchanged view must not be resent").await;
     // A change while watching arrives at once, with a newer revision.
     let info = b.network("blue", &[]).await;
     let v = next_view(&mut w).await;
@@ -75,13 +57,7 @@ async fn watch_resumes_and_does_not_resend_an_unchanged_view() {
     assert_eq!(v.networks[0].vni, info.vni);
     assert_eq!(v.networks[0].cluster_cidr, "10.20.0.0/24");
     // Reconnecting with an old revision gets the current view.
-    let mut w2 = a
-        .watch(pb::WatchRequest {
-            last_revision: first.revision,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w2 = watch(&mut a, first.revision).await;
     assert_eq!(next_view(&mut w2).await.revision, v.revision);
     // A report that changes nothing in the view sends nothing.
     a.report_link_health(pb::LinkHealthReport::default())
@@ -104,11 +80,7 @@ async fn key_rotation_and_membership_changes_reach_peers() {
     .unwrap();
     request(&mut a, &["blue"]).await;
     request(&mut c, &["blue"]).await;
-    let mut w = c
-        .watch(pb::WatchRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = watch(&mut c, 0).await;
     let v = view_until(&mut w, |v| {
         v.networks.first().is_some_and(|n| !n.peers.is_empty())
     })
@@ -158,11 +130,7 @@ async fn restart_keeps_state_and_resumes_watches() {
     let j = b.token("beta", 600, 1).await;
     request(&mut a, &["blue"]).await;
     b.network("blue", &[]).await;
-    let mut w = a
-        .watch(pb::WatchRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = watch(&mut a, 0).await;
     let v = view_until(&mut w, |v| !v.networks.is_empty()).await;
     b.stop().await;
     // The stream ended with the graceful shutdown.
@@ -175,18 +143,8 @@ async fn restart_keeps_state_and_resumes_watches() {
     let mut cred = cred;
     cred.brokers = vec![b.addr.clone()];
     let mut a = cred.connect().await.unwrap();
-    let mut w = a
-        .watch(pb::WatchRequest {
-            last_revision: v.revision,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let nothing = tokio::time::timeout(Duration::from_millis(400), w.message()).await;
-    assert!(
-        nothing.is_err(),
-        "same view after restart must not be resent"
-    );
+    let mut w = watch(&mut a, v.revision).await;
+    assert_quiet(&mut w, "same view after restart must not be resent").await;
     let mut j = j;
     j.brokers = vec![b.addr.clone()];
     client::join(&j).await.unwrap();
@@ -202,11 +160,7 @@ async fn a_rejoin_replaces_the_certificate_and_closes_the_old_stream() {
     })
     .await
     .unwrap();
-    let mut w = a
-        .watch(pb::WatchRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = watch(&mut a, 0).await;
     let first = next_view(&mut w).await;
     // The cluster lost its key and joins again with a new token.
     let new = client::join(&b.token("alpha", 600, 1).await).await.unwrap();
@@ -222,13 +176,7 @@ async fn a_rejoin_replaces_the_certificate_and_closes_the_old_stream() {
     assert_eq!(err.code(), Code::Unauthenticated);
     // The new certificate sees the same data, and the same view revision.
     let mut c = new.connect().await.unwrap();
-    let mut w = c
-        .watch(pb::WatchRequest {
-            last_revision: first.revision,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = watch(&mut c, first.revision).await;
     let nothing = tokio::time::timeout(Duration::from_millis(300), w.message()).await;
     assert!(nothing.is_err(), "{nothing:?}");
     let list = b
@@ -247,11 +195,7 @@ async fn watch_streams_per_cluster_are_limited() {
     let (_, mut a) = b.join("alpha").await;
     let mut open = Vec::new();
     for _ in 0..8 {
-        let mut w = a
-            .watch(pb::WatchRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
+        let mut w = watch(&mut a, 0).await;
         next_view(&mut w).await;
         open.push(w);
     }

@@ -151,6 +151,24 @@ pub async fn request(c: &mut BrokerClient<Channel>, nets: &[&str]) -> pb::Networ
     .into_inner()
 }
 
+/// Opens a watch that resumes after `last_revision` (0: from the start).
+pub async fn watch(
+    c: &mut BrokerClient<Channel>,
+    last_revision: u64,
+) -> tonic::Streaming<pb::ClusterView> {
+    c.watch(pb::WatchRequest { last_revision })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Asserts that a watch stays silent for 400 ms (nothing changed, so
+/// nothing may be resent).
+pub async fn assert_quiet(s: &mut tonic::Streaming<pb::ClusterView>, why: &str) {
+    let nothing = tokio::time::timeout(Duration::from_millis(400), s.message()).await;
+    assert!(nothing.is_err(), "{why}: {nothing:?}");
+}
+
 /// Next view from a stream, or panic after 5 s.
 pub async fn next_view(s: &mut tonic::Streaming<pb::ClusterView>) -> pb::ClusterView {
     tokio::time::timeout(Duration::from_secs(5), s.message())
