@@ -112,6 +112,9 @@ pub struct Condition {
 #[serde(rename_all = "camelCase")]
 pub struct AttachedPod {
     pub node: String,
+    /// `namespace/name` of the pod; the host-side interface name when the
+    /// port was attached without a pod (e.g. by hand or a non-Kubernetes runtime).
+    pub pod: String,
     /// Host-side interface name.
     pub interface: String,
 }

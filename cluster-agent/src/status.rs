@@ -4,7 +4,7 @@
 use crate::crd::{AttachedPod, Condition, L2NetworkStatus, LinkHealthStatus, Scope};
 use crate::desired::NetworkOutcome;
 use l2mesh_proto::broker::{AdmissionState, LinkHealth};
-use l2mesh_proto::node::{NodeStatus, PeerGroup};
+use l2mesh_proto::node::{NetworkStatus, NodeStatus, PeerGroup};
 use std::collections::BTreeMap;
 
 /// A tunnel whose last handshake is older than this is down (WireGuard
@@ -91,12 +91,7 @@ pub fn network_status(
     if let Some(vni) = o.vni {
         for (node, ns) in nodes {
             for net in ns.networks.iter().filter(|n| n.name == o.name) {
-                status
-                    .attached_pods
-                    .extend(net.ports.iter().map(|p| AttachedPod {
-                        node: node.clone(),
-                        interface: p.clone(),
-                    }));
+                status.attached_pods.extend(attached_pods(node, net));
             }
             for peer in ns.peers.iter().filter(|p| p.vnis.contains(&vni)) {
                 status.link_health.push(LinkHealthStatus {
@@ -153,6 +148,43 @@ pub fn network_status(
     status
 }
 
+/// The pods on one node's bridge: every port, named by its pod when the
+/// dataplane knows it (from the CNI's `AttachPort`), else by its interface.
+fn attached_pods(node: &str, net: &NetworkStatus) -> Vec<AttachedPod> {
+    let mut ifnames: Vec<&str> = net.ports.iter().map(String::as_str).collect();
+    // A dataplane that fills only `port_status` still has its ports listed.
+    for p in &net.port_status {
+        if !ifnames.contains(&p.ifname.as_str()) {
+            ifnames.push(&p.ifname);
+        }
+    }
+    ifnames
+        .into_iter()
+        .map(|ifname| {
+            let pod = net
+                .port_status
+                .iter()
+                .find(|p| p.ifname == ifname && !p.pod_name.is_empty())
+                .map_or_else(
+                    || ifname.to_owned(),
+                    |p| {
+                        let ns = if p.pod_namespace.is_empty() {
+                            "default"
+                        } else {
+                            &p.pod_namespace
+                        };
+                        format!("{ns}/{}", p.pod_name)
+                    },
+                );
+            AttachedPod {
+                node: node.to_owned(),
+                pod,
+                interface: ifname.to_owned(),
+            }
+        })
+        .collect()
+}
+
 /// Link health of the gateways' tunnels to other clusters, for the broker.
 #[must_use]
 pub fn remote_link_health(nodes: &BTreeMap<String, NodeStatus>) -> Vec<LinkHealth> {
@@ -175,7 +207,7 @@ pub fn remote_link_health(nodes: &BTreeMap<String, NodeStatus>) -> Vec<LinkHealt
 #[cfg(test)]
 mod tests {
     use super::*;
-    use l2mesh_proto::node::{NetworkStatus, PeerStatus};
+    use l2mesh_proto::node::{PeerStatus, PortStatus};
 
     fn outcome(scope: Scope, vni: Option<u32>) -> NetworkOutcome {
         NetworkOutcome {
@@ -246,6 +278,7 @@ mod tests {
             s1.attached_pods,
             vec![AttachedPod {
                 node: "n1".into(),
+                pod: "l2abc".into(),
                 interface: "l2abc".into()
             }]
         );
@@ -262,6 +295,52 @@ mod tests {
         );
         let quiet = network_status(&o, &BTreeMap::new(), Some(&s1), "t3");
         assert_eq!(get(&quiet, "PeersConnected").last_transition_time, "t3");
+    }
+
+    #[test]
+    fn attached_pods_are_named_by_their_pod() {
+        let o = outcome(Scope::Local, Some(3));
+        let port = |ifname: &str, ns: &str, name: &str| PortStatus {
+            ifname: ifname.into(),
+            pod_namespace: ns.into(),
+            pod_name: name.into(),
+        };
+        let node = NodeStatus {
+            networks: vec![
+                NetworkStatus {
+                    name: "blue".into(),
+                    ports: vec!["l2a".into(), "l2b".into(), "l2c".into()],
+                    port_status: vec![
+                        port("l2a", "team", "web-0"),
+                        port("l2b", "", ""),
+                        port("l2d", "", "lonely"),
+                    ],
+                    ..Default::default()
+                },
+                NetworkStatus {
+                    name: "red".into(),
+                    ports: vec!["l2x".into()],
+                    port_status: vec![port("l2x", "team", "other-net")],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let s = network_status(&o, &[("n1".to_owned(), node)].into(), None, "t");
+        let got: Vec<(&str, &str, &str)> = s
+            .attached_pods
+            .iter()
+            .map(|p| (p.node.as_str(), p.pod.as_str(), p.interface.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("n1", "team/web-0", "l2a"),
+                ("n1", "l2b", "l2b"),
+                ("n1", "l2c", "l2c"),
+                ("n1", "default/lonely", "l2d"),
+            ]
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use l2mesh_proto::node::dataplane_server::{Dataplane, DataplaneServer};
 use l2mesh_proto::node::{
     ApplyResult, AttachPortRequest, DesiredState, DetachPortRequest, NetworkStatus, NodeStatus,
-    PortResult, RotateKeyRequest, RotateKeyResult, StatusRequest,
+    PortResult, PortStatus, RotateKeyRequest, RotateKeyResult, StatusRequest,
 };
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -97,7 +97,11 @@ struct FakeDataplane {
     node: String,
     nets: BTreeMap<String, Net>,
     ports: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>>,
+    /// ifname → (pod namespace, pod name) as AttachPort said.
+    pods: Pods,
 }
+
+type Pods = Arc<Mutex<BTreeMap<String, (String, String)>>>;
 
 #[tonic::async_trait]
 impl Dataplane for FakeDataplane {
@@ -106,6 +110,7 @@ impl Dataplane for FakeDataplane {
     }
     async fn get_status(&self, _: Request<StatusRequest>) -> Result<Response<NodeStatus>, Status> {
         let ports = self.ports.lock().unwrap();
+        let pods = self.pods.lock().unwrap();
         Ok(Response::new(NodeStatus {
             node_name: self.node.clone(),
             networks: self
@@ -117,6 +122,19 @@ impl Dataplane for FakeDataplane {
                     mtu: n.mtu,
                     bridge: n.bridge.clone(),
                     ports: ports.get(name).into_iter().flatten().cloned().collect(),
+                    port_status: ports
+                        .get(name)
+                        .into_iter()
+                        .flatten()
+                        .map(|p| {
+                            let (ns, pod) = pods.get(p).cloned().unwrap_or_default();
+                            PortStatus {
+                                ifname: p.clone(),
+                                pod_namespace: ns,
+                                pod_name: pod,
+                            }
+                        })
+                        .collect(),
                     pod_cidr: n.pod_cidr.clone(),
                     ..NetworkStatus::default()
                 })
@@ -151,6 +169,10 @@ impl Dataplane for FakeDataplane {
                 String::from_utf8_lossy(&out.stderr).to_string(),
             ));
         }
+        self.pods.lock().unwrap().insert(
+            req.ifname.clone(),
+            (req.pod_namespace.clone(), req.pod_name.clone()),
+        );
         self.ports
             .lock()
             .unwrap()
@@ -187,6 +209,7 @@ struct Lab {
     dir: tempfile::TempDir,
     socket: PathBuf,
     ports: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>>,
+    pods: Pods,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -209,6 +232,7 @@ async fn lab(mtu: u32) -> Lab {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("dataplane.sock");
     let ports = Arc::new(Mutex::new(BTreeMap::new()));
+    let pods: Pods = Arc::default();
     let dp = FakeDataplane {
         node: node.0.clone(),
         nets: [(
@@ -222,6 +246,7 @@ async fn lab(mtu: u32) -> Lab {
         )]
         .into(),
         ports: ports.clone(),
+        pods: pods.clone(),
     };
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -240,6 +265,7 @@ async fn lab(mtu: u32) -> Lab {
         dir,
         socket,
         ports,
+        pods,
         _shutdown: tx,
     }
 }
@@ -358,7 +384,18 @@ async fn add_check_del_with_l2mesh_ipam_and_pods_talk_over_the_bridge() {
     let (pod1, pod2) = (Netns::new("pod1"), Netns::new("pod2"));
     let mut conf = lab.conf(lab.l2mesh_ipam());
     conf["runtimeConfig"] = json!({"mac": "02:12:34:56:78:9a"});
-    let a = lab.cni("ADD", &pod1.path(), "net1", &conf).await;
+    // What Multus passes: the pod's identity among keys the plugin ignores.
+    let multus_args = "IgnoreUnknown=true;K8S_POD_NAMESPACE=team;K8S_POD_NAME=web-0;\
+                       K8S_POD_INFRA_CONTAINER_ID=abc123;K8S_POD_UID=u-1";
+    let a = lab
+        .cni_env(
+            "ADD",
+            &pod1.path(),
+            "net1",
+            &conf,
+            &[("CNI_ARGS", multus_args)],
+        )
+        .await;
     assert!(a.ok, "{}", a.json);
     assert_eq!(a.json["cniVersion"], "1.0.0");
     assert_eq!(a.json["interfaces"][1]["name"], "net1");
@@ -379,7 +416,18 @@ async fn add_check_del_with_l2mesh_ipam_and_pods_talk_over_the_bridge() {
     let ip2 = pod_ip(&b.json);
     assert_ne!(ip1, ip2);
     let host1 = a.json["interfaces"][0]["name"].as_str().unwrap().to_owned();
+    let host2 = b.json["interfaces"][0]["name"].as_str().unwrap().to_owned();
     assert!(lab.ports.lock().unwrap()["blue"].contains(&host1));
+    assert_eq!(
+        lab.pods.lock().unwrap()[&host1],
+        ("team".to_owned(), "web-0".to_owned()),
+        "AttachPort names the pod from CNI_ARGS"
+    );
+    assert_eq!(
+        lab.pods.lock().unwrap()[&host2],
+        (String::new(), String::new()),
+        "no K8S_POD_* args, no pod"
+    );
     assert!(lab.host_links().contains(&format!("master {BRIDGE}")));
     assert!(
         ping(&pod1, ip2.split('/').next().unwrap()),

@@ -277,11 +277,13 @@ async fn add(env: &CniEnv, conf: &NetConf, stdin: &[u8]) -> Result<CniResult, Cn
         host: host_nl,
         pod: pod_nl,
     };
+    let (pod_namespace, pod_name) = env.pod().unwrap_or_default();
     let port = match dp
         .attach_port(AttachPortRequest {
             network: network.clone(),
             ifname: host.clone(),
-            ..AttachPortRequest::default()
+            pod_namespace,
+            pod_name,
         })
         .await
     {

@@ -178,13 +178,23 @@ impl CniEnv {
         }
     }
 
-    /// `KEY=VALUE;...` pairs of `CNI_ARGS` (e.g. `IP`, `MAC`).
+    /// One of the `KEY=VALUE;...` pairs of `CNI_ARGS` (e.g. `IP`, `MAC`,
+    /// `K8S_POD_NAME`). Keys this plugin does not know are simply never asked
+    /// for, so `IgnoreUnknown` needs no handling; a pair without `=` is
+    /// skipped; an empty value counts as absent.
     #[must_use]
     pub fn arg(&self, key: &str) -> Option<String> {
         self.args.split(';').find_map(|kv| {
             let (k, v) = kv.split_once('=')?;
-            (k == key).then(|| v.to_owned())
+            (k.trim() == key && !v.trim().is_empty()).then(|| v.trim().to_owned())
         })
+    }
+
+    /// The pod this attachment is for (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`,
+    /// which Multus and CRI runtimes pass); `None` unless both are there.
+    #[must_use]
+    pub fn pod(&self) -> Option<(String, String)> {
+        Some((self.arg("K8S_POD_NAMESPACE")?, self.arg("K8S_POD_NAME")?))
     }
 
     /// Fail with code 4 naming the first missing variable.
@@ -361,8 +371,36 @@ mod tests {
         let e = env.require(&["CNI_CONTAINERID"]).unwrap_err();
         assert_eq!(e.code, code::INVALID_ENV);
         assert!(e.msg.contains("CNI_CONTAINERID"));
+        assert_eq!(env.pod(), None);
         assert!(!valid_ifname("a/b"));
         assert!(!valid_ifname("sixteen-chars-xx"));
+    }
+
+    #[test]
+    fn pod_comes_from_kubernetes_cni_args() {
+        let env = |args: &str| CniEnv {
+            args: args.to_owned(),
+            ..CniEnv::default()
+        };
+        let multus = env(
+            "IgnoreUnknown=true;K8S_POD_NAMESPACE=team;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u-1",
+        );
+        assert_eq!(multus.pod(), Some(("team".into(), "web-0".into())));
+        // Order does not matter, stray separators and pairs without `=` are skipped.
+        let messy = env(";K8S_POD_NAME=db;;garbage;K8S_POD_NAMESPACE=prod;");
+        assert_eq!(messy.pod(), Some(("prod".into(), "db".into())));
+        // Half a pod, or empty values, is no pod.
+        assert_eq!(env("K8S_POD_NAME=web-0").pod(), None);
+        assert_eq!(env("K8S_POD_NAMESPACE=;K8S_POD_NAME=x").pod(), None);
+        assert_eq!(env("").pod(), None);
+        // A key is matched whole, not by prefix.
+        assert_eq!(env("K8S_POD_NAME_X=a;K8S_POD_NAMESPACE=n").pod(), None);
+        assert_eq!(
+            env("IP=10.0.0.1/24;MAC=02:00:00:00:00:01")
+                .arg("IP")
+                .as_deref(),
+            Some("10.0.0.1/24")
+        );
     }
 
     #[test]
