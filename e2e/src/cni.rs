@@ -28,6 +28,8 @@ pub struct CniCall {
     pub cni_path: String,
     /// The network configuration, JSON, passed on stdin.
     pub config: String,
+    /// `CNI_ARGS`: `;`-separated `KEY=VALUE` pairs (empty: not set).
+    pub args: String,
 }
 
 impl CniCall {
@@ -40,7 +42,15 @@ impl CniCall {
             ifname: ifname.to_owned(),
             cni_path: "/usr/lib/cni:/opt/cni/bin".to_owned(),
             config: config.into(),
+            args: String::new(),
         }
+    }
+
+    /// Names the Kubernetes pod in `CNI_ARGS`, as the kubelet (through
+    /// Multus) does.
+    pub fn with_pod(mut self, namespace: &str, name: &str) -> Self {
+        self.args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}");
+        self
     }
 
     /// The same call with another command (`DEL`, `CHECK`).
@@ -51,13 +61,17 @@ impl CniCall {
 
     /// The `CNI_*` environment of this call.
     pub fn env(&self) -> Vec<(String, String)> {
-        vec![
+        let mut env = vec![
             ("CNI_COMMAND".to_owned(), self.command.clone()),
             ("CNI_CONTAINERID".to_owned(), self.container_id.clone()),
             ("CNI_NETNS".to_owned(), self.netns.display().to_string()),
             ("CNI_IFNAME".to_owned(), self.ifname.clone()),
             ("CNI_PATH".to_owned(), self.cni_path.clone()),
-        ]
+        ];
+        if !self.args.is_empty() {
+            env.push(("CNI_ARGS".to_owned(), self.args.clone()));
+        }
+        env
     }
 
     /// Runs `plugin` inside `node`'s namespace; returns its stdout (the CNI
@@ -110,13 +124,19 @@ mod tests {
             ifname: "net1".into(),
             cni_path: "/usr/lib/cni".into(),
             config: "{}".into(),
+            args: String::new(),
         }
-        .with_command("DEL");
+        .with_command("DEL")
+        .with_pod("default", "web-0");
         let env = call.env();
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("CNI_COMMAND"), Some("DEL"));
         assert_eq!(get("CNI_NETNS"), Some("/run/netns/l2e-1-0-c1-gw-p1"));
         assert_eq!(get("CNI_IFNAME"), Some("net1"));
         assert_eq!(get("CNI_PATH"), Some("/usr/lib/cni"));
+        assert_eq!(
+            get("CNI_ARGS"),
+            Some("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0")
+        );
     }
 }

@@ -325,7 +325,7 @@ impl Mesh {
             ]},
         })
         .to_string();
-        let call = CniCall::add(topo.netns(pod)?, ifname, conf);
+        let call = CniCall::add(topo.netns(pod)?, ifname, conf).with_pod("default", pod);
         let node_ns = topo.netns(&node.role)?;
         let mut last = String::new();
         lab.procs()
