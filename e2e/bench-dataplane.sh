@@ -7,6 +7,8 @@
 # Usage: sudo e2e/bench-dataplane.sh            (builds the release binary)
 #        BIN=/path/to/l2mesh-dataplane DURATION=10 sudo -E e2e/bench-dataplane.sh
 #        PATHS="l2mesh wggo" sudo -E e2e/bench-dataplane.sh   (a subset of l2mesh wggo vxlan)
+#        PROFILE=/tmp/prof sudo -E e2e/bench-dataplane.sh  (perf profile of the tunnel
+#          processes during the 64-byte test: /tmp/prof-<path>-64B.data)
 # Needs: root, ip, iperf3, ping, wireguard-go, wg.
 set -euo pipefail
 
@@ -99,10 +101,24 @@ measure() {
   # per second that arrive.
   ip netns exec "$PB" iperf3 -s -D -1 >/dev/null 2>&1 || true
   sleep 0.3
-  local pps
-  pps=$(ip netns exec "$PA" iperf3 -c 10.9.0.2 -u -b 0 -l 64 -t "$DURATION" -J |
-    python3 -c 'import json,sys; s=json.load(sys.stdin)["end"]["sum"]; print("%.0f" % ((s["packets"]-s["lost_packets"])/max(s["seconds"],1e-9)/1e3))' ||
-    echo nan)
+  local pps u0 u1 udp_out
+  u0=$(cpu_daemons)
+  local prof=""
+  if [[ -n "${PROFILE:-}" && -n "${DAEMONS// /}" ]]; then # perf profile of the tunnel processes
+    perf record -q -e cpu-clock -g -p "$(echo $DAEMONS | tr ' ' ,)" -o "$PROFILE-$name-64B.data" \
+      -- sleep "$DURATION" >/dev/null 2>&1 &
+    prof=$!
+  fi
+  udp_out=$(ip netns exec "$PA" iperf3 -c 10.9.0.2 -u -b 0 -l 64 -t "$DURATION" -J || true)
+  u1=$(cpu_daemons)
+  [[ -n $prof ]] && wait "$prof"
+  # kpps received, and the tunnel processes' CPU microseconds per packet
+  # received (robust when other work shares the machine).
+  pps=$(echo "$udp_out" | python3 -c "
+import json,sys
+s=json.load(sys.stdin)['end']['sum']; got=max(s['packets']-s['lost_packets'],1)
+print('%.0f' % (got/max(s['seconds'],1e-9)/1e3), '%.1f' % (($u1-$u0)/$HZ/got*1e6) if '$DAEMONS'.strip() else '-')" ||
+    echo "nan nan")
   local lrtt
   lrtt=$(cat "$WORK/loaded-rtt" 2>/dev/null)
   echo "$name ${res[*]} ${rtt:-nan} $pps ${lrtt:-nan}" >> "$WORK/results"
@@ -209,12 +225,13 @@ ref = {r[0]: r for r in rows}
 wg = ref.get("vxlan-over-wireguard-go")
 print("CPU s/GB: whole machine (noisy when it is shared) / tunnel processes only; (1) and (4) streams")
 print("64B kpps: 64-byte UDP datagrams received per second (thousands), one sender")
+print("us/pkt: tunnel processes' CPU microseconds per 64-byte datagram received")
 print("RTT ms: idle / while one stream runs")
-print(f"{'path':<26}{'1 stream':>12}{'4 streams':>13}{'CPU s/GB(1)':>15}{'CPU s/GB(4)':>15}{'RTT ms':>14}{'64B kpps':>10}{'vs wg-go (1/4/64B)':>22}")
-for name, g1, c1, d1, g4, c4, d4, rtt, pps, lrtt in rows:
+print(f"{'path':<26}{'1 stream':>12}{'4 streams':>13}{'CPU s/GB(1)':>15}{'CPU s/GB(4)':>15}{'RTT ms':>14}{'64B kpps':>10}{'us/pkt':>8}{'vs wg-go (1/4/64B)':>22}")
+for name, g1, c1, d1, g4, c4, d4, rtt, pps, upp, lrtt in rows:
     ratio = ""
     if wg:
         r = lambda a, b: f"{float(a)/max(float(b),1e-9):.2f}x"
         ratio = f"{r(g1, wg[1])}/{r(g4, wg[4])}/{r(pps, wg[8])}"
-    print(f"{name:<26}{g1+' Gb/s':>12}{g4+' Gb/s':>13}{c1+' / '+d1:>15}{c4+' / '+d4:>15}{rtt+' / '+lrtt:>14}{pps:>10}{ratio:>22}")
+    print(f"{name:<26}{g1+' Gb/s':>12}{g4+' Gb/s':>13}{c1+' / '+d1:>15}{c4+' / '+d4:>15}{rtt+' / '+lrtt:>14}{pps:>10}{upp:>8}{ratio:>22}")
 EOF

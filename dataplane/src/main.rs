@@ -42,6 +42,10 @@ enum Command {
         /// UDP port of the WireGuard socket (0 picks a free one).
         #[arg(long, env = "L2MESH_LISTEN_PORT", default_value_t = daemon::DEFAULT_LISTEN_PORT)]
         listen_port: u16,
+        /// Packet workers, each with its own underlay socket and TAP queue
+        /// (0: one per core).
+        #[arg(long, env = "L2MESH_WORKERS", default_value_t = 0)]
+        workers: usize,
         /// Cluster agent to watch for desired state (https://HOST:PORT). Without
         /// it the daemon only takes state over its local API.
         #[arg(long, env = "L2MESH_AGENT", requires_all = ["agent_ca", "agent_token_file", "node_name"])]
@@ -155,6 +159,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             state_dir,
             listen_port,
+            workers,
             agent,
             agent_ca,
             agent_token_file,
@@ -188,7 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let listener =
                 api::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-            let d = match daemon::Daemon::start(&state_dir, listen_port).await {
+            let d = match daemon::Daemon::start(&state_dir, listen_port, workers).await {
                 Ok(d) => d,
                 Err(e) => {
                     let _ = std::fs::remove_file(&socket);

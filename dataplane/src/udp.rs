@@ -9,6 +9,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::ops::Range;
 use std::os::fd::AsRawFd as _;
 
+use nix::libc;
 use nix::sys::socket::{
     ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, SockaddrStorage, recvmsg, sendmsg,
     setsockopt, sockopt,
@@ -115,6 +116,133 @@ pub fn try_recv(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAd
     })
 }
 
+/// Room for one datagram, or for a GRO run of them.
+const RECV_BUF: usize = 65_536;
+/// Control-message room for the `UDP_GRO` segment size (an `int`).
+const CMSG_ROOM: usize = 64;
+
+/// Buffers for receiving up to `n` datagrams (or GRO runs) with one
+/// `recvmmsg`: one system call for a burst of small packets, which GRO does
+/// not coalesce.
+pub struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    names: Vec<libc::sockaddr_in>,
+    /// u64 words keep the control buffers aligned for `cmsghdr`.
+    cmsgs: Vec<[u64; CMSG_ROOM / 8]>,
+    got: Vec<(SocketAddr, usize, usize)>,
+}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch")
+            .field("slots", &self.bufs.len())
+            .field("filled", &self.got.len())
+            .finish()
+    }
+}
+
+impl RecvBatch {
+    pub fn new(n: usize) -> Self {
+        let n = n.max(1);
+        Self {
+            bufs: (0..n).map(|_| vec![0u8; RECV_BUF]).collect(),
+            names: vec![zero_sockaddr(); n],
+            cmsgs: vec![[0u64; CMSG_ROOM / 8]; n],
+            got: Vec::with_capacity(n),
+        }
+    }
+
+    /// Datagram `i` of the last receive: sender, bytes, and the GRO segment
+    /// size (0: one datagram).
+    pub fn get(&self, i: usize) -> (SocketAddr, &[u8], usize) {
+        let (from, len, seg) = self.got[i];
+        (from, &self.bufs[i][..len], seg)
+    }
+}
+
+fn zero_sockaddr() -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: 0,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: 0 },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Receives what is queued, up to the batch size, without blocking; returns
+/// how many datagrams (or GRO runs) arrived. `WouldBlock` when none.
+pub fn try_recv_batch(sock: &UdpSocket, b: &mut RecvBatch) -> io::Result<usize> {
+    let fd = sock.as_raw_fd();
+    sock.try_io(Interest::READABLE, || recv_batch(fd, b))
+}
+
+#[allow(unsafe_code)]
+fn recv_batch(fd: std::os::fd::RawFd, b: &mut RecvBatch) -> io::Result<usize> {
+    let n = b.bufs.len();
+    let mut iovs: Vec<libc::iovec> = b
+        .bufs
+        .iter_mut()
+        .map(|buf| libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        })
+        .collect();
+    let mut hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(n);
+    for ((iov, name), cmsg) in iovs.iter_mut().zip(&mut b.names).zip(&mut b.cmsgs) {
+        // SAFETY: mmsghdr is plain data; all-zero is a valid empty header,
+        // filled in right below.
+        let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+        h.msg_hdr.msg_name = std::ptr::from_mut(name).cast();
+        h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        h.msg_hdr.msg_iov = std::ptr::from_mut(iov);
+        h.msg_hdr.msg_iovlen = 1;
+        h.msg_hdr.msg_control = cmsg.as_mut_ptr().cast();
+        h.msg_hdr.msg_controllen = CMSG_ROOM as _;
+        hdrs.push(h);
+    }
+    // SAFETY: every header points into buffers owned by `b` and `iovs`,
+    // which outlive the call; the lengths given are those buffers' sizes.
+    let r = unsafe {
+        libc::recvmmsg(
+            fd,
+            hdrs.as_mut_ptr(),
+            n as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let got = usize::try_from(r).unwrap_or(0);
+    b.got.clear();
+    for h in &hdrs[..got] {
+        let name: &libc::sockaddr_in = {
+            // SAFETY: msg_name points at one of `b.names`, written by the kernel.
+            unsafe { &*h.msg_hdr.msg_name.cast::<libc::sockaddr_in>() }
+        };
+        let from = SocketAddr::V4(SocketAddrV4::new(
+            u32::from_be(name.sin_addr.s_addr).into(),
+            u16::from_be(name.sin_port),
+        ));
+        let mut seg = 0;
+        // SAFETY: the control buffer and its length are the kernel's answer
+        // for this header; CMSG_* walk within msg_controllen.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                    let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                    seg = usize::try_from(v).unwrap_or(0);
+                }
+                c = libc::CMSG_NXTHDR(&h.msg_hdr, c);
+            }
+        }
+        b.got.push((from, h.msg_len as usize, seg));
+    }
+    Ok(got)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +339,48 @@ mod tests {
                 .collect::<Vec<_>>(),
             [(0, 5)]
         );
+    }
+
+    #[tokio::test]
+    async fn one_batch_receive_returns_several_datagrams_with_their_senders() {
+        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = rx.local_addr().unwrap();
+        let (t1, t2) = (
+            UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        );
+        t1.send_to(b"one", to).await.unwrap();
+        t2.send_to(b"two!", to).await.unwrap();
+        t1.send_to(&[7u8; 1400], to).await.unwrap();
+        let mut batch = RecvBatch::new(2);
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            rx.readable().await.unwrap();
+            match try_recv_batch(&rx, &mut batch) {
+                Ok(n) => {
+                    assert!(n <= 2, "never more than the batch holds");
+                    for i in 0..n {
+                        let (from, data, seg) = batch.get(i);
+                        assert_eq!(seg, 0);
+                        got.push((from, data.to_vec()));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let (a1, a2) = (t1.local_addr().unwrap(), t2.local_addr().unwrap());
+        assert_eq!(
+            got,
+            vec![
+                (a1, b"one".to_vec()),
+                (a2, b"two!".to_vec()),
+                (a1, vec![7u8; 1400])
+            ]
+        );
+        assert!(matches!(
+            try_recv_batch(&rx, &mut batch),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        ));
     }
 }

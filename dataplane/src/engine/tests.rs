@@ -84,7 +84,7 @@ impl Net {
                         continue;
                     };
                     let mut out = Vec::new();
-                    e.handle_datagram(addr(from), &data, now, &mut out);
+                    e.handle_datagram(addr(from), &data, now, &mut Buffers::default(), &mut out);
                     let n = *n;
                     pending.extend(out.into_iter().map(|o| (n, o)));
                 }
@@ -95,13 +95,14 @@ impl Net {
     fn send_tap(&mut self, node: u8, vni: u32, f: &[u8]) {
         let mut out = Vec::new();
         let e = &mut self.nodes.iter_mut().find(|(n, _)| *n == node).unwrap().1;
-        e.handle_tap(vni, f, Instant::now(), &mut out);
+        e.handle_tap(vni, f, Instant::now(), &mut Buffers::default(), &mut out);
         self.run(out.into_iter().map(|o| (node, o)).collect());
     }
 
     fn tick(&mut self, node: u8) {
         let mut out = Vec::new();
-        self.engine_mut(node).tick(Instant::now(), &mut out);
+        self.engine_mut(node)
+            .tick(Instant::now(), &mut Buffers::default(), &mut out);
         self.run(out.into_iter().map(|o| (node, o)).collect());
     }
 
@@ -115,9 +116,9 @@ impl Net {
 }
 
 fn pair() -> Net {
-    let mut a = Engine::new(secret(1));
+    let a = Engine::new(secret(1));
     a.apply(config(1, vec![peer(2, Group::Local, &[VNI])]));
-    let mut b = Engine::new(secret(2));
+    let b = Engine::new(secret(2));
     b.apply(config(2, vec![peer(1, Group::Local, &[VNI])]));
     Net {
         nodes: vec![(1, a), (2, b)],
@@ -150,7 +151,7 @@ fn network_the_peer_is_not_in_is_not_sent_and_is_dropped_on_receive() {
     net.send_tap(1, VNI, &frame([0xff; 6], 1, 1));
     net.taps.clear();
     // B thinks A is a member of VNI+1, A does not: A must drop and count.
-    let mut cfg = net.engine(2).config().clone();
+    let mut cfg = net.engine(2).config();
     cfg.peers.get_mut(&pubkey(1)).unwrap().vnis.insert(VNI + 1);
     net.engine_mut(2).apply(cfg);
     net.send_tap(2, VNI + 1, &frame([0xff; 6], 2, 2));
@@ -161,8 +162,13 @@ fn network_the_peer_is_not_in_is_not_sent_and_is_dropped_on_receive() {
     );
     // And A never sends VNI+1 to B.
     let mut out = Vec::new();
-    net.engine_mut(1)
-        .handle_tap(VNI + 1, &frame([0xff; 6], 1, 3), Instant::now(), &mut out);
+    net.engine_mut(1).handle_tap(
+        VNI + 1,
+        &frame([0xff; 6], 1, 3),
+        Instant::now(),
+        &mut Buffers::default(),
+        &mut out,
+    );
     assert!(out.is_empty());
 }
 
@@ -170,16 +176,27 @@ fn network_the_peer_is_not_in_is_not_sent_and_is_dropped_on_receive() {
 fn unknown_keys_garbage_and_replays_are_counted_not_delivered() {
     let mut net = pair();
     // A stranger (key 9) tries to handshake with A.
-    let mut stranger = Engine::new(secret(9));
+    let stranger = Engine::new(secret(9));
     stranger.apply(config(9, vec![peer(1, Group::Local, &[VNI])]));
     let mut out = Vec::new();
-    stranger.handle_tap(VNI, &frame([0xff; 6], 9, 0), Instant::now(), &mut out);
+    stranger.handle_tap(
+        VNI,
+        &frame([0xff; 6], 9, 0),
+        Instant::now(),
+        &mut Buffers::default(),
+        &mut out,
+    );
     let Output::Udp { data, .. } = &out[0] else {
         panic!("handshake expected")
     };
     let mut none = Vec::new();
-    net.engine_mut(1)
-        .handle_datagram(addr(9), data, Instant::now(), &mut none);
+    net.engine_mut(1).handle_datagram(
+        addr(9),
+        data,
+        Instant::now(),
+        &mut Buffers::default(),
+        &mut none,
+    );
     assert!(none.is_empty());
     assert_eq!(net.engine(1).drops().get("unknown_key"), Some(&1));
     // Garbage.
@@ -189,24 +206,44 @@ fn unknown_keys_garbage_and_replays_are_counted_not_delivered() {
         &[4, 0, 0, 0, 1, 2, 3][..],
         &[0xff; 200][..],
     ] {
-        net.engine_mut(1)
-            .handle_datagram(addr(9), junk, Instant::now(), &mut none);
+        net.engine_mut(1).handle_datagram(
+            addr(9),
+            junk,
+            Instant::now(),
+            &mut Buffers::default(),
+            &mut none,
+        );
     }
     assert!(none.is_empty());
     // Replay: capture a data packet from B to A and deliver it twice.
     net.send_tap(1, VNI, &frame([0xff; 6], 1, 0));
     net.taps.clear();
     let mut out = Vec::new();
-    net.engine_mut(2)
-        .handle_tap(VNI, &frame([0xff; 6], 2, 7), Instant::now(), &mut out);
+    net.engine_mut(2).handle_tap(
+        VNI,
+        &frame([0xff; 6], 2, 7),
+        Instant::now(),
+        &mut Buffers::default(),
+        &mut out,
+    );
     let Output::Udp { data, .. } = out.pop().unwrap() else {
         panic!()
     };
     let mut got = Vec::new();
-    net.engine_mut(1)
-        .handle_datagram(addr(2), &data, Instant::now(), &mut got);
-    net.engine_mut(1)
-        .handle_datagram(addr(2), &data, Instant::now(), &mut got);
+    net.engine_mut(1).handle_datagram(
+        addr(2),
+        &data,
+        Instant::now(),
+        &mut Buffers::default(),
+        &mut got,
+    );
+    net.engine_mut(1).handle_datagram(
+        addr(2),
+        &data,
+        Instant::now(),
+        &mut Buffers::default(),
+        &mut got,
+    );
     assert_eq!(
         got.iter()
             .filter(|o| matches!(o, Output::Tap { .. }))
@@ -221,25 +258,35 @@ fn peer_roams_to_the_address_of_a_valid_packet() {
     let mut net = pair();
     net.send_tap(1, VNI, &frame([0xff; 6], 1, 0));
     let mut out = Vec::new();
-    net.engine_mut(2)
-        .handle_tap(VNI, &frame([0xff; 6], 2, 7), Instant::now(), &mut out);
+    net.engine_mut(2).handle_tap(
+        VNI,
+        &frame([0xff; 6], 2, 7),
+        Instant::now(),
+        &mut Buffers::default(),
+        &mut out,
+    );
     let Output::Udp { data, .. } = out.pop().unwrap() else {
         panic!()
     };
     let roamed = SocketAddr::from(([198, 51, 100, 7], 40000));
-    net.engine_mut(1)
-        .handle_datagram(roamed, &data, Instant::now(), &mut Vec::new());
+    net.engine_mut(1).handle_datagram(
+        roamed,
+        &data,
+        Instant::now(),
+        &mut Buffers::default(),
+        &mut Vec::new(),
+    );
     assert_eq!(net.engine(1).peers()[0].endpoint, Some(roamed));
 }
 
 #[test]
 fn gateway_forwards_local_to_remote_with_split_horizon() {
     // A(1) --local-- G(2) --remote-- R(3); A2(4) is another local node of G.
-    let mut a = Engine::new(secret(1));
+    let a = Engine::new(secret(1));
     a.apply(config(1, vec![peer(2, Group::Local, &[VNI])]));
-    let mut a2 = Engine::new(secret(4));
+    let a2 = Engine::new(secret(4));
     a2.apply(config(4, vec![peer(2, Group::Local, &[VNI])]));
-    let mut g = Engine::new(secret(2));
+    let g = Engine::new(secret(2));
     g.apply(config(
         2,
         vec![
@@ -248,7 +295,7 @@ fn gateway_forwards_local_to_remote_with_split_horizon() {
             peer(3, Group::Remote, &[VNI]),
         ],
     ));
-    let mut r = Engine::new(secret(3));
+    let r = Engine::new(secret(3));
     r.apply(config(3, vec![peer(2, Group::Remote, &[VNI])]));
     let mut net = Net {
         nodes: vec![(1, a), (2, g), (3, r), (4, a2)],
@@ -288,7 +335,7 @@ fn rotating_the_key_keeps_other_state_and_peers_rehandshake() {
         "traffic flows before the peer learns the key"
     );
     net.taps.clear();
-    let mut cfg = net.engine(2).config().clone();
+    let mut cfg = net.engine(2).config();
     let mut p = cfg.peers.remove(&pubkey(1)).unwrap();
     p.key = *PublicKey::from(&secret(11)).as_bytes();
     cfg.peers.insert(p.key, p);
@@ -306,12 +353,12 @@ fn rotating_the_key_keeps_other_state_and_peers_rehandshake() {
 
 #[test]
 fn removing_a_peer_does_not_disturb_the_others() {
-    let mut a = Engine::new(secret(1));
+    let a = Engine::new(secret(1));
     a.apply(config(
         1,
         vec![peer(2, Group::Local, &[VNI]), peer(3, Group::Local, &[VNI])],
     ));
-    let mut b = Engine::new(secret(2));
+    let b = Engine::new(secret(2));
     b.apply(config(2, vec![peer(1, Group::Local, &[VNI])]));
     let mut net = Net {
         nodes: vec![(1, a), (2, b)],
@@ -326,7 +373,7 @@ fn removing_a_peer_does_not_disturb_the_others() {
             .unwrap()
     };
     assert!(to_b(&net).last_handshake.is_some());
-    let mut cfg = net.engine(1).config().clone();
+    let mut cfg = net.engine(1).config();
     cfg.peers.remove(&pubkey(3));
     let diff = net.engine_mut(1).apply(cfg);
     assert_eq!(diff.peers_removed.len(), 1);
@@ -338,12 +385,12 @@ fn removing_a_peer_does_not_disturb_the_others() {
 
 #[test]
 fn timers_send_handshake_initiations_for_queued_traffic_and_keepalives() {
-    let mut a = Engine::new(secret(1));
+    let a = Engine::new(secret(1));
     let mut p = peer(2, Group::Local, &[VNI]);
     p.keepalive = Some(1);
     a.apply(config(1, vec![p]));
     let mut out = Vec::new();
-    a.tick(Instant::now(), &mut out);
+    a.tick(Instant::now(), &mut Buffers::default(), &mut out);
     // Persistent keepalive makes boringtun initiate without traffic.
     assert!(
         out.iter()
@@ -358,7 +405,7 @@ proptest::proptest! {
         let mut d = data;
         if let Some(b) = d.first_mut() { *b = kind; }
         let mut out = Vec::new();
-        net.engine_mut(1).handle_datagram(addr(2), &d, Instant::now(), &mut out);
+        net.engine_mut(1).handle_datagram(addr(2), &d, Instant::now(), &mut Buffers::default(), &mut out);
         let no_tap = out.iter().all(|o| !matches!(o, Output::Tap { .. }));
         proptest::prop_assert!(no_tap);
     }
@@ -371,16 +418,27 @@ fn handshake_floods_get_cookie_replies_instead_of_work() {
     let mut cookies = 0;
     for i in 0..300u32 {
         // A fresh initiator each time, like an attacker replaying the key.
-        let mut b = Engine::new(secret(2));
+        let b = Engine::new(secret(2));
         b.apply(config(2, vec![peer(1, Group::Local, &[VNI])]));
         let mut out = Vec::new();
-        b.handle_tap(VNI, &frame([0xff; 6], 2, (i % 250) as u8), now, &mut out);
+        b.handle_tap(
+            VNI,
+            &frame([0xff; 6], 2, (i % 250) as u8),
+            now,
+            &mut Buffers::default(),
+            &mut out,
+        );
         let Some(Output::Udp { data, .. }) = out.pop() else {
             panic!("handshake expected")
         };
         let mut replies = Vec::new();
-        net.engine_mut(1)
-            .handle_datagram(addr(2), &data, now, &mut replies);
+        net.engine_mut(1).handle_datagram(
+            addr(2),
+            &data,
+            now,
+            &mut Buffers::default(),
+            &mut replies,
+        );
         cookies += replies
             .iter()
             .filter(|o| matches!(o, Output::Udp { data, .. } if data.first() == Some(&3)))
@@ -401,19 +459,28 @@ fn handshake_floods_get_cookie_replies_instead_of_work() {
     // After the limiter resets (boringtun measures a real second) handshakes work again.
     std::thread::sleep(Duration::from_millis(1100));
     let mut out = Vec::new();
-    net.engine_mut(1)
-        .tick(now + Duration::from_secs(2), &mut out);
+    net.engine_mut(1).tick(
+        now + Duration::from_secs(2),
+        &mut Buffers::default(),
+        &mut out,
+    );
     // A newer initiator (older handshake timestamps count as replays).
-    let mut b = Engine::new(secret(2));
+    let b = Engine::new(secret(2));
     b.apply(config(2, vec![peer(1, Group::Local, &[VNI])]));
     let mut out = Vec::new();
-    b.handle_tap(VNI, &frame([0xff; 6], 2, 1), now, &mut out);
+    b.handle_tap(
+        VNI,
+        &frame([0xff; 6], 2, 1),
+        now,
+        &mut Buffers::default(),
+        &mut out,
+    );
     let Some(Output::Udp { data, .. }) = out.pop() else {
         panic!()
     };
     let mut replies = Vec::new();
     net.engine_mut(1)
-        .handle_datagram(addr(2), &data, now, &mut replies);
+        .handle_datagram(addr(2), &data, now, &mut Buffers::default(), &mut replies);
     assert!(
         matches!(replies.first(), Some(Output::Udp { data, .. }) if data.first() == Some(&2)),
         "handshake response"
@@ -427,7 +494,7 @@ fn a_rotated_peer_is_reached_where_it_was_last_heard_from() {
     net.send_tap(2, VNI, &frame([0xff; 6], 2, 0));
     net.taps.clear();
     net.engine_mut(1).set_private_key(secret(11));
-    let mut cfg = net.engine(2).config().clone();
+    let mut cfg = net.engine(2).config();
     let mut p = cfg.peers.remove(&pubkey(1)).unwrap();
     p.key = *PublicKey::from(&secret(11)).as_bytes();
     // The configured endpoint is one node 2 cannot reach (as a gateway's WAN
@@ -440,4 +507,106 @@ fn a_rotated_peer_is_reached_where_it_was_last_heard_from() {
     net.send_tap(2, VNI, &frame([0xff; 6], 2, 6));
     net.send_tap(1, VNI, &frame([0xff; 6], 1, 5));
     assert_eq!(net.taps.len(), 2, "traffic flows on the new key");
+}
+
+#[test]
+fn the_engine_can_be_shared_by_workers() {
+    fn shared<T: Send + Sync>() {}
+    shared::<Engine>();
+}
+
+#[test]
+fn two_workers_learning_at_once_lose_no_mac() {
+    let net = pair();
+    let a = net.engine(1);
+    let rounds = 200u8;
+    std::thread::scope(|s| {
+        for worker in 0..2u8 {
+            s.spawn(move || {
+                let mut bufs = Buffers::default();
+                let mut out = Vec::new();
+                for i in 0..rounds {
+                    // Distinct sources per worker; every frame floods.
+                    let mut f = frame([0xff; 6], 0, i);
+                    f[10] = worker;
+                    f[11] = i;
+                    a.handle_tap(VNI, &f, Instant::now(), &mut bufs, &mut out);
+                    out.clear();
+                }
+            });
+        }
+    });
+    let macs = a.macs(VNI, Instant::now());
+    assert_eq!(macs.len(), 2 * usize::from(rounds));
+    assert!(macs.iter().all(|(_, port, _)| port == "tap"));
+}
+
+#[test]
+fn a_mac_moving_between_ports_under_concurrent_traffic_ends_where_last_seen() {
+    let mut net = pair();
+    // Both nodes learn each other first (handshake done).
+    net.send_tap(1, VNI, &frame([0xff; 6], 1, 1));
+    net.send_tap(2, VNI, &frame([0xff; 6], 2, 1));
+    let b = net.engine(2);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                let mut bufs = Buffers::default();
+                let mut out = Vec::new();
+                for i in 0..100 {
+                    b.handle_tap(
+                        VNI,
+                        &frame([0xff; 6], 7, i),
+                        Instant::now(),
+                        &mut bufs,
+                        &mut out,
+                    );
+                    out.clear();
+                }
+            });
+        }
+    });
+    let seven = b
+        .macs(VNI, Instant::now())
+        .into_iter()
+        .find(|(mac, _, _)| mac == "02:00:00:00:00:07")
+        .map(|(_, port, _)| port);
+    assert_eq!(seven.as_deref(), Some("tap"));
+}
+
+#[test]
+fn control_operations_and_traffic_run_side_by_side() {
+    let mut net = pair();
+    net.send_tap(1, VNI, &frame([0xff; 6], 1, 1));
+    let a = net.engine(1);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut bufs = Buffers::default();
+            let mut out = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                a.handle_tap(
+                    VNI,
+                    &frame([0xff; 6], 1, 2),
+                    Instant::now(),
+                    &mut bufs,
+                    &mut out,
+                );
+                out.clear();
+            }
+        });
+        let mut bufs = Buffers::default();
+        let mut out = Vec::new();
+        for i in 0..50u8 {
+            let mut cfg = a.config();
+            cfg.revision = u64::from(i) + 2;
+            a.apply(cfg);
+            a.tick(Instant::now(), &mut bufs, &mut out);
+            let _ = a.peers();
+            let _ = a.macs(VNI, Instant::now());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert_eq!(a.peers().len(), 1);
+    assert!(a.peers()[0].stats.tx_packets > 1);
 }

@@ -1,0 +1,368 @@
+//! The packet workers: readers of the underlay sockets and of the TAP
+//! queues, the timer, and the sending of what the engine produced.
+//!
+//! One worker per core: the underlay port is a `SO_REUSEPORT` group of one
+//! socket per worker (the kernel keeps each peer's datagrams on one socket,
+//! so a flow is never reordered) and every TAP is multi-queue with one queue
+//! per worker (the kernel keeps each flow on one queue). Workers share the
+//! engine, whose locks are per peer; each brings its own buffers.
+
+use std::io::IoSlice;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+use tun_rs::AsyncDevice;
+
+use super::Daemon;
+use crate::engine::{Buffers, Output};
+use crate::{Error, offload, udp};
+
+const TICK: Duration = Duration::from_millis(250);
+const SOCKET_BUFFER: usize = 4 << 20;
+/// Reads (TAP frames or datagram batches) per wakeup before the results are
+/// sent.
+const BATCH: usize = 64;
+/// Stop reading and send once this many outputs are queued (a few TSO
+/// super-frames' worth): what was read goes out before more is read, which
+/// bounds latency and buffer use.
+const MAX_OUTPUTS: usize = 256;
+/// Datagrams per `recvmmsg`.
+const RECV_BATCH: usize = 16;
+
+/// Buffers an I/O task keeps across wakeups.
+#[derive(Default)]
+pub(super) struct Scratch {
+    /// The engine's scratch space and output buffer pool of this worker.
+    pub(super) bufs: Buffers,
+    /// Output buffers already sent, handed back to the pool.
+    spent: Vec<Vec<u8>>,
+    /// The super-frame being written to a TAP.
+    gro: Vec<u8>,
+}
+
+impl Scratch {
+    fn recycle(&mut self) {
+        self.bufs.recycle(&mut self.spent);
+    }
+}
+
+nix::ioctl_write_int!(tunsetoffload, b'T', 208);
+
+/// tun-rs also turns on UDP segmentation offload where the kernel has it;
+/// we only segment TCP, so keep the kernel from handing us UDP super-frames.
+fn tcp_offloads_only(dev: &AsyncDevice) -> Result<(), Error> {
+    use std::os::fd::AsRawFd as _;
+    const TUN_F_CSUM: u64 = 0x01;
+    const TUN_F_TSO4: u64 = 0x02;
+    const TUN_F_TSO6: u64 = 0x04;
+    // SAFETY: the descriptor is a live TUN/TAP fd owned by `dev`, and
+    // TUNSETOFFLOAD takes the flag word by value.
+    #[allow(unsafe_code)]
+    unsafe { tunsetoffload(dev.as_raw_fd(), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) }
+        .map_err(std::io::Error::from)?;
+    Ok(())
+}
+
+/// Opens TAP `name` with `queues` queues (multi-queue when more than one),
+/// virtio-net headers and TCP offloads.
+pub(super) fn open_tap(
+    name: &str,
+    mtu: u32,
+    queues: usize,
+) -> Result<Vec<Arc<AsyncDevice>>, Error> {
+    let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+    let first = tun_rs::DeviceBuilder::new()
+        .name(name.to_string())
+        .layer(tun_rs::Layer::L2)
+        .mtu(mtu)
+        .offload(true)
+        .multi_queue(queues > 1)
+        .build_async()?;
+    tcp_offloads_only(&first)?;
+    let mut v = Vec::with_capacity(queues);
+    for _ in 1..queues {
+        let q = first.try_clone()?;
+        tcp_offloads_only(&q)?;
+        v.push(Arc::new(q));
+    }
+    v.insert(0, Arc::new(first));
+    Ok(v)
+}
+
+fn bind_udp(port: u16, reuse: bool) -> Result<UdpSocket, Error> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    // Bigger buffers absorb bursts; the kernel caps them at rmem_max.
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    if reuse {
+        s.set_reuse_port(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).into())?;
+    let sock = UdpSocket::from_std(s.into())?;
+    udp::enable_gro(&sock);
+    Ok(sock)
+}
+
+/// `n` sockets sharing one UDP port (port 0: one the kernel picks).
+pub(super) fn bind_udp_group(port: u16, n: usize) -> Result<Arc<Vec<Arc<UdpSocket>>>, Error> {
+    let first = bind_udp(port, n > 1)?;
+    let port = first.local_addr()?.port();
+    let mut v = vec![Arc::new(first)];
+    for _ in 1..n {
+        v.push(Arc::new(bind_udp(port, true)?));
+    }
+    Ok(Arc::new(v))
+}
+
+impl Daemon {
+    /// Starts one reader per socket of the group, replacing earlier ones.
+    pub(super) fn spawn_udp(self: &Arc<Self>, socks: &[Arc<UdpSocket>]) {
+        let tasks: Vec<JoinHandle<()>> = socks
+            .iter()
+            .enumerate()
+            .map(|(worker, sock)| {
+                let d = Arc::clone(self);
+                let sock = Arc::clone(sock);
+                tokio::spawn(async move { d.udp_worker(worker, sock).await })
+            })
+            .collect();
+        for old in std::mem::replace(&mut *super::lock(&self.udp_tasks), tasks) {
+            old.abort();
+        }
+    }
+
+    async fn udp_worker(self: Arc<Self>, worker: usize, sock: Arc<UdpSocket>) {
+        let mut batch = udp::RecvBatch::new(RECV_BATCH);
+        let mut out = Vec::new();
+        let mut scratch = Scratch::default();
+        loop {
+            if let Err(e) = sock.readable().await {
+                tracing::debug!(error = %e, "udp readiness");
+                continue;
+            }
+            scratch.recycle();
+            let now = Instant::now();
+            // Drain what is queued, a batch per system call, then send the
+            // results: one wakeup per burst, not per packet.
+            for _ in 0..BATCH {
+                if out.len() >= MAX_OUTPUTS {
+                    break;
+                }
+                match udp::try_recv_batch(&sock, &mut batch) {
+                    Ok(n) => {
+                        for i in 0..n {
+                            let (from, data, seg) = batch.get(i);
+                            for r in udp::gro_segments(data.len(), seg) {
+                                self.engine.handle_datagram(
+                                    from,
+                                    &data[r],
+                                    now,
+                                    &mut scratch.bufs,
+                                    &mut out,
+                                );
+                            }
+                        }
+                        if n < RECV_BATCH {
+                            break;
+                        }
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "udp receive");
+                        break;
+                    }
+                }
+            }
+            self.perform(&mut out, &mut scratch, worker).await;
+        }
+    }
+
+    /// Starts one reader per queue of the TAP of network `vni`.
+    pub(super) fn spawn_tap_readers(
+        self: &Arc<Self>,
+        vni: u32,
+        queues: &[Arc<AsyncDevice>],
+    ) -> Vec<JoinHandle<()>> {
+        queues
+            .iter()
+            .enumerate()
+            .map(|(worker, q)| {
+                let d = Arc::clone(self);
+                let q = Arc::clone(q);
+                tokio::spawn(async move { d.tap_worker(worker, vni, q).await })
+            })
+            .collect()
+    }
+
+    async fn tap_worker(self: Arc<Self>, worker: usize, vni: u32, dev: Arc<AsyncDevice>) {
+        // A TSO super-frame is up to 64 KiB of IP plus Ethernet and the
+        // virtio-net header.
+        let mut buf = vec![0u8; 65_536 + 1024];
+        let mut seg_buf = Vec::with_capacity(65_536);
+        let mut out = Vec::new();
+        let mut scratch = Scratch::default();
+        loop {
+            if let Err(e) = dev.readable().await {
+                tracing::warn!(error = %e, vni, "TAP wait failed; stopping its reader");
+                return;
+            }
+            scratch.recycle();
+            let now = Instant::now();
+            for _ in 0..BATCH {
+                if out.len() >= MAX_OUTPUTS {
+                    break;
+                }
+                match dev.try_recv(&mut buf) {
+                    Ok(len) => {
+                        let bufs = &mut scratch.bufs;
+                        let r = offload::segment(&mut buf[..len], &mut seg_buf, |f| {
+                            self.engine.handle_tap(vni, f, now, bufs, &mut out);
+                        });
+                        if let Err(err) = r {
+                            self.engine.count_drop("bad_offload");
+                            tracing::debug!(error = %err, vni, "TAP frame dropped");
+                        }
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(err) => {
+                        tracing::warn!(error = %err, vni, "TAP read failed; stopping its reader");
+                        return;
+                    }
+                }
+            }
+            self.perform(&mut out, &mut scratch, worker).await;
+        }
+    }
+
+    pub(super) async fn timer(self: Arc<Self>) {
+        let mut iv = tokio::time::interval(TICK);
+        let mut out = Vec::new();
+        let mut scratch = Scratch::default();
+        loop {
+            iv.tick().await;
+            scratch.recycle();
+            self.engine
+                .tick(Instant::now(), &mut scratch.bufs, &mut out);
+            self.perform(&mut out, &mut scratch, 0).await;
+        }
+    }
+
+    /// Sends what the engine produced, through this worker's socket and TAP
+    /// queues. The non-blocking attempt almost always succeeds; only a full
+    /// socket or TAP queue costs an await.
+    pub(super) async fn perform(
+        &self,
+        out: &mut Vec<Output>,
+        scratch: &mut Scratch,
+        worker: usize,
+    ) {
+        if out.is_empty() {
+            return;
+        }
+        let socks = Arc::clone(
+            &self
+                .udp
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let Some(sock) = socks.get(worker % socks.len().max(1)) else {
+            out.clear();
+            return;
+        };
+        let mut tap: Option<(u32, Option<Arc<AsyncDevice>>)> = None;
+        let mut i = 0;
+        while i < out.len() {
+            match &out[i] {
+                Output::Udp { to, .. } => {
+                    let to = *to;
+                    let run = udp::gso_run(out[i..].iter().map_while(|o| match o {
+                        Output::Udp { to, data } => Some((*to, data.len())),
+                        Output::Tap { .. } => None,
+                    }));
+                    let mut sent = false;
+                    if run > 1 {
+                        let bufs: Vec<&[u8]> = out[i..i + run]
+                            .iter()
+                            .filter_map(|o| match o {
+                                Output::Udp { data, .. } => Some(data.as_slice()),
+                                Output::Tap { .. } => None,
+                            })
+                            .collect();
+                        match udp::send_segmented(sock, to, &bufs).await {
+                            Ok(()) => sent = true,
+                            // E.g. a path MTU below the segment size: send
+                            // them one by one below.
+                            Err(e) => tracing::debug!(error = %e, %to, "segmented udp send"),
+                        }
+                    }
+                    if !sent {
+                        for o in &out[i..i + run] {
+                            if let Output::Udp { data, .. } = o
+                                && let Err(e) = sock.send_to(data, to).await
+                            {
+                                tracing::debug!(error = %e, %to, "udp send");
+                            }
+                        }
+                    }
+                    i += run.max(1);
+                }
+                Output::Tap { vni, .. } => {
+                    let vni = *vni;
+                    let frames: Vec<&[u8]> = out[i..]
+                        .iter()
+                        .map_while(|o| match o {
+                            Output::Tap { vni: v, frame } if *v == vni => Some(frame.as_slice()),
+                            _ => None,
+                        })
+                        .collect();
+                    i += frames.len();
+                    if tap.as_ref().is_none_or(|(v, _)| *v != vni) {
+                        let dev = self
+                            .taps
+                            .read()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .get(&vni)
+                            .and_then(|t| t.queues.get(worker % t.queues.len().max(1)).cloned());
+                        tap = Some((vni, dev));
+                    }
+                    let Some((_, Some(dev))) = &tap else { continue };
+                    write_tap(dev, &frames, &mut scratch.gro, vni).await;
+                }
+            }
+        }
+        scratch.spent.extend(out.drain(..).map(|o| match o {
+            Output::Udp { data, .. } => data,
+            Output::Tap { frame, .. } => frame,
+        }));
+    }
+}
+
+/// Writes frames of one network to a TAP queue, runs of one TCP flow as one
+/// super-frame: one write, one trip through bridge and pod stack.
+async fn write_tap(dev: &AsyncDevice, frames: &[&[u8]], gro: &mut Vec<u8>, vni: u32) {
+    let mut j = 0;
+    while j < frames.len() {
+        let n = offload::coalesce(&frames[j..], gro).max(1);
+        let iov = if n > 1 {
+            [IoSlice::new(gro), IoSlice::new(&[])]
+        } else {
+            [
+                IoSlice::new(&offload::PLAIN_RX_HDR),
+                IoSlice::new(frames[j]),
+            ]
+        };
+        j += n;
+        let r = match dev.try_send_vectored(&iov) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => dev.send_vectored(&iov).await,
+            r => r,
+        };
+        if let Err(e) = r {
+            tracing::debug!(error = %e, vni, "tap write");
+        }
+    }
+}
