@@ -4,7 +4,7 @@
 //! YAML manifests in a directory, so validation lives here and not in an
 //! admission webhook.
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -54,10 +54,17 @@ pub struct L2NetworkSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 576, max = 8890))]
     pub mtu: Option<u32>,
-    /// IPv4 range (CIDR) pods get addresses from; none means no l2mesh IPAM.
-    /// For multi-cluster networks the broker's range wins; this one must match it if set.
+    /// IPv4 or IPv6 range (CIDR) pods get addresses from; none means no l2mesh IPAM.
+    /// One family per network. For multi-cluster networks the broker's range
+    /// wins; this one must match it if set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_range: Option<String>,
+    /// Prefix length of each node's slice of the range (this cluster's share
+    /// of it for multiCluster), e.g. 24 gives every node a /24. Default: 16
+    /// slices, each at most a /28 (IPv4) or /120 (IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 126))]
+    pub node_slice_prefix: Option<u8>,
     /// Name of the network at the broker (multiCluster only); defaults to the resource name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker_network: Option<String>,
@@ -147,17 +154,20 @@ pub enum ValidationError {
     )]
     BadMtu { name: String, mtu: u32 },
     #[error(
-        "L2Network {name}: ipRange {range:?} is not an IPv4 CIDR like 10.10.0.0/16: fix spec.ipRange"
+        "L2Network {name}: ipRange {range:?} is not a CIDR like 10.10.0.0/16 or fd00:10::/64: fix spec.ipRange"
     )]
     BadRange { name: String, range: String },
     #[error(
-        "L2Network {name}: ipRange {range} is too small (prefix /{prefix}); use /28 or larger so every node gets addresses"
+        "L2Network {name}: ipRange {range} is too small (prefix /{prefix}); use /{max} or larger so every node gets addresses"
     )]
     RangeTooSmall {
         name: String,
         range: String,
         prefix: u8,
+        max: u8,
     },
+    #[error("L2Network {name}: nodeSlicePrefix: {reason}")]
+    BadSlicePrefix { name: String, reason: String },
     #[error(
         "L2Network {name}: brokerNetwork is only meaningful with scope multiCluster: remove it or set scope: multiCluster"
     )]
@@ -217,24 +227,49 @@ impl L2Network {
     }
 
     /// The parsed IP range, if any.
-    pub fn ip_range(&self) -> Result<Option<Ipv4Net>, ValidationError> {
+    pub fn ip_range(&self) -> Result<Option<IpNet>, ValidationError> {
         let name = self.key();
         match self.spec.ip_range.as_deref().map(str::trim) {
             None | Some("") => Ok(None),
             Some(range) => {
-                let net: Ipv4Net = range.parse().map_err(|_| ValidationError::BadRange {
+                let net: IpNet = range.parse().map_err(|_| ValidationError::BadRange {
                     name: name.clone(),
                     range: range.to_owned(),
                 })?;
-                if net.prefix_len() > 28 {
+                // At least 16 addresses, so one node slice has room for pods.
+                let max = net.max_prefix_len() - 4;
+                if net.prefix_len() > max {
                     return Err(ValidationError::RangeTooSmall {
                         name,
                         range: range.to_owned(),
                         prefix: net.prefix_len(),
+                        max,
                     });
                 }
                 Ok(Some(net.trunc()))
             }
+        }
+    }
+
+    /// Check `nodeSlicePrefix` against the range it would split.
+    pub fn check_node_slice_prefix(&self, range: Option<IpNet>) -> Result<(), ValidationError> {
+        let Some(prefix) = self.spec.node_slice_prefix else {
+            return Ok(());
+        };
+        let bad = |reason: String| ValidationError::BadSlicePrefix {
+            name: self.key(),
+            reason,
+        };
+        match range {
+            Some(range) => {
+                crate::ipam::check_slice_prefix(range, prefix).map_err(|e| bad(e.to_string()))
+            }
+            None if self.spec.scope == Scope::Local => Err(bad(
+                "it splits spec.ipRange, which is not set: set ipRange or remove nodeSlicePrefix"
+                    .to_owned(),
+            )),
+            // Multi-cluster: checked against the broker's share once known.
+            None => Ok(()),
         }
     }
 
@@ -256,7 +291,8 @@ impl L2Network {
         {
             return Err(ValidationError::BadMtu { name: key, mtu });
         }
-        self.ip_range()?;
+        let range = self.ip_range()?;
+        self.check_node_slice_prefix(range)?;
         if self.spec.scope == Scope::Local && self.spec.broker_network.is_some() {
             return Err(ValidationError::BrokerNetworkOnLocal { name: key });
         }
@@ -315,6 +351,16 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_ranges_and_slice_sizes_are_accepted() {
+        let n = net(
+            "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: six}\nspec: {ipRange: 'fd00:10::1/64', nodeSlicePrefix: 80}\n",
+        );
+        n.validate().unwrap();
+        assert_eq!(n.ip_range().unwrap(), Some("fd00:10::/64".parse().unwrap()));
+        assert_eq!(n.spec.node_slice_prefix, Some(80));
+    }
+
+    #[test]
     fn names_and_keys() {
         let n = net(
             "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: red, namespace: team}\nspec: {scope: multiCluster, brokerNetwork: shared-red, ipRange: 10.9.0.0/16}\n",
@@ -350,6 +396,27 @@ mod tests {
             make("b", "{ipRange: 10.0.0.0/30}").validate(),
             Err(ValidationError::RangeTooSmall { prefix: 30, .. })
         ));
+        assert!(matches!(
+            make("b", "{ipRange: 'fd00::/125'}").validate(),
+            Err(ValidationError::RangeTooSmall {
+                prefix: 125,
+                max: 124,
+                ..
+            })
+        ));
+        let slice = make("b", "{ipRange: 10.0.0.0/16, nodeSlicePrefix: 31}")
+            .validate()
+            .unwrap_err();
+        assert!(
+            matches!(slice, ValidationError::BadSlicePrefix { .. }),
+            "{slice}"
+        );
+        assert!(slice.to_string().contains("between /16 and /30"), "{slice}");
+        let no_range = make("b", "{nodeSlicePrefix: 24}").validate().unwrap_err();
+        assert!(no_range.to_string().contains("ipRange"), "{no_range}");
+        make("b", "{scope: multiCluster, nodeSlicePrefix: 24}")
+            .validate()
+            .unwrap();
         assert!(matches!(
             make("b", "{brokerNetwork: x}").validate(),
             Err(ValidationError::BrokerNetworkOnLocal { .. })

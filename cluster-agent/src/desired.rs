@@ -4,8 +4,8 @@
 //! No I/O here; both the Kubernetes controller and standalone mode call it.
 
 use crate::crd::{L2Network, Scope};
-use crate::ipam::Allocations;
-use ipnet::Ipv4Net;
+use crate::ipam::{self, Allocations};
+use ipnet::{IpNet, Ipv4Net};
 use l2mesh_proto::broker::{Admission, AdmissionState, ClusterView, Gateway, PeerGateway};
 use l2mesh_proto::node::{DesiredState, NetworkSpec, NodeIdentity, PeerGroup, PeerSpec};
 use serde::{Deserialize, Serialize};
@@ -50,9 +50,11 @@ pub struct NetworkOutcome {
     pub vni: Option<u32>,
     /// The range pods of this cluster get addresses from (local: ipRange;
     /// multi-cluster: the broker's share for this cluster).
-    pub cluster_range: Option<Ipv4Net>,
+    pub cluster_range: Option<IpNet>,
     /// The network's whole range (pods use its prefix length).
-    pub range: Option<Ipv4Net>,
+    pub range: Option<IpNet>,
+    /// `spec.nodeSlicePrefix`: the size of each node's slice of `cluster_range`.
+    pub node_slice_prefix: Option<u8>,
     /// Multi-cluster: whether the broker admitted this cluster, and why not.
     pub admission: Option<(AdmissionState, String)>,
     /// Problem that keeps the network from being ready.
@@ -93,6 +95,7 @@ pub fn resolve_networks(
             vni: None,
             cluster_range: None,
             range: None,
+            node_slice_prefix: net.spec.node_slice_prefix,
             admission: None,
             problem: None,
             members: Vec::new(),
@@ -140,7 +143,7 @@ pub fn resolve_networks(
 fn resolve_multi(
     o: &mut NetworkOutcome,
     net: &L2Network,
-    own_range: Option<Ipv4Net>,
+    own_range: Option<IpNet>,
     view: Option<&ClusterView>,
     admissions: &[Admission],
 ) {
@@ -167,13 +170,20 @@ fn resolve_multi(
     if vn.mtu != 0 {
         o.mtu = vn.mtu;
     }
-    o.range = vn.cidr.parse().ok();
-    o.cluster_range = vn.cluster_cidr.parse().ok();
+    o.range = vn.cidr.parse::<IpNet>().ok().map(|r| r.trunc());
+    o.cluster_range = vn.cluster_cidr.parse::<IpNet>().ok().map(|r| r.trunc());
     if let (Some(mine), Some(theirs)) = (own_range, o.range)
         && mine != theirs
     {
         o.problem = Some(format!(
             "spec.ipRange {mine} differs from the broker's range {theirs}: the broker's range is used; fix or remove spec.ipRange"
+        ));
+    }
+    if let Some(share) = o.cluster_range
+        && let Err(e) = net.check_node_slice_prefix(Some(share))
+    {
+        o.problem = Some(format!(
+            "{e} (this cluster's share of the broker's range is {share}); pods get no l2mesh addresses until it is fixed"
         ));
     }
     o.members = vn.members.clone();
@@ -245,9 +255,7 @@ pub fn plan(
             slices.retain(&names);
         }
     }
-    allocs
-        .slices
-        .retain(|name, _| active.iter().any(|n| &n.name == name));
+    allocs.retain_slices(&active.iter().map(|n| n.name.clone()).collect());
 
     // One gateway per cluster carries the remote tunnels: with two, a frame
     // from a remote gateway would come back to it through the second one
@@ -274,7 +282,9 @@ pub fn plan(
         };
         for n in &active {
             let pod_cidr = match n.cluster_range {
-                Some(range) => match allocs.node_slice(&n.name, &node.name, range) {
+                Some(range) => match ipam::slice_prefix(range, n.node_slice_prefix)
+                    .and_then(|prefix| allocs.node_slice(&n.name, &node.name, range, prefix))
+                {
                     Ok(s) => s.to_string(),
                     Err(e) => {
                         plan.problems
@@ -573,8 +583,8 @@ mod tests {
             assert_eq!(state.networks.len(), 2);
             let shared = state.networks.iter().find(|n| n.name == "shared").unwrap();
             assert_eq!(shared.mtu, 1380);
-            let s: Ipv4Net = shared.pod_cidr.parse().unwrap();
-            assert!("10.50.16.0/20".parse::<Ipv4Net>().unwrap().contains(&s));
+            let s: IpNet = shared.pod_cidr.parse().unwrap();
+            assert!("10.50.16.0/20".parse::<IpNet>().unwrap().contains(&s));
             assert!(slices.insert(s), "slice {s} handed out twice");
         }
         assert!(
@@ -612,6 +622,68 @@ mod tests {
         let p = plan(&nodes, &hellos, &out, subnet(), &mut allocs);
         assert_eq!(remote(&p, "gw-b"), 1);
         assert_eq!(p.gateways[0].node, "gw-b");
+    }
+
+    fn slices_of(p: &ClusterPlan, network: &str) -> Vec<String> {
+        p.nodes
+            .values()
+            .map(|s| {
+                s.networks
+                    .iter()
+                    .find(|n| n.name == network)
+                    .unwrap()
+                    .pod_cidr
+                    .clone()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn node_slice_prefix_sets_every_nodes_slice_and_ipv6_ranges_split_too() {
+        let mut allocs = Allocations::default();
+        let nets = vec![
+            l2net("big", "{ipRange: 10.1.0.0/16, nodeSlicePrefix: 24}"),
+            l2net("six", "{ipRange: 'fd00:1::/64'}"),
+        ];
+        let out = resolve_networks(&nets, None, &[], &mut allocs);
+        let nodes = vec![node("a", false), node("b", false)];
+        let p = plan(&nodes, &BTreeMap::new(), &out, subnet(), &mut allocs);
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+        assert_eq!(slices_of(&p, "big"), vec!["10.1.0.0/24", "10.1.1.0/24"]);
+        assert_eq!(
+            slices_of(&p, "six"),
+            vec!["fd00:1::/68", "fd00:1:0:0:1000::/68"]
+        );
+    }
+
+    #[test]
+    fn a_slice_prefix_too_short_for_the_clusters_share_is_reported() {
+        let mut allocs = Allocations::default();
+        // The broker gives this cluster a /20; /18 slices cannot fit in it.
+        let nets = vec![l2net(
+            "shared",
+            "{scope: multiCluster, nodeSlicePrefix: 18}",
+        )];
+        let out = resolve_networks(&nets, Some(&view()), &[], &mut allocs);
+        let problem = out[0].problem.clone().unwrap();
+        assert!(
+            problem.contains("nodeSlicePrefix") && problem.contains("10.50.16.0/20"),
+            "{problem}"
+        );
+        assert!(out[0].active(), "the network still carries frames");
+        let p = plan(
+            &[node("a", false)],
+            &BTreeMap::new(),
+            &out,
+            subnet(),
+            &mut allocs,
+        );
+        assert_eq!(slices_of(&p, "shared"), vec![String::new()]);
+        assert!(
+            p.problems[0].contains("between /20 and /30"),
+            "{:?}",
+            p.problems
+        );
     }
 
     #[test]

@@ -6,20 +6,27 @@
 //! never share a value, and a released value is handed out again only after
 //! every never-used value (round robin from the last allocation, like CNI
 //! host-local), so a stale holder is unlikely to collide.
+//!
+//! Pod ranges, node slices and pod addresses work for IPv4 and IPv6 alike
+//! (one family per network); node tunnel IPs are IPv4 (the VXLAN inner header).
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// First VNI the agent gives a local network.
 pub const LOCAL_VNI_MIN: u32 = 1;
 /// Last VNI the agent gives a local network; the broker allocates from 4096.
 pub const LOCAL_VNI_MAX: u32 = 4095;
-/// Node slices are this many bits longer than the range (16 slices), but
-/// never longer than /28.
+/// By default node slices are this many bits longer than the range (16
+/// slices), but never longer than [`default_slice_max`].
 const SLICE_EXTRA_BITS: u8 = 4;
-const SLICE_MAX_PREFIX: u8 = 28;
+/// A node slice has at least this many addresses (bits of host part) so a
+/// node can run a pod or two besides the reserved addresses.
+const SLICE_MIN_HOST_BITS: u8 = 2;
+/// At most 2^20 node slices per network: more is a typo, not a cluster.
+const SLICE_MAX_SPLIT_BITS: u8 = 20;
 
 /// Why an allocation failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,9 +34,15 @@ pub enum AllocError {
     #[error("{what} is exhausted ({detail}): release unused ones or use a larger range")]
     Exhausted { what: &'static str, detail: String },
     #[error("address {0} is already in use by another interface")]
-    InUse(Ipv4Addr),
+    InUse(IpAddr),
     #[error("address {addr} is outside {range}")]
-    OutOfRange { addr: Ipv4Addr, range: Ipv4Net },
+    OutOfRange { addr: IpAddr, range: IpNet },
+    #[error(
+        "node slice /{prefix} does not fit range {range}: use a prefix length between /{} and /{} (or leave nodeSlicePrefix out)",
+        range.prefix_len(),
+        slice_max_prefix(*range)
+    )]
+    BadSlicePrefix { range: IpNet, prefix: u8 },
 }
 
 /// A round-robin allocator of integers in `min..=max`, keyed by owner.
@@ -108,6 +121,10 @@ pub struct Allocations {
     /// Network → (node → slice index inside the network's cluster range).
     #[serde(default)]
     pub slices: BTreeMap<String, IndexAllocator>,
+    /// Network → `range/slice-prefix` the indices of `slices` refer to; when
+    /// either changes the indices mean other slices, so they start over.
+    #[serde(default)]
+    pub slice_shapes: BTreeMap<String, String>,
     /// What each node last said in its hello, so that after an agent restart
     /// the first node to reconnect still gets all its peers (its dataplane
     /// would otherwise drop the tunnels of nodes that have not reconnected yet).
@@ -149,36 +166,100 @@ impl Allocations {
         Ok(nth(subnet, index))
     }
 
-    /// The pod CIDR slice of `node` inside a network's cluster range.
+    /// The pod CIDR slice of `node` inside a network's cluster range, with
+    /// prefix length `prefix` (see [`slice_prefix`]).
     pub fn node_slice(
         &mut self,
         network: &str,
         node: &str,
-        range: Ipv4Net,
-    ) -> Result<Ipv4Net, AllocError> {
-        let prefix = slice_prefix(range);
-        let count = 1u32 << (prefix - range.prefix_len());
+        range: IpNet,
+        prefix: u8,
+    ) -> Result<IpNet, AllocError> {
+        let range = range.trunc();
+        check_slice_prefix(range, prefix)?;
+        let shape = format!("{range}/{prefix}");
+        if self.slice_shapes.get(network) != Some(&shape) {
+            self.slices.remove(network);
+            self.slice_shapes.insert(network.to_owned(), shape);
+        }
+        let split = prefix - range.prefix_len();
+        let max_index = u32::try_from((1u64 << split) - 1).unwrap_or(u32::MAX);
         let index = self
             .slices
             .entry(network.to_owned())
             .or_default()
-            .get_or_allocate(node, 0, count - 1, "node slices of the IP range")?;
-        let base = u32::from(range.network()) + (index << (32 - prefix));
-        Ipv4Net::new(Ipv4Addr::from(base), prefix).map_err(|_| AllocError::Exhausted {
-            what: "node slices of the IP range",
-            detail: range.to_string(),
+            .get_or_allocate(node, 0, max_index, "node slices of the IP range")?;
+        let host_bits = u32::from(bits(range) - prefix);
+        let base = to_u128(range.network()) + (u128::from(index) << host_bits);
+        IpNet::new(from_u128(base, range.addr().is_ipv6()), prefix).map_err(|_| {
+            AllocError::Exhausted {
+                what: "node slices of the IP range",
+                detail: range.to_string(),
+            }
         })
+    }
+
+    /// Forget the slices of networks not in `keep`.
+    pub fn retain_slices(&mut self, keep: &BTreeSet<String>) {
+        self.slices.retain(|name, _| keep.contains(name));
+        self.slice_shapes.retain(|name, _| keep.contains(name));
     }
 }
 
-/// Prefix length of one node's slice of `range`.
+fn bits(net: IpNet) -> u8 {
+    net.max_prefix_len()
+}
+
+fn to_u128(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+fn from_u128(v: u128, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::from(v))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(u32::try_from(v).unwrap_or(u32::MAX)))
+    }
+}
+
+/// Longest node slice prefix allowed in `range`: at least four addresses
+/// per node, at most 2^20 slices.
 #[must_use]
-pub fn slice_prefix(range: Ipv4Net) -> u8 {
-    range
-        .prefix_len()
-        .saturating_add(SLICE_EXTRA_BITS)
-        .min(SLICE_MAX_PREFIX)
+pub fn slice_max_prefix(range: IpNet) -> u8 {
+    (bits(range) - SLICE_MIN_HOST_BITS)
+        .min(range.prefix_len().saturating_add(SLICE_MAX_SPLIT_BITS))
         .max(range.prefix_len())
+}
+
+/// The default node slice prefix: 16 slices, but not longer than /28 on
+/// IPv4 or /120 on IPv6 (so a node keeps 16 or 256 addresses).
+#[must_use]
+pub fn default_slice_max(range: IpNet) -> u8 {
+    if range.addr().is_ipv6() { 120 } else { 28 }
+}
+
+/// Whether `prefix` is a valid node slice length inside `range`.
+pub fn check_slice_prefix(range: IpNet, prefix: u8) -> Result<(), AllocError> {
+    if prefix < range.prefix_len() || prefix > slice_max_prefix(range) {
+        return Err(AllocError::BadSlicePrefix { range, prefix });
+    }
+    Ok(())
+}
+
+/// Prefix length of one node's slice of `range`: `requested` (the
+/// L2Network's `nodeSlicePrefix`) if given and valid, else the default.
+pub fn slice_prefix(range: IpNet, requested: Option<u8>) -> Result<u8, AllocError> {
+    match requested {
+        Some(p) => check_slice_prefix(range, p).map(|()| p),
+        None => Ok(range
+            .prefix_len()
+            .saturating_add(SLICE_EXTRA_BITS)
+            .min(default_slice_max(range))
+            .max(range.prefix_len())),
+    }
 }
 
 fn host_count(net: Ipv4Net) -> u32 {
@@ -191,27 +272,34 @@ fn nth(net: Ipv4Net, index: u32) -> Ipv4Addr {
 }
 
 /// Pick a pod address in `slice`: never the slice's (or the whole `range`'s)
-/// network or broadcast address, never one in `used`, round robin after `last`.
+/// first or last address (network and broadcast on IPv4, the subnet-router
+/// anycast on IPv6), never one in `used`, round robin after `last`.
 pub fn pick_pod_address(
-    slice: Ipv4Net,
-    range: Option<Ipv4Net>,
-    used: &BTreeSet<Ipv4Addr>,
-    last: Option<Ipv4Addr>,
-) -> Result<Ipv4Addr, AllocError> {
-    let reserved = |a: Ipv4Addr| {
+    slice: IpNet,
+    range: Option<IpNet>,
+    used: &BTreeSet<IpAddr>,
+    last: Option<IpAddr>,
+) -> Result<IpAddr, AllocError> {
+    let slice = slice.trunc();
+    let reserved = |a: IpAddr| {
         a == slice.network()
             || a == slice.broadcast()
             || range.is_some_and(|r| a == r.network() || a == r.broadcast())
             || used.contains(&a)
     };
-    let first = u32::from(slice.network());
-    let size = 1u64 << (32 - slice.prefix_len());
+    let v6 = slice.addr().is_ipv6();
+    let first = to_u128(slice.network());
+    let host_bits = u32::from(bits(slice) - slice.prefix_len());
+    // The slice size, or u128::MAX for a whole /0 of IPv6 (never reached).
+    let size = 1u128.checked_shl(host_bits).unwrap_or(u128::MAX);
     let start = last
         .filter(|l| slice.contains(l))
-        .map_or(0, |l| u64::from(u32::from(l) - first) + 1);
-    for i in 0..size {
-        let offset = u32::try_from((start + i) % size).unwrap_or(0);
-        let candidate = Ipv4Addr::from(first + offset);
+        .map_or(0, |l| to_u128(l) - first + 1);
+    // At most `used` plus four reserved addresses can be skipped, so a huge
+    // (IPv6) slice is never walked to its end.
+    let tries = size.min(used.len() as u128 + 5);
+    for i in 0..tries {
+        let candidate = from_u128(first + (start + i) % size, v6);
         if !reserved(candidate) {
             return Ok(candidate);
         }
@@ -223,11 +311,7 @@ pub fn pick_pod_address(
 }
 
 /// Check a static address requested for a pod.
-pub fn check_static(
-    addr: Ipv4Addr,
-    range: Ipv4Net,
-    used: &BTreeSet<Ipv4Addr>,
-) -> Result<(), AllocError> {
+pub fn check_static(addr: IpAddr, range: IpNet, used: &BTreeSet<IpAddr>) -> Result<(), AllocError> {
     if !range.contains(&addr) {
         return Err(AllocError::OutOfRange { addr, range });
     }
@@ -241,7 +325,11 @@ pub fn check_static(
 mod tests {
     use super::*;
 
-    fn net(s: &str) -> Ipv4Net {
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
@@ -280,7 +368,7 @@ mod tests {
     #[test]
     fn tunnel_ips_skip_network_and_broadcast() {
         let mut a = Allocations::default();
-        let subnet = net("100.64.3.0/30");
+        let subnet: Ipv4Net = "100.64.3.0/30".parse().unwrap();
         assert_eq!(
             a.tunnel_ip("a", subnet).unwrap(),
             Ipv4Addr::new(100, 64, 3, 1)
@@ -296,28 +384,101 @@ mod tests {
         );
     }
 
+    fn assert_disjoint(seen: &[IpNet], s: IpNet) {
+        assert!(
+            seen.iter()
+                .all(|o| !o.contains(&s.network()) && !s.contains(&o.network())),
+            "{s} overlaps {seen:?}"
+        );
+    }
+
     #[test]
     fn node_slices_never_overlap() {
         let mut a = Allocations::default();
         let range = net("10.10.0.0/16");
-        let mut seen: Vec<Ipv4Net> = Vec::new();
+        let prefix = slice_prefix(range, None).unwrap();
+        assert_eq!(prefix, 20);
+        let mut seen: Vec<IpNet> = Vec::new();
         for i in 0..16 {
-            let s = a.node_slice("blue", &format!("node-{i}"), range).unwrap();
+            let s = a
+                .node_slice("blue", &format!("node-{i}"), range, prefix)
+                .unwrap();
             assert_eq!(s.prefix_len(), 20);
             assert!(range.contains(&s));
-            assert!(
-                seen.iter()
-                    .all(|o| !o.contains(&s.network()) && !s.contains(&o.network()))
-            );
+            assert_disjoint(&seen, s);
             seen.push(s);
         }
-        assert!(a.node_slice("blue", "node-16", range).is_err());
+        assert!(a.node_slice("blue", "node-16", range, prefix).is_err());
         // Another network has its own slices.
+        let red = net("10.20.0.0/24");
         assert_eq!(
-            a.node_slice("red", "node-5", net("10.20.0.0/24")).unwrap(),
+            a.node_slice("red", "node-5", red, slice_prefix(red, None).unwrap())
+                .unwrap(),
             net("10.20.0.0/28")
         );
-        assert_eq!(slice_prefix(net("10.0.0.0/28")), 28);
+        assert_eq!(slice_prefix(net("10.0.0.0/28"), None).unwrap(), 28);
+    }
+
+    #[test]
+    fn ipv6_ranges_get_disjoint_node_slices_and_addresses() {
+        let mut a = Allocations::default();
+        let range = net("fd00:10::/64");
+        let prefix = slice_prefix(range, None).unwrap();
+        assert_eq!(prefix, 68);
+        let mut seen = Vec::new();
+        for i in 0..16 {
+            let s = a.node_slice("v6", &format!("n{i}"), range, prefix).unwrap();
+            assert!(range.contains(&s) && s.addr().is_ipv6());
+            assert_disjoint(&seen, s);
+            seen.push(s);
+        }
+        assert_eq!(seen[1], net("fd00:10:0:0:1000::/68"));
+        assert!(a.node_slice("v6", "n16", range, prefix).is_err());
+        // Addresses: never the slice's first address, round robin, no repeats.
+        let slice = seen[0];
+        let mut used = BTreeSet::new();
+        let mut last = None;
+        for want in ["fd00:10::1", "fd00:10::2", "fd00:10::3"] {
+            let got = pick_pod_address(slice, Some(range), &used, last).unwrap();
+            assert_eq!(got, ip(want));
+            used.insert(got);
+            last = Some(got);
+        }
+        // Small IPv6 ranges default to at most /120 slices.
+        assert_eq!(slice_prefix(net("fd00::/112"), None).unwrap(), 116);
+        assert_eq!(slice_prefix(net("fd00::/118"), None).unwrap(), 120);
+        // Statics are checked by family too.
+        assert!(check_static(ip("fd00:10::99"), range, &used).is_ok());
+        assert!(matches!(
+            check_static(ip("10.0.0.1"), range, &used),
+            Err(AllocError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn node_slice_prefix_is_configurable_and_validated() {
+        let mut a = Allocations::default();
+        let range = net("10.30.0.0/16");
+        // /24 per node: 256 nodes of 254 pods instead of the default 16 /20s.
+        assert_eq!(slice_prefix(range, Some(24)).unwrap(), 24);
+        let s0 = a.node_slice("big", "n0", range, 24).unwrap();
+        let s1 = a.node_slice("big", "n1", range, 24).unwrap();
+        assert_eq!((s0, s1), (net("10.30.0.0/24"), net("10.30.1.0/24")));
+        // Longer than the default cap of /28 is fine where asked for.
+        assert_eq!(slice_prefix(net("10.0.0.0/24"), Some(30)).unwrap(), 30);
+        for bad in [15, 31, 32] {
+            let e = slice_prefix(range, Some(bad)).unwrap_err();
+            assert!(matches!(e, AllocError::BadSlicePrefix { prefix, .. } if prefix == bad));
+            assert!(e.to_string().contains("between /16 and /30"), "{e}");
+        }
+        // At most 2^20 slices.
+        assert!(slice_prefix(net("fd00::/48"), Some(69)).is_err());
+        assert!(slice_prefix(net("fd00::/48"), Some(68)).is_ok());
+        // A changed slice size starts the network's slices over.
+        let s = a.node_slice("big", "n1", range, 20).unwrap();
+        assert_eq!(s, net("10.30.0.0/20"), "n1 is the first of the new shape");
+        a.retain_slices(&BTreeSet::new());
+        assert!(a.slices.is_empty() && a.slice_shapes.is_empty());
     }
 
     #[test]
@@ -328,15 +489,15 @@ mod tests {
         let mut last = None;
         for expected in 1..=6u8 {
             let a = pick_pod_address(slice, range, &used, last).unwrap();
-            assert_eq!(a, Ipv4Addr::new(10, 1, 0, expected));
+            assert_eq!(a, IpAddr::V4(Ipv4Addr::new(10, 1, 0, expected)));
             used.insert(a);
             last = Some(a);
         }
         assert!(pick_pod_address(slice, range, &used, last).is_err());
-        used.remove(&Ipv4Addr::new(10, 1, 0, 3));
+        used.remove(&ip("10.1.0.3"));
         assert_eq!(
             pick_pod_address(slice, range, &used, last).unwrap(),
-            Ipv4Addr::new(10, 1, 0, 3)
+            ip("10.1.0.3")
         );
     }
 
@@ -356,14 +517,14 @@ mod tests {
     fn static_addresses_are_checked() {
         let range = net("10.1.0.0/24");
         let mut used = BTreeSet::new();
-        used.insert(Ipv4Addr::new(10, 1, 0, 9));
-        assert!(check_static(Ipv4Addr::new(10, 1, 0, 8), range, &used).is_ok());
+        used.insert(ip("10.1.0.9"));
+        assert!(check_static(ip("10.1.0.8"), range, &used).is_ok());
         assert_eq!(
-            check_static(Ipv4Addr::new(10, 1, 0, 9), range, &used),
-            Err(AllocError::InUse(Ipv4Addr::new(10, 1, 0, 9)))
+            check_static(ip("10.1.0.9"), range, &used),
+            Err(AllocError::InUse(ip("10.1.0.9")))
         );
         assert!(matches!(
-            check_static(Ipv4Addr::new(10, 2, 0, 1), range, &used),
+            check_static(ip("10.2.0.1"), range, &used),
             Err(AllocError::OutOfRange { .. })
         ));
     }

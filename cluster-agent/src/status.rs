@@ -218,6 +218,7 @@ mod tests {
             vni,
             cluster_range: None,
             range: None,
+            node_slice_prefix: None,
             admission: None,
             problem: None,
             members: vec![],

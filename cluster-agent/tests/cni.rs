@@ -235,15 +235,26 @@ async fn lab(mtu: u32) -> Lab {
     let pods: Pods = Arc::default();
     let dp = FakeDataplane {
         node: node.0.clone(),
-        nets: [(
-            "blue".to_owned(),
-            Net {
-                bridge: BRIDGE.into(),
-                mtu,
-                pod_cidr: "10.77.1.0/24".into(),
-                vni: 5,
-            },
-        )]
+        nets: [
+            (
+                "blue".to_owned(),
+                Net {
+                    bridge: BRIDGE.into(),
+                    mtu,
+                    pod_cidr: "10.77.1.0/24".into(),
+                    vni: 5,
+                },
+            ),
+            (
+                "six".to_owned(),
+                Net {
+                    bridge: BRIDGE.into(),
+                    mtu,
+                    pod_cidr: "fd00:77:0:1::/64".into(),
+                    vni: 6,
+                },
+            ),
+        ]
         .into(),
         ports: ports.clone(),
         pods: pods.clone(),
@@ -623,4 +634,55 @@ async fn concurrent_adds_never_share_an_address() {
         );
     }
     assert_eq!(lab.ports.lock().unwrap()["blue"].len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_l2mesh_ipam_and_static_addresses() {
+    if !can_run() {
+        return;
+    }
+    let lab = lab(1390).await;
+    let (pod1, pod2) = (Netns::new("v6a"), Netns::new("v6b"));
+    let mut conf = lab.conf(json!({
+        "type": "l2mesh",
+        "subnet": "fd00:77::/48",
+        "dataDir": lab.dir.path().join("ipam"),
+    }));
+    conf["name"] = json!("six");
+    let a = lab.cni("ADD", &pod1.path(), "net1", &conf).await;
+    assert!(a.ok, "{}", a.json);
+    let ip1 = pod_ip(&a.json);
+    assert_eq!(
+        ip1, "fd00:77:0:1::1/48",
+        "first of the node's slice, range prefix"
+    );
+    let mut fixed = conf.clone();
+    fixed["runtimeConfig"] = json!({"ips": ["fd00:77:0:9::9"]});
+    let b = lab.cni("ADD", &pod2.path(), "net1", &fixed).await;
+    assert!(b.ok, "{}", b.json);
+    assert_eq!(pod_ip(&b.json), "fd00:77:0:9::9/48");
+    assert!(
+        ping(&pod1, "fd00:77:0:9::9"),
+        "IPv6 pods on one bridge must reach each other"
+    );
+    let mut check = conf.clone();
+    check["prevResult"] = a.json.clone();
+    let c = lab.cni("CHECK", &pod1.path(), "net1", &check).await;
+    assert!(c.ok, "{}", c.json);
+    // A static address of the other family is refused and leaves nothing.
+    let pod3 = Netns::new("v6c");
+    let mut wrong = conf.clone();
+    wrong["runtimeConfig"] = json!({"ips": ["10.77.0.9/16"]});
+    let r = lab.cni("ADD", &pod3.path(), "net1", &wrong).await;
+    assert!(!r.ok);
+    assert_eq!(r.json["code"], 100, "{}", r.json);
+    assert!(
+        r.json["msg"].as_str().unwrap().contains("outside"),
+        "{}",
+        r.json
+    );
+    let d = lab.cni("DEL", &pod1.path(), "net1", &conf).await;
+    assert!(d.ok, "{}", d.json);
+    let lease = lab.dir.path().join("ipam/six/fd00:77:0:1::1");
+    assert!(!lease.exists(), "DEL released the IPv6 lease");
 }

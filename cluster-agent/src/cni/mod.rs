@@ -12,12 +12,11 @@ pub mod store;
 pub mod types;
 
 use crate::ipam;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use l2mesh_proto::node::dataplane_client::DataplaneClient;
 use l2mesh_proto::node::{AttachPortRequest, DetachPortRequest, PortResult, StatusRequest};
 use link::Netlink;
 use std::net::IpAddr;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use types::{CniEnv, CniError, CniResult, Interface, IpConfig, NetConf, code};
 
@@ -133,23 +132,13 @@ fn requested_mac(conf: &NetConf, env: &CniEnv) -> Result<Option<[u8; 6]>, CniErr
     })
 }
 
-fn requested_ips(conf: &NetConf, env: &CniEnv) -> Result<Vec<Ipv4Net>, CniError> {
+fn requested_ips(conf: &NetConf, env: &CniEnv) -> Result<Vec<IpNet>, CniError> {
     let mut ips: Vec<String> = conf.runtime_config.ips.clone();
     if let Some(arg) = env.arg("IP") {
         ips.extend(arg.split(',').map(str::to_owned));
     }
     ips.iter()
-        .map(|s| {
-            s.parse::<Ipv4Net>()
-                .or_else(|_| s.parse::<Ipv4Addr>().map(Ipv4Net::from))
-                .map_err(|_| {
-                    CniError::new(
-                        code::INVALID_CONFIG,
-                        format!("static address {s:?} is not an IPv4 address or CIDR"),
-                        "use a form like 10.1.0.7/16",
-                    )
-                })
-        })
+        .map(|s| parse_net("static address", s.trim()))
         .collect()
 }
 
@@ -165,19 +154,28 @@ fn l2mesh_ipam(
     conf: &NetConf,
     env: &CniEnv,
     port: &PortResult,
-    statics: &[Ipv4Net],
+    statics: &[IpNet],
 ) -> Result<Vec<IpConfig>, CniError> {
-    let range: Option<Ipv4Net> = match conf.ipam.as_ref().and_then(|i| i.subnet.as_deref()) {
-        Some(s) => Some(s.parse().map_err(|_| {
+    let range: Option<IpNet> = match conf.ipam.as_ref().and_then(|i| i.subnet.as_deref()) {
+        Some(s) => Some(s.parse::<IpNet>().map(|n| n.trunc()).map_err(|_| {
             CniError::new(
                 code::INVALID_CONFIG,
-                format!("ipam.subnet {s:?} is not an IPv4 CIDR"),
+                format!("ipam.subnet {s:?} is not a CIDR"),
                 "set it to the L2Network's ipRange or leave it out",
             )
         })?),
         None => None,
     };
-    let slice: Option<Ipv4Net> = port.pod_cidr.parse().ok();
+    let slice: Option<IpNet> = port.pod_cidr.parse().ok();
+    if let (Some(range), Some(slice)) = (range, slice)
+        && !range.contains(&slice)
+    {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("ipam.subnet {range} does not contain this node's slice {slice}"),
+            "set ipam.subnet to the L2Network's ipRange (the broker's range for multiCluster)",
+        ));
+    }
     let store = store::Store::open(&data_dir(conf), conf.network()).map_err(io_err)?;
     let used = store.used().map_err(io_err)?;
     let mut out = Vec::new();
@@ -211,7 +209,7 @@ fn l2mesh_ipam(
             {
                 return Err(ipam_err(ipam::AllocError::InUse(s.addr())));
             }
-            let prefix = if s.prefix_len() == 32 {
+            let prefix = if s.prefix_len() == s.max_prefix_len() {
                 within.prefix_len()
             } else {
                 s.prefix_len()
@@ -332,7 +330,7 @@ async fn finish_add(
     nl: &Links,
     host: &str,
     port: &PortResult,
-    statics: &[Ipv4Net],
+    statics: &[IpNet],
 ) -> Result<CniResult, CniError> {
     let mtu = conf
         .mtu

@@ -7,7 +7,7 @@ use nix::fcntl::{Flock, FlockArg};
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 const LAST: &str = "last_reserved_ip";
@@ -43,12 +43,12 @@ impl Store {
         Ok(Self { dir, _lock: lock })
     }
 
-    fn leases(&self) -> Result<Vec<(Ipv4Addr, String)>, String> {
+    fn leases(&self) -> Result<Vec<(IpAddr, String)>, String> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(|e| io(&self.dir, e))? {
             let entry = entry.map_err(|e| io(&self.dir, e))?;
             let name = entry.file_name();
-            let Some(ip) = name.to_str().and_then(|n| n.parse::<Ipv4Addr>().ok()) else {
+            let Some(ip) = name.to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
                 continue;
             };
             let owner = fs::read_to_string(entry.path()).unwrap_or_default();
@@ -58,12 +58,12 @@ impl Store {
     }
 
     /// Every leased address.
-    pub fn used(&self) -> Result<BTreeSet<Ipv4Addr>, String> {
+    pub fn used(&self) -> Result<BTreeSet<IpAddr>, String> {
         Ok(self.leases()?.into_iter().map(|(ip, _)| ip).collect())
     }
 
     /// Addresses leased to one container interface.
-    pub fn owned_by(&self, container: &str, ifname: &str) -> Result<Vec<Ipv4Addr>, String> {
+    pub fn owned_by(&self, container: &str, ifname: &str) -> Result<Vec<IpAddr>, String> {
         let owner = format!("{container}\n{ifname}");
         Ok(self
             .leases()?
@@ -74,7 +74,7 @@ impl Store {
     }
 
     /// Lease `ip`; false if someone holds it already.
-    pub fn reserve(&self, ip: Ipv4Addr, container: &str, ifname: &str) -> Result<bool, String> {
+    pub fn reserve(&self, ip: IpAddr, container: &str, ifname: &str) -> Result<bool, String> {
         let path = self.dir.join(ip.to_string());
         match OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(mut f) => {
@@ -91,7 +91,7 @@ impl Store {
     }
 
     /// Drop every lease of one container interface (idempotent).
-    pub fn release(&self, container: &str, ifname: &str) -> Result<Vec<Ipv4Addr>, String> {
+    pub fn release(&self, container: &str, ifname: &str) -> Result<Vec<IpAddr>, String> {
         let ips = self.owned_by(container, ifname)?;
         for ip in &ips {
             let path = self.dir.join(ip.to_string());
@@ -106,7 +106,7 @@ impl Store {
 
     /// The last address handed out, for round robin.
     #[must_use]
-    pub fn last(&self) -> Option<Ipv4Addr> {
+    pub fn last(&self) -> Option<IpAddr> {
         fs::read_to_string(self.dir.join(LAST))
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -120,7 +120,7 @@ mod tests {
     #[test]
     fn leases_are_exclusive_and_released_per_owner() {
         let dir = tempfile::tempdir().unwrap();
-        let ip = Ipv4Addr::new(10, 0, 0, 5);
+        let ip: IpAddr = "10.0.0.5".parse().unwrap();
         {
             let s = Store::open(dir.path(), "blue").unwrap();
             assert!(s.reserve(ip, "c1", "net1").unwrap());

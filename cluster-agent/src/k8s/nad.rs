@@ -26,7 +26,7 @@ pub const MANAGER: &str = "l2mesh-agent";
 
 /// The CNI configuration pods of this network get.
 #[must_use]
-pub fn cni_config(net: &L2Network, range: Option<ipnet::Ipv4Net>, mtu: u32) -> serde_json::Value {
+pub fn cni_config(net: &L2Network, range: Option<ipnet::IpNet>, mtu: u32) -> serde_json::Value {
     let mut conf = serde_json::json!({
         "cniVersion": "1.0.0",
         "name": net.dataplane_name(),
@@ -45,7 +45,7 @@ pub fn cni_config(net: &L2Network, range: Option<ipnet::Ipv4Net>, mtu: u32) -> s
 #[must_use]
 pub fn nad_for(
     net: &L2Network,
-    range: Option<ipnet::Ipv4Net>,
+    range: Option<ipnet::IpNet>,
     mtu: u32,
 ) -> NetworkAttachmentDefinition {
     let mut nad = NetworkAttachmentDefinition::new(
