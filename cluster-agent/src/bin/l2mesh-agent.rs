@@ -129,6 +129,7 @@ async fn kubernetes(a: Kubernetes) -> anyhow::Result<()> {
         pod_name: a.pod_name,
         join_string: js,
         metrics_listen: Some(a.metrics_listen).filter(|m| !m.is_empty()),
+        on_listening: None,
     };
     l2mesh_cluster_agent::k8s::run(client, config, &a.node_sync_listen, shutdown_signal()).await?;
     Ok(())

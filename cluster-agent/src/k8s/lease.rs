@@ -115,6 +115,30 @@ impl LeaseLock {
         }
     }
 
+    /// Give the lease up if we hold it, so that another replica need not
+    /// wait for it to run out.
+    pub async fn release(&self) -> Result<(), kube::Error> {
+        let Some(mut current) = self.api.get_opt(&self.name).await? else {
+            return Ok(());
+        };
+        let Some(spec) = current.spec.as_mut() else {
+            return Ok(());
+        };
+        if spec.holder_identity.as_deref() != Some(self.me.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &current)
+            .await
+        {
+            Ok(_) | Err(kube::Error::Api(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     fn spec(&self, renewing: Option<&LeaseSpec>, now: Timestamp) -> LeaseSpec {
         LeaseSpec {
             holder_identity: Some(self.me.clone()),

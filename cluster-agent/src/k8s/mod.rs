@@ -40,6 +40,9 @@ pub struct KubeConfig {
     pub join_string: Option<JoinString>,
     /// Where to serve `/metrics` and `/healthz`; `None` disables it.
     pub metrics_listen: Option<String>,
+    /// Told the NodeSync address once this replica leads and listens
+    /// (tests and tools that bind port 0).
+    pub on_listening: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 }
 
 /// Why Kubernetes mode stopped.
@@ -108,13 +111,15 @@ async fn identity(
 /// Run as the cluster's controller until `shutdown` or loss of the lease.
 /// NodeSync binds `node_sync_listen` only once this replica leads, so a
 /// readiness probe on that port marks the leader alone ready and the
-/// Service sends nodes to it.
+/// Service sends nodes to it. On shutdown the lease is released so that a
+/// standby replica takes over at once instead of after the lease runs out.
 pub async fn run(
     client: Client,
-    config: KubeConfig,
+    mut config: KubeConfig,
     node_sync_listen: &str,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), KubeError> {
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let lock = lease::LeaseLock {
         api: Api::namespaced(client.clone(), &config.namespace),
         name: LEASE_NAME.into(),
@@ -122,13 +127,37 @@ pub async fn run(
         duration_secs: 15,
     };
     tracing::info!(me = %lock.me, "waiting for the leader lease");
-    while !lock.try_acquire_or_renew().await? {
-        tokio::time::sleep(Duration::from_secs(5)).await;
+    let wait = async {
+        while !lock.try_acquire_or_renew().await? {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        Ok::<_, KubeError>(())
+    };
+    tokio::select! {
+        r = wait => r?,
+        () = shutdown.clone() => return Ok(()),
     }
     tracing::info!("leader");
+    let result = lead(client, &mut config, node_sync_listen, &lock, shutdown).await;
+    if let Err(e) = lock.release().await {
+        tracing::warn!(error = %e, "cannot release the leader lease");
+    }
+    result
+}
+
+async fn lead(
+    client: Client,
+    config: &mut KubeConfig,
+    node_sync_listen: &str,
+    lock: &lease::LeaseLock,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), KubeError> {
     let listener = tokio::net::TcpListener::bind(node_sync_listen)
         .await
         .map_err(|e| KubeError::State(format!("cannot listen on {node_sync_listen}: {e}")))?;
+    if let (Some(tx), Ok(addr)) = (config.on_listening.take(), listener.local_addr()) {
+        let _ = tx.send(addr);
+    }
     let secrets_api: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
     let id = identity(&secrets_api, config.join_string.as_ref()).await?;
     let subnet = id.tunnel_subnet.parse().map_err(|_| {
@@ -168,7 +197,7 @@ pub async fn run(
                 }
             }),
     );
-    let renew = async move {
+    let renew = async {
         let mut failures = 0u32;
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -213,12 +242,12 @@ async fn reconcile_loop(shared: Arc<Shared>) {
 async fn watch_nodes(client: Client, shared: Arc<Shared>) {
     let api: Api<Node> = Api::all(client);
     let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
+    let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
     futures::pin_mut!(stream);
     while let Some(item) = stream.next().await {
         match item {
+            // During a (re)list the store only changes at InitDone.
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
             Ok(_) => {
                 let mut nodes: Vec<NodeEntry> =
                     reader.state().iter().map(|n| node_entry(n)).collect();
