@@ -19,6 +19,7 @@ pub struct Metrics {
     pub problems: Gauge,
     pub broker_connected: Gauge,
     pub broker_views: Counter,
+    pub gateway_failovers: Counter,
 }
 
 impl Default for Metrics {
@@ -35,7 +36,13 @@ impl Default for Metrics {
             problems: Gauge::default(),
             broker_connected: Gauge::default(),
             broker_views: Counter::default(),
+            gateway_failovers: Counter::default(),
         };
+        registry.register(
+            "gateway_failovers",
+            "Times the remote tunnels moved to a standby gateway",
+            m.gateway_failovers.clone(),
+        );
         registry.register(
             "reconciles",
             "Recomputations of the desired state",

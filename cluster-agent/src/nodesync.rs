@@ -99,6 +99,8 @@ impl NodeSync for NodeSyncService {
         }
         tracing::info!(node = %hello.node_name, endpoints = ?hello.endpoints, "node connected");
         let rx = self.shared.subscribe(&hello.node_name);
+        // The stream's life is the node's liveness for the gateway election.
+        let guard = self.shared.node_connected(&hello.node_name);
         self.shared.set_hello(
             &hello.node_name,
             Hello {
@@ -107,7 +109,10 @@ impl NodeSync for NodeSyncService {
                 endpoints: hello.endpoints,
             },
         );
-        let stream = tokio_stream::wrappers::WatchStream::new(rx).filter_map(|state| state.map(Ok));
+        let stream = tokio_stream::wrappers::WatchStream::new(rx).filter_map(move |state| {
+            let _alive = &guard;
+            state.map(Ok)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

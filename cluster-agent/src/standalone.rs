@@ -27,6 +27,9 @@ pub struct Config {
     pub poll_interval: Duration,
     /// Where to serve `/metrics` and `/healthz`; `None` disables it.
     pub metrics_listen: Option<String>,
+    /// A gateway silent this long (or whose watch closed) hands the remote
+    /// tunnels to a standby gateway.
+    pub gateway_timeout: Duration,
 }
 
 /// Why standalone mode stopped.
@@ -80,7 +83,8 @@ pub async fn run(
             }),
             identity.is_some(),
         )
-        .map_err(StandaloneError::State)?,
+        .map_err(StandaloneError::State)?
+        .with_gateway_timeout(config.gateway_timeout),
     );
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = &config.metrics_listen {
@@ -144,7 +148,7 @@ async fn reconcile_loop(shared: Arc<Shared>) {
             }
             last = problems;
         }
-        shared.changed().await;
+        shared.next_change().await;
     }
 }
 

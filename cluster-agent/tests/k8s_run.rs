@@ -148,6 +148,7 @@ impl Agent {
             join_string: js,
             metrics_listen: None,
             on_listening: Some(tx),
+            gateway_timeout: Duration::from_secs(10),
         };
         let client = api.client();
         let task = tokio::spawn(async move {

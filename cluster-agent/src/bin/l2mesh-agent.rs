@@ -65,6 +65,24 @@ struct Standalone {
     /// How often the manifest directory is checked for changes, milliseconds.
     #[arg(long, env = "L2MESH_POLL_MS", default_value_t = 1000)]
     poll_ms: u64,
+    #[command(flatten)]
+    failover: Failover,
+}
+
+#[derive(Debug, Args)]
+struct Failover {
+    /// Seconds without a status report from the active gateway's dataplane
+    /// (or at once when its node-sync stream closes) before a live standby
+    /// gateway takes the remote tunnels over. The role is not handed back
+    /// when the old gateway returns; it moves again only when the new one fails.
+    #[arg(long, env = "L2MESH_GATEWAY_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    gateway_timeout_secs: u64,
+}
+
+impl Failover {
+    fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.gateway_timeout_secs)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +110,8 @@ struct Kubernetes {
     /// Address of the Prometheus `/metrics` and `/healthz` endpoint ("" disables it).
     #[arg(long, env = "L2MESH_METRICS_LISTEN", default_value = "0.0.0.0:9444")]
     metrics_listen: String,
+    #[command(flatten)]
+    failover: Failover,
 }
 
 fn read_join_string(
@@ -130,6 +150,7 @@ async fn kubernetes(a: Kubernetes) -> anyhow::Result<()> {
         join_string: js,
         metrics_listen: Some(a.metrics_listen).filter(|m| !m.is_empty()),
         on_listening: None,
+        gateway_timeout: a.failover.timeout(),
     };
     l2mesh_cluster_agent::k8s::run(client, config, &a.node_sync_listen, shutdown_signal()).await?;
     Ok(())
@@ -156,6 +177,7 @@ async fn standalone(a: Standalone) -> anyhow::Result<()> {
         local_tunnel_subnet: a.tunnel_subnet,
         poll_interval: std::time::Duration::from_millis(a.poll_ms.max(50)),
         metrics_listen: Some(a.metrics_listen).filter(|m| !m.is_empty()),
+        gateway_timeout: a.failover.timeout(),
     };
     let shutdown = shutdown_signal();
     l2mesh_cluster_agent::standalone::run(config, listener, shutdown).await?;

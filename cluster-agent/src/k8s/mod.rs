@@ -43,6 +43,9 @@ pub struct KubeConfig {
     /// Told the NodeSync address once this replica leads and listens
     /// (tests and tools that bind port 0).
     pub on_listening: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+    /// A gateway silent this long (or whose watch closed) hands the remote
+    /// tunnels to a standby gateway.
+    pub gateway_timeout: Duration,
 }
 
 /// Why Kubernetes mode stopped.
@@ -170,7 +173,9 @@ async fn lead(
     let (allocs, allocs_task) = secrets::SecretAllocStore::new(secrets_api.clone()).await?;
     let (sink, sink_task) = controller::K8sStatusSink::new(client.clone());
     let shared = Arc::new(
-        Shared::new(subnet, Box::new(allocs), Box::new(sink), true).map_err(KubeError::State)?,
+        Shared::new(subnet, Box::new(allocs), Box::new(sink), true)
+            .map_err(KubeError::State)?
+            .with_gateway_timeout(config.gateway_timeout),
     );
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = &config.metrics_listen {
@@ -235,7 +240,7 @@ async fn reconcile_loop(shared: Arc<Shared>) {
         for p in shared.reconcile() {
             tracing::debug!(problem = %p, "reconcile");
         }
-        shared.changed().await;
+        shared.next_change().await;
     }
 }
 

@@ -7,15 +7,19 @@ use crate::crd::{L2Network, L2NetworkStatus};
 use crate::desired::{self, Hello, NodeEntry};
 use crate::ipam::Allocations;
 use crate::status;
+use failover::{Election, Liveness};
 use ipnet::Ipv4Net;
 use l2mesh_proto::broker::{Admission, ClusterView, Gateway, LinkHealth};
 use l2mesh_proto::node::{DesiredState, NodeStatus};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-#[cfg(test)]
-use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
 use tokio::sync::{Notify, watch};
+
+pub mod failover;
+mod stores;
+
+pub use stores::{AllocStore, FileAllocStore, FileStatusSink, StatusSink};
 
 /// What the agent tells the broker; sent again whenever it changes.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -38,37 +42,49 @@ struct State {
     desired: BTreeMap<String, watch::Sender<Option<DesiredState>>>,
     revision: u64,
     statuses: BTreeMap<String, (L2Network, L2NetworkStatus)>,
+    /// Node dataplanes' liveness, for the gateway election.
+    live: BTreeMap<String, Liveness>,
+    election: Election,
 }
 
-/// Where allocations (VNIs, tunnel IPs, pod slices) persist.
-pub trait AllocStore: Send + Sync + std::fmt::Debug {
-    fn load(&self) -> Result<Allocations, String>;
-    fn save(&self, allocs: &Allocations) -> Result<(), String>;
+/// How often the gateway election is re-checked without other changes
+/// (a silent gateway times out without any event).
+const LIVENESS_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Gateway nodes that said hello, with their dataplane's liveness.
+fn gateway_candidates<'a>(
+    nodes: &'a [NodeEntry],
+    hellos: &BTreeMap<String, Hello>,
+    live: &BTreeMap<String, Liveness>,
+) -> Vec<(&'a str, Liveness)> {
+    nodes
+        .iter()
+        .filter(|n| n.gateway && hellos.contains_key(&n.name))
+        .map(|n| {
+            (
+                n.name.as_str(),
+                live.get(&n.name).copied().unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
-/// Allocations in a JSON file (standalone mode).
+/// Held while a node's watch is open; dropping it marks the stream gone.
 #[derive(Debug)]
-pub struct FileAllocStore(pub PathBuf);
-
-impl AllocStore for FileAllocStore {
-    fn load(&self) -> Result<Allocations, String> {
-        match std::fs::read_to_string(&self.0) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| format!("{} is corrupt: {e}", self.0.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Allocations::default()),
-            Err(e) => Err(format!("{}: {e}", self.0.display())),
-        }
-    }
-    fn save(&self, allocs: &Allocations) -> Result<(), String> {
-        save_json(&self.0, allocs)
-    }
+pub struct StreamGuard {
+    shared: std::sync::Arc<Shared>,
+    node: String,
 }
 
-/// Where the results of a reconcile go.
-pub trait StatusSink: Send + Sync + std::fmt::Debug {
-    /// Called with every network whose status changed, and with `None` for
-    /// networks that no longer exist.
-    fn write(&self, network: &L2Network, status: Option<&L2NetworkStatus>);
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut s = self.shared.lock();
+        if let Some(l) = s.live.get_mut(&self.node) {
+            l.streams = l.streams.saturating_sub(1);
+        }
+        drop(s);
+        self.shared.touch();
+    }
 }
 
 /// The state, behind one lock; every method is short and never awaits.
@@ -141,6 +157,58 @@ impl Shared {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Gateways count as dead after `timeout` without a report.
+    #[must_use]
+    pub fn with_gateway_timeout(self, timeout: std::time::Duration) -> Self {
+        self.lock().election = Election::new(Instant::now(), timeout);
+        self
+    }
+
+    /// A node's watch opened; the stream is live until the guard drops.
+    #[must_use]
+    pub fn node_connected(self: &std::sync::Arc<Self>, node: &str) -> StreamGuard {
+        let mut s = self.lock();
+        let l = s.live.entry(node.to_owned()).or_default();
+        l.streams += 1;
+        l.last_heard = Some(Instant::now());
+        drop(s);
+        self.touch();
+        StreamGuard {
+            shared: self.clone(),
+            node: node.to_owned(),
+        }
+    }
+
+    /// Whether the gateway election would now pick another gateway.
+    #[must_use]
+    pub fn gateway_change_due(&self) -> bool {
+        let s = self.lock();
+        let Some(nodes) = &s.nodes else {
+            return false;
+        };
+        let mut e = s.election.clone();
+        let before = e.active().map(str::to_owned);
+        let after = e.elect(
+            &gateway_candidates(nodes, &s.hellos, &s.live),
+            Instant::now(),
+        );
+        before != after
+    }
+
+    /// Wait until an input changed or a gateway's liveness ran out.
+    pub async fn next_change(&self) {
+        loop {
+            tokio::select! {
+                () = self.dirty.notified() => return,
+                () = tokio::time::sleep(LIVENESS_CHECK) => {
+                    if self.gateway_change_due() {
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     fn touch(&self) {
@@ -221,6 +289,9 @@ impl Shared {
             .get(&status.node_name)
             .and_then(|tx| tx.borrow().as_ref().map(|d| d.revision))
             .unwrap_or_default();
+        if let Some(l) = s.live.get_mut(&status.node_name) {
+            l.last_heard = Some(Instant::now());
+        }
         s.node_status.insert(status.node_name.clone(), status);
         drop(s);
         self.touch();
@@ -288,8 +359,26 @@ impl Shared {
                 ));
             }
         }
+        // Only the elected gateway is handed to the plan as one: the plan
+        // gives remote tunnels to a single gateway and reports it.
+        let before = s.election.active().map(str::to_owned);
+        let gateway = s.election.elect(
+            &gateway_candidates(&nodes, &s.hellos, &s.live),
+            Instant::now(),
+        );
+        if before.is_some() && before != gateway {
+            tracing::warn!(from = ?before, to = ?gateway, "gateway failover");
+            self.metrics.gateway_failovers.inc();
+        }
+        let plan_nodes: Vec<NodeEntry> = nodes
+            .iter()
+            .map(|n| NodeEntry {
+                gateway: n.gateway && gateway.as_deref() == Some(n.name.as_str()),
+                ..n.clone()
+            })
+            .collect();
         let plan = desired::plan(
-            &nodes,
+            &plan_nodes,
             &s.hellos,
             &outcomes,
             self.tunnel_subnet,
@@ -299,6 +388,7 @@ impl Shared {
         // Nodes that left the list: their watch ends (the sender is
         // dropped) and a reconnect is refused; forget what they said.
         s.desired.retain(|node, _| plan.nodes.contains_key(node));
+        s.live.retain(|node, _| plan.nodes.contains_key(node));
         s.hellos.retain(|node, _| plan.nodes.contains_key(node));
         s.allocs
             .known_nodes
@@ -381,279 +471,5 @@ impl Shared {
     }
 }
 
-fn save_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(), String> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
-    let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
-    let name = path.file_name().map_or_else(
-        || "allocations.json".to_owned(),
-        |n| n.to_string_lossy().into_owned(),
-    );
-    crate::tls::write_private(dir, &name, &text, 0o644).map_err(|e| e.to_string())
-}
-
-/// Status files `<dir>/<namespace>.<name>.yaml` (standalone mode).
-#[derive(Debug)]
-pub struct FileStatusSink {
-    pub dir: PathBuf,
-}
-
-impl StatusSink for FileStatusSink {
-    fn write(&self, network: &L2Network, status: Option<&L2NetworkStatus>) {
-        let ns = network.metadata.namespace.as_deref().unwrap_or("default");
-        let name = network.metadata.name.as_deref().unwrap_or_default();
-        let file = format!("{ns}.{name}.yaml");
-        let result = match status {
-            Some(st) => {
-                let doc = serde_json::json!({
-                    "apiVersion": "l2mesh.io/v1alpha1",
-                    "kind": "L2Network",
-                    "metadata": {"name": name, "namespace": ns},
-                    "status": st,
-                });
-                serde_yaml::to_string(&doc)
-                    .map_err(|e| e.to_string())
-                    .and_then(|text| {
-                        crate::tls::write_private(&self.dir, &file, &text, 0o644)
-                            .map_err(|e| e.to_string())
-                    })
-            }
-            None => match std::fs::remove_file(self.dir.join(&file)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
-                _ => Ok(()),
-            },
-        };
-        if let Err(e) = result {
-            tracing::warn!(file, error = %e, "cannot write the L2Network status");
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug, Default)]
-    struct Mem(Mutex<Option<Allocations>>);
-
-    impl AllocStore for Mem {
-        fn load(&self) -> Result<Allocations, String> {
-            Ok(Allocations::default())
-        }
-        fn save(&self, a: &Allocations) -> Result<(), String> {
-            *self.0.lock().unwrap() = Some(a.clone());
-            Ok(())
-        }
-    }
-
-    #[derive(Debug, Default)]
-    struct Sink;
-
-    impl StatusSink for Sink {
-        fn write(&self, _: &L2Network, _: Option<&L2NetworkStatus>) {}
-    }
-
-    fn node(name: &str) -> NodeEntry {
-        NodeEntry {
-            name: name.into(),
-            gateway: false,
-            endpoint: None,
-        }
-    }
-
-    fn shared() -> Shared {
-        Shared::new(
-            "100.64.0.0/24".parse().unwrap(),
-            Box::new(Mem::default()),
-            Box::new(Sink),
-            false,
-        )
-        .unwrap()
-    }
-
-    fn blue() -> L2Network {
-        serde_yaml::from_str(
-            "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: blue, namespace: default}\nspec: {}\n",
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn revisions_change_only_with_the_state() {
-        let s = shared();
-        let rx = s.subscribe("a");
-        s.set_intent(vec![node("a"), node("b")], vec![blue()]);
-        s.reconcile();
-        let first = rx.borrow().clone().unwrap();
-        assert_eq!(first.networks[0].vni, 1);
-        s.reconcile();
-        assert_eq!(
-            rx.borrow().as_ref().unwrap().revision,
-            first.revision,
-            "no change, same revision"
-        );
-        s.set_hello(
-            "b",
-            Hello {
-                public_key: vec![2; 32],
-                listen_port: 1,
-                endpoints: vec!["127.0.0.1:1".into()],
-            },
-        );
-        s.reconcile();
-        let second = rx.borrow().clone().unwrap();
-        assert!(second.revision > first.revision);
-        assert_eq!(second.peers.len(), 1);
-        assert!(s.is_known_node("b"));
-        assert!(!s.is_known_node("c"));
-    }
-
-    #[test]
-    fn a_status_with_a_new_key_is_a_rotation_that_reaches_the_peers() {
-        let s = shared();
-        let rx_a = s.subscribe("a");
-        s.set_intent(vec![node("a"), node("b")], vec![blue()]);
-        let hello = |key: u8| Hello {
-            public_key: vec![key; 32],
-            listen_port: 1,
-            endpoints: vec!["127.0.0.1:1".into()],
-        };
-        s.set_hello("b", hello(2));
-        s.reconcile();
-        let before = rx_a.borrow().clone().unwrap();
-        assert_eq!(before.peers[0].public_key, vec![2; 32]);
-
-        // Same key again: nothing changes.
-        s.set_node_status(NodeStatus {
-            node_name: "b".into(),
-            public_key: vec![2; 32],
-            ..Default::default()
-        });
-        s.reconcile();
-        assert_eq!(rx_a.borrow().as_ref().unwrap().revision, before.revision);
-
-        s.set_node_status(NodeStatus {
-            node_name: "b".into(),
-            public_key: vec![3; 32],
-            ..Default::default()
-        });
-        s.reconcile();
-        let after = rx_a.borrow().clone().unwrap();
-        assert!(after.revision > before.revision);
-        assert_eq!(
-            after.peers[0].public_key,
-            vec![3; 32],
-            "peer a learns b's new key"
-        );
-        assert_eq!(
-            after.peers[0].endpoint, before.peers[0].endpoint,
-            "endpoint kept"
-        );
-
-        // A malformed key in a status is ignored, not adopted.
-        s.set_node_status(NodeStatus {
-            node_name: "b".into(),
-            public_key: vec![4; 5],
-            ..Default::default()
-        });
-        s.reconcile();
-        assert_eq!(
-            rx_a.borrow().as_ref().unwrap().peers[0].public_key,
-            vec![3; 32]
-        );
-    }
-
-    #[derive(Debug, Default, Clone)]
-    struct SharedMem(Arc<Mutex<Option<Allocations>>>);
-
-    impl AllocStore for SharedMem {
-        fn load(&self) -> Result<Allocations, String> {
-            Ok(self.0.lock().unwrap().clone().unwrap_or_default())
-        }
-        fn save(&self, a: &Allocations) -> Result<(), String> {
-            *self.0.lock().unwrap() = Some(a.clone());
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn after_a_restart_the_first_node_back_still_gets_every_peer() {
-        let store = SharedMem::default();
-        let make = || {
-            Shared::new(
-                "100.64.0.0/24".parse().unwrap(),
-                Box::new(store.clone()),
-                Box::new(Sink),
-                false,
-            )
-            .unwrap()
-        };
-        let s = make();
-        s.set_intent(vec![node("a"), node("b")], vec![blue()]);
-        for (n, k) in [("a", 1u8), ("b", 2)] {
-            s.set_hello(
-                n,
-                Hello {
-                    public_key: vec![k; 32],
-                    ..Hello::default()
-                },
-            );
-        }
-        s.reconcile();
-        drop(s);
-        let restarted = make();
-        restarted.set_intent(vec![node("a"), node("b")], vec![blue()]);
-        let rx = restarted.subscribe("a");
-        restarted.reconcile();
-        let d = rx.borrow().clone().unwrap();
-        assert_eq!(d.peers.len(), 1, "b is known from before the restart");
-        assert_eq!(d.peers[0].public_key, vec![2; 32]);
-    }
-
-    #[test]
-    fn a_removed_node_loses_its_watch_and_its_peers_forget_it() {
-        let s = shared();
-        s.set_intent(vec![node("a"), node("b")], vec![blue()]);
-        let rx_b = s.subscribe("b");
-        let rx_a = s.subscribe("a");
-        s.set_hello(
-            "b",
-            Hello {
-                public_key: vec![2; 32],
-                ..Hello::default()
-            },
-        );
-        s.reconcile();
-        assert_eq!(rx_a.borrow().as_ref().unwrap().peers.len(), 1);
-        s.set_nodes(vec![node("a")]);
-        s.reconcile();
-        assert!(rx_b.has_changed().is_err(), "b's watch is closed");
-        assert!(rx_a.borrow().as_ref().unwrap().peers.is_empty());
-        assert!(!s.is_known_node("b"));
-    }
-
-    #[test]
-    fn multi_cluster_networks_wait_without_a_broker() {
-        let s = shared();
-        let net: L2Network = serde_yaml::from_str(
-            "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: red, namespace: default}\nspec: {scope: multiCluster}\n",
-        )
-        .unwrap();
-        s.set_intent(vec![node("a")], vec![net]);
-        s.reconcile();
-        let st = s.status_of("default/red").unwrap();
-        let admitted = st
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Admitted")
-            .unwrap();
-        assert!(
-            admitted.message.contains("without a broker"),
-            "{admitted:?}"
-        );
-        assert!(
-            s.metrics
-                .encode()
-                .contains("l2mesh_agent_networks_inactive 1")
-        );
-    }
-}
+mod tests;

@@ -1,0 +1,87 @@
+//! Where the engine's results go: allocations (persisted) and L2Network
+//! status, with the file-backed versions standalone mode uses.
+
+use crate::crd::{L2Network, L2NetworkStatus};
+use crate::ipam::Allocations;
+use std::path::PathBuf;
+
+/// Where allocations (VNIs, tunnel IPs, pod slices) persist.
+pub trait AllocStore: Send + Sync + std::fmt::Debug {
+    fn load(&self) -> Result<Allocations, String>;
+    fn save(&self, allocs: &Allocations) -> Result<(), String>;
+}
+
+/// Allocations in a JSON file (standalone mode).
+#[derive(Debug)]
+pub struct FileAllocStore(pub PathBuf);
+
+impl AllocStore for FileAllocStore {
+    fn load(&self) -> Result<Allocations, String> {
+        match std::fs::read_to_string(&self.0) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| format!("{} is corrupt: {e}", self.0.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Allocations::default()),
+            Err(e) => Err(format!("{}: {e}", self.0.display())),
+        }
+    }
+    fn save(&self, allocs: &Allocations) -> Result<(), String> {
+        save_json(&self.0, allocs)
+    }
+}
+
+/// Where the results of a reconcile go.
+pub trait StatusSink: Send + Sync + std::fmt::Debug {
+    /// Called with every network whose status changed, and with `None` for
+    /// networks that no longer exist.
+    fn write(&self, network: &L2Network, status: Option<&L2NetworkStatus>);
+}
+
+pub(crate) fn save_json(
+    path: &std::path::Path,
+    value: &impl serde::Serialize,
+) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
+    let name = path.file_name().map_or_else(
+        || "allocations.json".to_owned(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    crate::tls::write_private(dir, &name, &text, 0o644).map_err(|e| e.to_string())
+}
+
+/// Status files `<dir>/<namespace>.<name>.yaml` (standalone mode).
+#[derive(Debug)]
+pub struct FileStatusSink {
+    pub dir: PathBuf,
+}
+
+impl StatusSink for FileStatusSink {
+    fn write(&self, network: &L2Network, status: Option<&L2NetworkStatus>) {
+        let ns = network.metadata.namespace.as_deref().unwrap_or("default");
+        let name = network.metadata.name.as_deref().unwrap_or_default();
+        let file = format!("{ns}.{name}.yaml");
+        let result = match status {
+            Some(st) => {
+                let doc = serde_json::json!({
+                    "apiVersion": "l2mesh.io/v1alpha1",
+                    "kind": "L2Network",
+                    "metadata": {"name": name, "namespace": ns},
+                    "status": st,
+                });
+                serde_yaml::to_string(&doc)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| {
+                        crate::tls::write_private(&self.dir, &file, &text, 0o644)
+                            .map_err(|e| e.to_string())
+                    })
+            }
+            None => match std::fs::remove_file(self.dir.join(&file)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = result {
+            tracing::warn!(file, error = %e, "cannot write the L2Network status");
+        }
+    }
+}

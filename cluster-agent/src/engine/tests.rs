@@ -1,0 +1,278 @@
+//! The engine's reconcile step, without sockets.
+
+use super::*;
+use std::sync::Arc;
+
+#[derive(Debug, Default)]
+struct Mem(Mutex<Option<Allocations>>);
+
+impl AllocStore for Mem {
+    fn load(&self) -> Result<Allocations, String> {
+        Ok(Allocations::default())
+    }
+    fn save(&self, a: &Allocations) -> Result<(), String> {
+        *self.0.lock().unwrap() = Some(a.clone());
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default)]
+struct Sink;
+
+impl StatusSink for Sink {
+    fn write(&self, _: &L2Network, _: Option<&L2NetworkStatus>) {}
+}
+
+fn node(name: &str) -> NodeEntry {
+    NodeEntry {
+        name: name.into(),
+        gateway: false,
+        endpoint: None,
+    }
+}
+
+fn shared() -> Shared {
+    Shared::new(
+        "100.64.0.0/24".parse().unwrap(),
+        Box::new(Mem::default()),
+        Box::new(Sink),
+        false,
+    )
+    .unwrap()
+}
+
+fn blue() -> L2Network {
+    serde_yaml::from_str(
+        "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: blue, namespace: default}\nspec: {}\n",
+    )
+    .unwrap()
+}
+
+#[test]
+fn revisions_change_only_with_the_state() {
+    let s = shared();
+    let rx = s.subscribe("a");
+    s.set_intent(vec![node("a"), node("b")], vec![blue()]);
+    s.reconcile();
+    let first = rx.borrow().clone().unwrap();
+    assert_eq!(first.networks[0].vni, 1);
+    s.reconcile();
+    assert_eq!(
+        rx.borrow().as_ref().unwrap().revision,
+        first.revision,
+        "no change, same revision"
+    );
+    s.set_hello(
+        "b",
+        Hello {
+            public_key: vec![2; 32],
+            listen_port: 1,
+            endpoints: vec!["127.0.0.1:1".into()],
+        },
+    );
+    s.reconcile();
+    let second = rx.borrow().clone().unwrap();
+    assert!(second.revision > first.revision);
+    assert_eq!(second.peers.len(), 1);
+    assert!(s.is_known_node("b"));
+    assert!(!s.is_known_node("c"));
+}
+
+#[test]
+fn a_status_with_a_new_key_is_a_rotation_that_reaches_the_peers() {
+    let s = shared();
+    let rx_a = s.subscribe("a");
+    s.set_intent(vec![node("a"), node("b")], vec![blue()]);
+    let hello = |key: u8| Hello {
+        public_key: vec![key; 32],
+        listen_port: 1,
+        endpoints: vec!["127.0.0.1:1".into()],
+    };
+    s.set_hello("b", hello(2));
+    s.reconcile();
+    let before = rx_a.borrow().clone().unwrap();
+    assert_eq!(before.peers[0].public_key, vec![2; 32]);
+
+    // Same key again: nothing changes.
+    s.set_node_status(NodeStatus {
+        node_name: "b".into(),
+        public_key: vec![2; 32],
+        ..Default::default()
+    });
+    s.reconcile();
+    assert_eq!(rx_a.borrow().as_ref().unwrap().revision, before.revision);
+
+    s.set_node_status(NodeStatus {
+        node_name: "b".into(),
+        public_key: vec![3; 32],
+        ..Default::default()
+    });
+    s.reconcile();
+    let after = rx_a.borrow().clone().unwrap();
+    assert!(after.revision > before.revision);
+    assert_eq!(
+        after.peers[0].public_key,
+        vec![3; 32],
+        "peer a learns b's new key"
+    );
+    assert_eq!(
+        after.peers[0].endpoint, before.peers[0].endpoint,
+        "endpoint kept"
+    );
+
+    // A malformed key in a status is ignored, not adopted.
+    s.set_node_status(NodeStatus {
+        node_name: "b".into(),
+        public_key: vec![4; 5],
+        ..Default::default()
+    });
+    s.reconcile();
+    assert_eq!(
+        rx_a.borrow().as_ref().unwrap().peers[0].public_key,
+        vec![3; 32]
+    );
+}
+
+#[derive(Debug, Default, Clone)]
+struct SharedMem(Arc<Mutex<Option<Allocations>>>);
+
+impl AllocStore for SharedMem {
+    fn load(&self) -> Result<Allocations, String> {
+        Ok(self.0.lock().unwrap().clone().unwrap_or_default())
+    }
+    fn save(&self, a: &Allocations) -> Result<(), String> {
+        *self.0.lock().unwrap() = Some(a.clone());
+        Ok(())
+    }
+}
+
+#[test]
+fn after_a_restart_the_first_node_back_still_gets_every_peer() {
+    let store = SharedMem::default();
+    let make = || {
+        Shared::new(
+            "100.64.0.0/24".parse().unwrap(),
+            Box::new(store.clone()),
+            Box::new(Sink),
+            false,
+        )
+        .unwrap()
+    };
+    let s = make();
+    s.set_intent(vec![node("a"), node("b")], vec![blue()]);
+    for (n, k) in [("a", 1u8), ("b", 2)] {
+        s.set_hello(
+            n,
+            Hello {
+                public_key: vec![k; 32],
+                ..Hello::default()
+            },
+        );
+    }
+    s.reconcile();
+    drop(s);
+    let restarted = make();
+    restarted.set_intent(vec![node("a"), node("b")], vec![blue()]);
+    let rx = restarted.subscribe("a");
+    restarted.reconcile();
+    let d = rx.borrow().clone().unwrap();
+    assert_eq!(d.peers.len(), 1, "b is known from before the restart");
+    assert_eq!(d.peers[0].public_key, vec![2; 32]);
+}
+
+#[test]
+fn a_removed_node_loses_its_watch_and_its_peers_forget_it() {
+    let s = shared();
+    s.set_intent(vec![node("a"), node("b")], vec![blue()]);
+    let rx_b = s.subscribe("b");
+    let rx_a = s.subscribe("a");
+    s.set_hello(
+        "b",
+        Hello {
+            public_key: vec![2; 32],
+            ..Hello::default()
+        },
+    );
+    s.reconcile();
+    assert_eq!(rx_a.borrow().as_ref().unwrap().peers.len(), 1);
+    s.set_nodes(vec![node("a")]);
+    s.reconcile();
+    assert!(rx_b.has_changed().is_err(), "b's watch is closed");
+    assert!(rx_a.borrow().as_ref().unwrap().peers.is_empty());
+    assert!(!s.is_known_node("b"));
+}
+
+#[test]
+fn multi_cluster_networks_wait_without_a_broker() {
+    let s = shared();
+    let net: L2Network = serde_yaml::from_str(
+        "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: red, namespace: default}\nspec: {scope: multiCluster}\n",
+    )
+    .unwrap();
+    s.set_intent(vec![node("a")], vec![net]);
+    s.reconcile();
+    let st = s.status_of("default/red").unwrap();
+    let admitted = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Admitted")
+        .unwrap();
+    assert!(
+        admitted.message.contains("without a broker"),
+        "{admitted:?}"
+    );
+    assert!(
+        s.metrics
+            .encode()
+            .contains("l2mesh_agent_networks_inactive 1")
+    );
+}
+
+fn gateway(name: &str) -> NodeEntry {
+    NodeEntry {
+        gateway: true,
+        ..node(name)
+    }
+}
+
+fn reported_gateways(s: &Shared) -> Vec<String> {
+    s.reports()
+        .borrow()
+        .gateways
+        .iter()
+        .map(|g| g.node.clone())
+        .collect()
+}
+
+#[test]
+fn a_gateway_whose_stream_closes_hands_over_to_the_standby_without_hand_back() {
+    let s = Arc::new(shared());
+    s.set_intent(vec![gateway("gw-b"), gateway("gw-a")], vec![blue()]);
+    let hello = |k: u8| Hello {
+        public_key: vec![k; 32],
+        ..Hello::default()
+    };
+    let a = s.node_connected("gw-a");
+    s.set_hello("gw-a", hello(1));
+    let _b = s.node_connected("gw-b");
+    s.set_hello("gw-b", hello(2));
+    s.reconcile();
+    assert_eq!(reported_gateways(&s), vec!["gw-a"]);
+    assert!(!s.gateway_change_due());
+
+    drop(a);
+    assert!(s.gateway_change_due(), "the closed stream is noticed");
+    s.reconcile();
+    assert_eq!(reported_gateways(&s), vec!["gw-b"]);
+    assert!(
+        s.metrics
+            .encode()
+            .contains("l2mesh_agent_gateway_failovers_total 1")
+    );
+
+    // gw-a is back: gw-b keeps the role.
+    let _a = s.node_connected("gw-a");
+    assert!(!s.gateway_change_due());
+    s.reconcile();
+    assert_eq!(reported_gateways(&s), vec!["gw-b"]);
+}
