@@ -449,6 +449,25 @@ async fn add_check_del_with_l2mesh_ipam_and_pods_talk_over_the_bridge() {
     check["prevResult"] = a.json.clone();
     let c = lab.cni("CHECK", &pod1.path(), "net1", &check).await;
     assert!(c.ok, "{}", c.json);
+    // CHECK notices an interface that no longer matches the result.
+    sh(&["ip", "-n", &pod1.0, "link", "set", "net1", "mtu", "1300"]);
+    let c = lab.cni("CHECK", &pod1.path(), "net1", &check).await;
+    assert!(!c.ok);
+    assert_eq!(c.json["code"], 101, "{}", c.json);
+    assert!(
+        c.json["msg"].as_str().unwrap().contains("MTU 1300"),
+        "{}",
+        c.json
+    );
+    sh(&["ip", "-n", &pod1.0, "link", "set", "net1", "mtu", "1400"]);
+    sh(&["ip", "-n", &pod1.0, "addr", "flush", "dev", "net1"]);
+    let c = lab.cni("CHECK", &pod1.path(), "net1", &check).await;
+    assert_eq!(c.json["code"], 101, "{}", c.json);
+    assert!(
+        c.json["msg"].as_str().unwrap().contains("missing"),
+        "{}",
+        c.json
+    );
 
     let d = lab.cni("DEL", &pod1.path(), "net1", &conf).await;
     assert!(d.ok, "{}", d.json);
@@ -516,8 +535,8 @@ async fn delegates_ipam_to_host_local() {
     let leases = lab.dir.path().join("host-local");
     let conf = lab.conf(json!({
         "type": "host-local",
-        "ranges": [[{"subnet": "10.78.0.0/24"}]],
-        "routes": [{"dst": "10.79.0.0/16"}],
+        "ranges": [[{"subnet": "10.78.0.0/24"}], [{"subnet": "fd00:78::/64"}]],
+        "routes": [{"dst": "10.79.0.0/16"}, {"dst": "fd00:79::/48"}],
         "dataDir": leases,
     }));
     let a = lab.cni("ADD", &pod.path(), "net1", &conf).await;
@@ -525,6 +544,27 @@ async fn delegates_ipam_to_host_local() {
     let ip = pod_ip(&a.json);
     assert!(ip.starts_with("10.78.0.") && ip.ends_with("/24"), "{ip}");
     assert_eq!(a.json["ips"][0]["interface"], 1);
+    let ip6 = a.json["ips"][1]["address"].as_str().unwrap();
+    assert!(
+        ip6.starts_with("fd00:78::") && ip6.ends_with("/64"),
+        "{ip6}"
+    );
+    // Both families' addresses and routes are in the pod.
+    let show = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["-n", &pod.0])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let addrs = show(&["addr", "show", "dev", "net1"]);
+    assert!(addrs.contains(&ip) && addrs.contains(ip6), "{addrs}");
+    let routes = show(&["route"]) + &show(&["-6", "route"]);
+    assert!(
+        routes.contains("10.79.0.0/16 dev net1") && routes.contains("fd00:79::/48 dev net1"),
+        "{routes}"
+    );
     let lease = leases.join("blue").join(ip.split('/').next().unwrap());
     assert!(lease.exists(), "host-local wrote its lease");
     let mut check = conf.clone();

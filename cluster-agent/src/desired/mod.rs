@@ -23,10 +23,10 @@ pub struct NodeEntry {
     /// Gateway nodes also tunnel to the gateways of other clusters.
     #[serde(default)]
     pub gateway: bool,
-    /// Underlay `ip:port` of this node. On a gateway it is the WAN endpoint
-    /// the other clusters' gateways use (reported to the broker); the nodes
-    /// of this cluster still use the endpoint the gateway reports itself. On
-    /// other nodes it overrides the endpoints the node reports.
+    /// Underlay `ip:port` of this node for other clusters (the WAN side a
+    /// gateway is reported to the broker with). The nodes of this cluster use
+    /// the endpoints the node reports itself, and this one only when it
+    /// reports none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
 }
@@ -214,23 +214,19 @@ fn wan_endpoints(node: &NodeEntry, hello: &Hello) -> Vec<String> {
     }
 }
 
-/// Where the nodes of this cluster reach `node`. A gateway's configured
-/// endpoint is its WAN side, so same-cluster peers get what the gateway
-/// reported itself (its LAN address; the first one that is not the WAN
-/// endpoint), and the WAN endpoint only when it reported nothing else.
-/// Other nodes have no WAN side: a configured endpoint is their LAN address.
+/// Where the nodes of this cluster reach `node`: what the node reported
+/// itself (its LAN address; the first one that is not its configured WAN
+/// endpoint), and the configured endpoint only when it reported nothing
+/// else. The same rule for every node, so a standby gateway (which the
+/// engine hands to the plan as a plain node) is reached on its LAN side too.
 fn lan_endpoint(node: &NodeEntry, hello: &Hello) -> String {
-    let reported = || hello.endpoints.first();
-    let chosen = if node.gateway {
-        hello
-            .endpoints
-            .iter()
-            .find(|e| Some(*e) != node.endpoint.as_ref())
-            .or(node.endpoint.as_ref())
-    } else {
-        node.endpoint.as_ref().or_else(reported)
-    };
-    chosen.cloned().unwrap_or_default()
+    hello
+        .endpoints
+        .iter()
+        .find(|e| Some(*e) != node.endpoint.as_ref())
+        .or(node.endpoint.as_ref())
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Compute every node's desired state.

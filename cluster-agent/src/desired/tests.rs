@@ -338,6 +338,12 @@ fn lan_peers_get_lan_endpoints_and_only_other_clusters_get_the_wan_one() {
             gateway: false,
             endpoint: Some("10.0.0.21:51820".into()),
         },
+        // A gateway the engine did not elect: handed over as a plain node.
+        NodeEntry {
+            name: "standby".into(),
+            gateway: false,
+            endpoint: Some("192.0.2.11:51820".into()),
+        },
         NodeEntry {
             name: "w2".into(),
             gateway: false,
@@ -352,7 +358,11 @@ fn lan_peers_get_lan_endpoints_and_only_other_clusters_get_the_wan_one() {
     // The gateway reports its WAN endpoint too: LAN peers skip it.
     let hellos: BTreeMap<String, Hello> = [
         ("gw".to_owned(), said(1, &[wan, "10.0.0.1:51820"])),
-        ("w1".to_owned(), said(2, &["10.9.9.9:51820"])),
+        ("w1".to_owned(), said(2, &["10.0.0.21:51820"])),
+        (
+            "standby".to_owned(),
+            said(4, &["192.0.2.11:51820", "10.0.0.2:51820"]),
+        ),
         ("w2".to_owned(), said(3, &["10.0.0.22:51820"])),
     ]
     .into();
@@ -368,11 +378,8 @@ fn lan_peers_get_lan_endpoints_and_only_other_clusters_get_the_wan_one() {
     };
     assert_eq!(endpoint("w1", "gw"), "10.0.0.1:51820");
     assert_eq!(endpoint("w2", "gw"), "10.0.0.1:51820");
-    assert_eq!(
-        endpoint("gw", "w1"),
-        "10.0.0.21:51820",
-        "configured LAN address"
-    );
+    assert_eq!(endpoint("w2", "standby"), "10.0.0.2:51820");
+    assert_eq!(endpoint("gw", "w1"), "10.0.0.21:51820");
     assert_eq!(endpoint("gw", "w2"), "10.0.0.22:51820", "reported address");
     assert_eq!(
         endpoint("gw", "cloud/gw"),
@@ -388,15 +395,27 @@ fn lan_peers_get_lan_endpoints_and_only_other_clusters_get_the_wan_one() {
     // reached there: nothing better is known.
     let hellos: BTreeMap<String, Hello> = [
         ("gw".to_owned(), said(1, &[])),
+        ("w1".to_owned(), said(2, &[])),
         ("w2".to_owned(), said(3, &[])),
     ]
     .into();
     let p = plan(&nodes, &hellos, &out, subnet(), &mut allocs);
-    assert_eq!(p.nodes["w2"].peers[0].endpoint, wan);
+    let endpoint = |on: &str, of: &str| {
+        p.nodes[on]
+            .peers
+            .iter()
+            .find(|x| x.name == of)
+            .unwrap()
+            .endpoint
+            .clone()
+    };
+    assert_eq!(endpoint("w2", "gw"), wan);
     assert_eq!(
-        p.nodes["gw"].peers[0].endpoint, "",
-        "w2 said nothing: it initiates"
+        endpoint("gw", "w1"),
+        "10.0.0.21:51820",
+        "configured, nothing reported"
     );
+    assert_eq!(endpoint("gw", "w2"), "", "w2 said nothing: it initiates");
 }
 
 #[test]
