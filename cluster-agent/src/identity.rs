@@ -51,6 +51,9 @@ pub enum JoinError {
         "the broker rejected the join: {0}; ask the broker admin for a new token (`l2mesh-broker token create --cluster NAME`)"
     )]
     Rejected(String),
+    /// The broker is not the one the join string pins: final.
+    #[error("{0}")]
+    PinMismatch(String),
     /// No broker answered: worth retrying.
     #[error("no broker could be reached ({0}); will retry")]
     Unreachable(String),
@@ -104,10 +107,20 @@ impl Identity {
     }
 }
 
+/// Whether the broker's answer to a join may change on a later try: a
+/// verdict on the token or the request is final; overload, rate limits and
+/// broker-side trouble are not.
 fn retryable_status(s: &tonic::Status) -> bool {
-    matches!(
+    !matches!(
         s.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Aborted
+        tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
+            | tonic::Code::InvalidArgument
+            | tonic::Code::NotFound
+            | tonic::Code::AlreadyExists
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::OutOfRange
+            | tonic::Code::Unimplemented
     )
 }
 
@@ -125,9 +138,14 @@ pub async fn join_once(js: &JoinString) -> Result<Identity, JoinError> {
         .map_err(TlsError::from)?;
     let config = tls::broker_client_config(pin, None)?;
     let mut last_error = String::from("no broker address");
+    let mut mismatch = None;
     for addr in js.brokers.iter().filter(|b| !b.trim().is_empty()) {
         let channel = match tls::broker_channel(addr, config.clone()).await {
             Ok(c) => c,
+            Err(e @ TlsError::PinMismatch { .. }) => {
+                mismatch = Some(e.to_string());
+                continue;
+            }
             Err(e) => {
                 last_error = format!("{e}: {}", source_chain(&e));
                 continue;
@@ -168,7 +186,9 @@ pub async fn join_once(js: &JoinString) -> Result<Identity, JoinError> {
             Err(s) => return Err(JoinError::Rejected(s.message().to_owned())),
         }
     }
-    Err(JoinError::Unreachable(last_error))
+    // One address with the wrong CA is enough: the pin is the same for all,
+    // so the join string does not belong to this broker.
+    Err(mismatch.map_or(JoinError::Unreachable(last_error), JoinError::PinMismatch))
 }
 
 /// The error and its causes on one line.

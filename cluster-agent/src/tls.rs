@@ -43,6 +43,11 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("broker address {0:?} is not host:port")]
     BadAddress(String),
+    /// Final: retrying cannot help.
+    #[error(
+        "the broker at {addr} presents a CA that does not match the pin in the join string: the join string is for another broker, or the broker's CA was re-created; get a fresh join string from the broker admin (`l2mesh-broker token create --cluster NAME`)"
+    )]
+    PinMismatch { addr: String },
     #[error("cannot connect to the broker at {addr}: {source}")]
     Connect {
         addr: String,
@@ -70,6 +75,21 @@ pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsErro
     Ok(certs)
 }
 
+/// The server's chain lacks the pinned CA (carried inside the rustls error so
+/// that [`broker_channel`] can tell it from network trouble).
+#[derive(Debug, thiserror::Error)]
+#[error("the broker's CA does not match the pin in the join string")]
+pub struct PinMismatch;
+
+fn is_pin_mismatch(e: &std::io::Error) -> bool {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o))) => {
+            o.0.downcast_ref::<PinMismatch>().is_some()
+        }
+        _ => false,
+    }
+}
+
 /// Trusts a server whose chain contains the pinned CA and is valid under it.
 #[derive(Debug)]
 struct PinnedCa {
@@ -90,10 +110,9 @@ impl ServerCertVerifier for PinnedCa {
             .iter()
             .find(|c| sha256(c.as_ref()) == self.pin)
             .ok_or_else(|| {
-                rustls::Error::General(
-                    "the broker's CA does not match the pin in the join string: wrong broker address, or a new token is needed"
-                        .into(),
-                )
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                    rustls::OtherError(Arc::new(PinMismatch)),
+                ))
             })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
@@ -170,22 +189,38 @@ pub async fn broker_channel(addr: &str, tls: Arc<ClientConfig>) -> Result<Channe
         .keep_alive_while_idle(true);
     let connector = tokio_rustls::TlsConnector::from(tls);
     let target = addr.to_owned();
+    // tonic's error keeps the TLS failure only as text: note it on the side.
+    let mismatch = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = mismatch.clone();
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let connector = connector.clone();
             let target = target.clone();
+            let seen = seen.clone();
             async move {
                 let tcp = tokio::net::TcpStream::connect(&target).await?;
                 let name = ServerName::try_from(BROKER_SERVER_NAME)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                let tls = connector.connect(name, tcp).await?;
+                let tls = connector.connect(name, tcp).await.inspect_err(|e| {
+                    if is_pin_mismatch(e) {
+                        seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                })?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
         }))
         .await
-        .map_err(|source| TlsError::Connect {
-            addr: addr.to_owned(),
-            source,
+        .map_err(|source| {
+            if mismatch.load(std::sync::atomic::Ordering::Relaxed) {
+                TlsError::PinMismatch {
+                    addr: addr.to_owned(),
+                }
+            } else {
+                TlsError::Connect {
+                    addr: addr.to_owned(),
+                    source,
+                }
+            }
         })
 }
 

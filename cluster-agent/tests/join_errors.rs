@@ -1,0 +1,187 @@
+//! Final join errors end the real `l2mesh-agent` with a clear message and a
+//! non-zero status; an unreachable broker is retried. Against a real broker
+//! (the l2mesh-broker library, in-process on 127.0.0.1 port 0).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use l2mesh_broker::{Broker, ServeConfig};
+use l2mesh_proto::broker as pb;
+use l2mesh_proto::join::JoinString;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct TestBroker {
+    dir: tempfile::TempDir,
+    addr: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl TestBroker {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut config = ServeConfig::new(dir.path().to_path_buf(), vec![addr.clone()]);
+        config.join_failures_per_minute = 0;
+        let broker = Broker::open(config).await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = broker
+                .serve(listener, None, async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Self {
+            dir,
+            addr,
+            _stop: tx,
+        }
+    }
+
+    async fn token(&self, ttl_seconds: u64) -> JoinString {
+        let cred =
+            l2mesh_broker::pki::AdminCredential::load(&self.dir.path().join("admin.pem")).unwrap();
+        let r = l2mesh_broker::client::admin_client(std::slice::from_ref(&self.addr), &cred)
+            .await
+            .unwrap()
+            .create_token(pb::CreateTokenRequest {
+                cluster: "edge".into(),
+                ttl_seconds,
+                uses: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        JoinString::parse(&r.join_string).unwrap()
+    }
+}
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_agent(dir: &Path, js: &JoinString) -> Agent {
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_l2mesh-agent"))
+        .args([
+            "standalone",
+            "--node-sync-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "",
+        ])
+        .arg("--manifests")
+        .arg(&manifests)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env("L2MESH_JOIN_STRING", js.encode())
+        .env("L2MESH_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Agent(child)
+}
+
+/// Wait for the agent to exit (it must, within `secs`), with its stderr.
+async fn exits(mut agent: Agent, secs: u64) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if agent.0.try_wait().unwrap().is_some() {
+            let child = std::mem::replace(&mut agent.0, Command::new("true").spawn().unwrap());
+            return child.wait_with_output().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent still runs after {secs} s: a final error is being retried"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn assert_final(dir: &Path, js: &JoinString, expect: &[&str]) {
+    let out = exits(spawn_agent(dir, js), 20).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "non-zero exit; stderr:\n{stderr}");
+    let last = stderr
+        .lines()
+        .rfind(|l| l.starts_with("l2mesh-agent:"))
+        .unwrap_or_else(|| panic!("a final error line; stderr:\n{stderr}"));
+    for e in expect {
+        assert!(last.contains(e), "{e:?} in {last:?}");
+    }
+    assert!(
+        !dir.join("state/identity.json").exists(),
+        "nothing stored after a failed join"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_string_for_another_broker_ca_is_final() {
+    let broker = TestBroker::start().await;
+    let mut js = broker.token(600).await;
+    js.ca = JoinString::format_pin(&[7; 32]);
+    let dir = tempfile::tempdir().unwrap();
+    assert_final(
+        dir.path(),
+        &js,
+        &["does not match the pin", "get a fresh join string"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn used_unknown_and_expired_tokens_are_final() {
+    let broker = TestBroker::start().await;
+
+    let used = broker.token(600).await;
+    l2mesh_broker::client::join(&used).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    assert_final(dir.path(), &used, &["rejected", "no uses left"]).await;
+
+    let mut unknown = broker.token(600).await;
+    unknown.id = "no-such-token".into();
+    let dir = tempfile::tempdir().unwrap();
+    assert_final(dir.path(), &unknown, &["rejected", "unknown token"]).await;
+
+    let expired = broker.token(1).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let dir = tempfile::tempdir().unwrap();
+    assert_final(dir.path(), &expired, &["rejected", "expired"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_retried() {
+    // A join string for an address where nothing listens.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let js = JoinString {
+        brokers: vec![addr.to_string()],
+        ca: JoinString::format_pin(&[7; 32]),
+        id: "t".into(),
+        secret: "s".into(),
+        cluster: "edge".into(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = spawn_agent(dir.path(), &js);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        agent.0.try_wait().unwrap().is_none(),
+        "an unreachable broker is retried, not fatal"
+    );
+    let _ = agent.0.kill();
+    let out = std::mem::replace(&mut agent.0, Command::new("true").spawn().unwrap())
+        .wait_with_output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("will retry"), "{stderr}");
+}
