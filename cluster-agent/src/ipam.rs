@@ -178,12 +178,22 @@ impl Allocations {
         let range = range.trunc();
         check_slice_prefix(range, prefix)?;
         let shape = format!("{range}/{prefix}");
-        if self.slice_shapes.get(network) != Some(&shape) {
-            self.slices.remove(network);
-            self.slice_shapes.insert(network.to_owned(), shape);
-        }
         let split = prefix - range.prefix_len();
         let max_index = u32::try_from((1u64 << split) - 1).unwrap_or(u32::MAX);
+        // State saved before shapes were recorded has none: its indices
+        // were made with the default shape and are kept while they fit, so
+        // an upgrade does not move every node to another slice.
+        let reshaped = match self.slice_shapes.get(network) {
+            Some(known) => *known != shape,
+            None => self
+                .slices
+                .get(network)
+                .is_some_and(|a| a.owners.values().any(|i| *i > max_index)),
+        };
+        if reshaped {
+            self.slices.remove(network);
+        }
+        self.slice_shapes.insert(network.to_owned(), shape);
         let index = self
             .slices
             .entry(network.to_owned())
@@ -479,6 +489,29 @@ mod tests {
         assert_eq!(s, net("10.30.0.0/20"), "n1 is the first of the new shape");
         a.retain_slices(&BTreeSet::new());
         assert!(a.slices.is_empty() && a.slice_shapes.is_empty());
+    }
+
+    #[test]
+    fn slices_saved_before_shapes_were_recorded_are_kept() {
+        // allocations.json of an older agent: indices, no shapes.
+        let old = r#"{"slices": {"blue": {"owners": {"n0": 3, "n1": 7}, "last": 7}}}"#;
+        let mut a: Allocations = serde_json::from_str(old).unwrap();
+        let range = net("10.10.0.0/16");
+        let prefix = slice_prefix(range, None).unwrap();
+        assert_eq!(
+            a.node_slice("blue", "n1", range, prefix).unwrap(),
+            net("10.10.112.0/20")
+        );
+        assert_eq!(
+            a.node_slice("blue", "n2", range, prefix).unwrap(),
+            net("10.10.128.0/20")
+        );
+        // Old indices that do not fit a new shape start over.
+        let mut a: Allocations = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            a.node_slice("blue", "n1", range, 17).unwrap(),
+            net("10.10.0.0/17")
+        );
     }
 
     #[test]
