@@ -337,6 +337,11 @@ async fn run_end_to_end_against_the_fake_api_and_a_real_broker() {
         blue["metadata"]["uid"]
     );
 
+    // NAD upkeep: a NAD deleted behind the agent's back comes back.
+    let nads: Api<k8s::nad::NetworkAttachmentDefinition> = Api::namespaced(api.client(), "default");
+    nads.delete("blue", &DeleteParams::default()).await.unwrap();
+    wait_for("the NAD recreated", 20, || api.get(NADS, "default", "blue")).await;
+
     // The multi-cluster network: admitted by the real broker, its VNI.
     let shared = wait_for("shared Admitted", 20, || {
         api.get(NETS, "default", "shared")
