@@ -150,7 +150,7 @@ impl Agent {
             on_listening: Some(tx),
             gateway_timeout: Duration::from_secs(10),
         };
-        let client = api.client();
+        let client = api.client_as(pod);
         let task = tokio::spawn(async move {
             k8s::run(client, config, "127.0.0.1:0", async move {
                 let _ = rx.await;
@@ -462,7 +462,16 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over_on_release() {
     );
     let lease = api.get(LEASES, NS, "l2mesh-agent").unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "agent-a");
-    let patches_before = api.requests().len();
+    let by_b: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("agent-b "))
+        .collect();
+    assert!(!by_b.is_empty(), "b tries for the lease");
+    assert!(
+        by_b.iter().all(|r| r.contains("/leases")),
+        "the standby only looks at the lease: {by_b:?}"
+    );
 
     // a stops and releases the lease: b takes over without waiting for it
     // to run out, with the identity a stored (the token was single-use).
@@ -482,11 +491,41 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over_on_release() {
             .filter(|o| condition(o, "Ready").as_deref() == Some("True"))
     })
     .await;
-    assert!(api.requests().len() > patches_before);
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.starts_with("agent-b PATCH") && r.contains("/l2networks/red")),
+        "b acts once it leads"
+    );
     b.stop().await;
     assert!(
         api.unhandled().is_empty(),
         "unhandled requests: {:?}",
         api.unhandled()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_string_for_another_broker_ends_run_with_a_final_error() {
+    init();
+    let broker = TestBroker::start().await;
+    let api = FakeApi::new();
+    let mut js = broker.token("edge").await;
+    js.ca = JoinString::format_pin(&[7; 32]);
+    let agent = Agent::start(&api, "agent-0", Some(js));
+    let result = tokio::time::timeout(Duration::from_secs(20), agent.task)
+        .await
+        .expect("a final join error ends run, not a retry loop")
+        .unwrap();
+    let err = result.expect_err("run fails").to_string();
+    assert!(err.contains("get a fresh join string"), "{err}");
+    assert!(
+        secret_value(&api, "l2mesh-agent-identity", "identity.json").is_none(),
+        "nothing stored"
+    );
+    let lease = api.get(LEASES, NS, "l2mesh-agent").unwrap();
+    assert!(
+        lease["spec"]["holderIdentity"].is_null(),
+        "the lease is given back: {lease}"
     );
 }

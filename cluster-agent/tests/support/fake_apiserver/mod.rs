@@ -88,6 +88,8 @@ struct Store {
 #[derive(Clone, Debug, Default)]
 pub struct FakeApi {
     store: Arc<Mutex<Store>>,
+    /// Who is calling, for [`FakeApi::requests`] (see [`FakeApi::client_as`]).
+    caller: Option<String>,
 }
 
 /// Where a request goes.
@@ -210,6 +212,14 @@ impl FakeApi {
         kube::Client::new(self.clone(), "default")
     }
 
+    /// A client whose requests are recorded as `<caller> METHOD uri`.
+    #[must_use]
+    pub fn client_as(&self, caller: &str) -> kube::Client {
+        let mut api = self.clone();
+        api.caller = Some(caller.to_owned());
+        kube::Client::new(api, "default")
+    }
+
     /// Requests the server did not implement (`METHOD uri`).
     #[must_use]
     pub fn unhandled(&self) -> Vec<String> {
@@ -267,7 +277,10 @@ impl FakeApi {
             }
         };
         let mut store = self.store.lock().unwrap();
-        store.requests.push(line.clone());
+        store.requests.push(match &self.caller {
+            Some(c) => format!("{c} {line}"),
+            None => line.clone(),
+        });
         let response = match target {
             Some(t) => store.route(&method, &t, &q, &content_type, sent),
             None => None,
