@@ -623,6 +623,21 @@ async fn bad_configs_and_environments_get_cni_errors() {
     let r = lab.cni("ADD", &pod.path(), "", &good).await;
     assert_eq!(r.json["code"], 4, "{}", r.json);
 
+    let not_netns = lab.dir.path().join("not-a-netns");
+    std::fs::write(&not_netns, "").unwrap();
+    let r = lab
+        .cni("ADD", not_netns.to_str().unwrap(), "net1", &good)
+        .await;
+    assert_eq!(r.json["code"], 4, "{}", r.json);
+    assert!(
+        r.json["msg"]
+            .as_str()
+            .unwrap()
+            .contains("not a network namespace"),
+        "{}",
+        r.json
+    );
+
     let mut no_dp = good.clone();
     no_dp["dataplaneSocket"] = json!(lab.dir.path().join("nope.sock"));
     let r = lab.cni("ADD", &pod.path(), "net1", &no_dp).await;

@@ -29,6 +29,16 @@ pub struct LinkInfo {
     pub up: bool,
 }
 
+/// Why a connection inside a namespace could not be made.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NetnsError {
+    /// `setns` refused the file: it is not a network namespace.
+    #[error("{0}")]
+    NotANetns(String),
+    #[error("{0}")]
+    Netlink(String),
+}
+
 /// A netlink connection in one network namespace.
 #[derive(Clone, Debug)]
 pub struct Netlink {
@@ -103,26 +113,29 @@ impl Netlink {
     /// A connection inside the namespace `ns`. The socket is created on a
     /// thread of its own that entered `ns` and then ends, so no thread
     /// that keeps running (or a runtime's pool) is left in the pod.
-    pub async fn in_netns(ns: &File) -> Result<Self, String> {
-        let ns = ns
-            .try_clone()
-            .map_err(|e| format!("cannot duplicate the namespace handle: {e}"))?;
+    pub async fn in_netns(ns: &File) -> Result<Self, NetnsError> {
+        let ns = ns.try_clone().map_err(|e| {
+            NetnsError::Netlink(format!("cannot duplicate the namespace handle: {e}"))
+        })?;
         let runtime = tokio::runtime::Handle::current();
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
             let made = nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("cannot enter the pod's network namespace: {e}"))
+                .map_err(|e| {
+                    NetnsError::NotANetns(format!("cannot enter it as a network namespace: {e}"))
+                })
                 .and_then(|()| {
                     // The socket registers with the caller's runtime.
                     let _guard = runtime.enter();
-                    rtnetlink::new_connection()
-                        .map_err(|e| format!("cannot open netlink in the pod: {e}"))
+                    rtnetlink::new_connection().map_err(|e| {
+                        NetnsError::Netlink(format!("cannot open netlink in the pod: {e}"))
+                    })
                 });
             let _ = tx.send(made.map(|(conn, handle, _)| (conn, handle)));
         });
         let (conn, handle) = rx
             .await
-            .map_err(|_| "the namespace thread died".to_owned())??;
+            .map_err(|_| NetnsError::Netlink("the namespace thread died".to_owned()))??;
         tokio::spawn(conn);
         Ok(Self { handle })
     }

@@ -102,6 +102,19 @@ fn status_error(network: &str, op: &str, s: &tonic::Status) -> CniError {
     }
 }
 
+/// Netlink inside the pod; a `CNI_NETNS` that is not a network namespace
+/// is a bad environment (code 4), not an I/O failure.
+async fn pod_netlink(env: &CniEnv, ns: &std::fs::File) -> Result<Netlink, CniError> {
+    Netlink::in_netns(ns).await.map_err(|e| match e {
+        link::NetnsError::NotANetns(why) => CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_NETNS {} is not a network namespace: {why}", env.netns),
+            "pass the path of the container's network namespace (e.g. /proc/<pid>/ns/net); nothing was changed",
+        ),
+        link::NetnsError::Netlink(why) => io_err(why),
+    })
+}
+
 fn io_err(msg: String) -> CniError {
     CniError::new(code::IO_FAILURE, msg, "")
 }
@@ -257,7 +270,7 @@ async fn add(env: &CniEnv, conf: &NetConf, stdin: &[u8]) -> Result<CniResult, Cn
         )
     })?;
     let host_nl = Netlink::host().map_err(io_err)?;
-    let pod_nl = Netlink::in_netns(&ns_file).await.map_err(io_err)?;
+    let pod_nl = pod_netlink(env, &ns_file).await?;
     // A leftover from an ADD that died halfway would make the name clash.
     host_nl.delete(&host).await.map_err(io_err)?;
     let first_mtu = conf.mtu.unwrap_or(crate::crd::DEFAULT_MTU);
@@ -492,7 +505,7 @@ async fn check(env: &CniEnv, conf: &NetConf, stdin: &[u8]) -> Result<(), CniErro
     netns_must_exist(env)?;
     let ns_file = link::open_netns(&env.netns)
         .map_err(|e| CniError::new(code::UNKNOWN_CONTAINER, e, "the container is gone"))?;
-    let pod = Netlink::in_netns(&ns_file).await.map_err(io_err)?;
+    let pod = pod_netlink(env, &ns_file).await?;
     let host_nl = Netlink::host().map_err(io_err)?;
     let host = link::host_ifname(&env.container_id, &env.ifname);
     let info = pod
