@@ -13,22 +13,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
+use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tun_rs::AsyncDevice;
 
 use super::Daemon;
+use super::workers::Workers;
 use crate::engine::{Buffers, Output};
 use crate::{Error, offload, udp};
 
 const TICK: Duration = Duration::from_millis(250);
 const SOCKET_BUFFER: usize = 4 << 20;
-/// Reads (TAP frames or datagram batches) per wakeup before the results are
-/// sent.
-const BATCH: usize = 64;
-/// Stop reading and send once this many outputs are queued (a few TSO
-/// super-frames' worth): what was read goes out before more is read, which
-/// bounds latency and buffer use.
-const MAX_OUTPUTS: usize = 256;
+/// TAP reads (frames or TSO super-frames) per wakeup before the worker
+/// yields to its other tasks.
+const TAP_READS: usize = 64;
+/// `recvmmsg` calls per wakeup before the worker yields.
+const UDP_READS: usize = 8;
+/// Send once this many outputs are ready (one full GSO send), then let the
+/// worker's other direction run: a packet waits for at most a send's worth
+/// of others, not for a whole burst of the busy direction.
+const FLUSH_AT: usize = 64;
 /// Datagrams per `recvmmsg`.
 const RECV_BATCH: usize = 16;
 
@@ -66,25 +70,33 @@ fn tcp_offloads_only(dev: &AsyncDevice) -> Result<(), Error> {
     Ok(())
 }
 
-/// Opens TAP `name` with `queues` queues (multi-queue when more than one),
-/// virtio-net headers and TCP offloads.
+/// Opens TAP `name` with one queue per worker (multi-queue when more than
+/// one), virtio-net headers and TCP offloads; queue `i` is registered with
+/// worker `i`'s reactor.
 pub(super) fn open_tap(
     name: &str,
     mtu: u32,
-    queues: usize,
+    workers: &Workers,
 ) -> Result<Vec<Arc<AsyncDevice>>, Error> {
+    let queues = workers.len();
     let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
-    let first = tun_rs::DeviceBuilder::new()
-        .name(name.to_string())
-        .layer(tun_rs::Layer::L2)
-        .mtu(mtu)
-        .offload(true)
-        .multi_queue(queues > 1)
-        .build_async()?;
+    let first = {
+        let _rt = workers.handle(0).enter();
+        tun_rs::DeviceBuilder::new()
+            .name(name.to_string())
+            .layer(tun_rs::Layer::L2)
+            .mtu(mtu)
+            .offload(true)
+            .multi_queue(queues > 1)
+            .build_async()?
+    };
     tcp_offloads_only(&first)?;
     let mut v = Vec::with_capacity(queues);
-    for _ in 1..queues {
-        let q = first.try_clone()?;
+    for i in 1..queues {
+        let q = {
+            let _rt = workers.handle(i).enter();
+            first.try_clone()?
+        };
         tcp_offloads_only(&q)?;
         v.push(Arc::new(q));
     }
@@ -92,7 +104,7 @@ pub(super) fn open_tap(
     Ok(v)
 }
 
-fn bind_udp(port: u16, reuse: bool) -> Result<UdpSocket, Error> {
+fn bind_udp(port: u16, reuse: bool, worker: &Handle) -> Result<UdpSocket, Error> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     // Bigger buffers absorb bursts; the kernel caps them at rmem_max.
@@ -103,18 +115,26 @@ fn bind_udp(port: u16, reuse: bool) -> Result<UdpSocket, Error> {
     }
     s.set_nonblocking(true)?;
     s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).into())?;
-    let sock = UdpSocket::from_std(s.into())?;
+    let sock = {
+        let _rt = worker.enter();
+        UdpSocket::from_std(s.into())?
+    };
     udp::enable_gro(&sock);
     Ok(sock)
 }
 
-/// `n` sockets sharing one UDP port (port 0: one the kernel picks).
-pub(super) fn bind_udp_group(port: u16, n: usize) -> Result<Arc<Vec<Arc<UdpSocket>>>, Error> {
-    let first = bind_udp(port, n > 1)?;
+/// One socket per worker, all on one UDP port (port 0: one the kernel
+/// picks); socket `i` is registered with worker `i`'s reactor.
+pub(super) fn bind_udp_group(
+    port: u16,
+    workers: &Workers,
+) -> Result<Arc<Vec<Arc<UdpSocket>>>, Error> {
+    let n = workers.len();
+    let first = bind_udp(port, n > 1, workers.handle(0))?;
     let port = first.local_addr()?.port();
     let mut v = vec![Arc::new(first)];
-    for _ in 1..n {
-        v.push(Arc::new(bind_udp(port, true)?));
+    for i in 1..n {
+        v.push(Arc::new(bind_udp(port, true, workers.handle(i))?));
     }
     Ok(Arc::new(v))
 }
@@ -128,7 +148,9 @@ impl Daemon {
             .map(|(worker, sock)| {
                 let d = Arc::clone(self);
                 let sock = Arc::clone(sock);
-                tokio::spawn(async move { d.udp_worker(worker, sock).await })
+                self.workers
+                    .handle(worker)
+                    .spawn(async move { d.udp_worker(worker, sock).await })
             })
             .collect();
         for old in std::mem::replace(&mut *super::lock(&self.udp_tasks), tasks) {
@@ -145,16 +167,16 @@ impl Daemon {
                 tracing::debug!(error = %e, "udp readiness");
                 continue;
             }
+            // Drain what is queued, a batch per system call; what was read
+            // goes out whenever a send's worth is ready, before more is
+            // processed, and the worker's other tasks get their turn then
+            // (bounded delay, fairness between directions).
             scratch.recycle();
-            let now = Instant::now();
-            // Drain what is queued, a batch per system call, then send the
-            // results: one wakeup per burst, not per packet.
-            for _ in 0..BATCH {
-                if out.len() >= MAX_OUTPUTS {
-                    break;
-                }
+            let mut drained = false;
+            for _ in 0..UDP_READS {
                 match udp::try_recv_batch(&sock, &mut batch) {
                     Ok(n) => {
+                        let now = Instant::now();
                         for i in 0..n {
                             let (from, data, seg) = batch.get(i);
                             for r in udp::gro_segments(data.len(), seg) {
@@ -166,12 +188,21 @@ impl Daemon {
                                     &mut out,
                                 );
                             }
+                            if out.len() >= FLUSH_AT {
+                                self.perform(&mut out, &mut scratch, worker).await;
+                                scratch.recycle();
+                                tokio::task::yield_now().await;
+                            }
                         }
                         if n < RECV_BATCH {
+                            drained = true;
                             break;
                         }
                     }
-                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                        drained = true;
+                        break;
+                    }
                     Err(err) => {
                         tracing::debug!(error = %err, "udp receive");
                         break;
@@ -179,6 +210,9 @@ impl Daemon {
                 }
             }
             self.perform(&mut out, &mut scratch, worker).await;
+            if !drained {
+                tokio::task::yield_now().await;
+            }
         }
     }
 
@@ -194,7 +228,9 @@ impl Daemon {
             .map(|(worker, q)| {
                 let d = Arc::clone(self);
                 let q = Arc::clone(q);
-                tokio::spawn(async move { d.tap_worker(worker, vni, q).await })
+                self.workers
+                    .handle(worker)
+                    .spawn(async move { d.tap_worker(worker, vni, q).await })
             })
             .collect()
     }
@@ -212,13 +248,11 @@ impl Daemon {
                 return;
             }
             scratch.recycle();
-            let now = Instant::now();
-            for _ in 0..BATCH {
-                if out.len() >= MAX_OUTPUTS {
-                    break;
-                }
+            let mut drained = false;
+            for _ in 0..TAP_READS {
                 match dev.try_recv(&mut buf) {
                     Ok(len) => {
+                        let now = Instant::now();
                         let bufs = &mut scratch.bufs;
                         let r = offload::segment(&mut buf[..len], &mut seg_buf, |f| {
                             self.engine.handle_tap(vni, f, now, bufs, &mut out);
@@ -227,8 +261,16 @@ impl Daemon {
                             self.engine.count_drop("bad_offload");
                             tracing::debug!(error = %err, vni, "TAP frame dropped");
                         }
+                        if out.len() >= FLUSH_AT {
+                            self.perform(&mut out, &mut scratch, worker).await;
+                            scratch.recycle();
+                            tokio::task::yield_now().await;
+                        }
                     }
-                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                        drained = true;
+                        break;
+                    }
                     Err(err) => {
                         tracing::warn!(error = %err, vni, "TAP read failed; stopping its reader");
                         return;
@@ -236,6 +278,9 @@ impl Daemon {
                 }
             }
             self.perform(&mut out, &mut scratch, worker).await;
+            if !drained {
+                tokio::task::yield_now().await;
+            }
         }
     }
 

@@ -4,6 +4,7 @@
 
 mod io;
 mod status;
+mod workers;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -46,7 +47,7 @@ pub struct Daemon {
     engine: Engine,
     /// The underlay port: one socket per worker (a `SO_REUSEPORT` group).
     udp: RwLock<Arc<Vec<Arc<UdpSocket>>>>,
-    workers: usize,
+    workers: workers::Workers,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     udp_tasks: Mutex<Vec<JoinHandle<()>>>,
     taps: RwLock<HashMap<u32, Tap>>,
@@ -59,7 +60,7 @@ impl std::fmt::Debug for Daemon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Daemon")
             .field("state_dir", &self.state_dir)
-            .field("workers", &self.workers)
+            .field("workers", &self.workers.len())
             .finish_non_exhaustive()
     }
 }
@@ -90,7 +91,8 @@ impl Daemon {
         let secret = keys::load_or_create(state_dir)?;
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let workers = worker_count(workers, cores);
-        let udp = io::bind_udp_group(listen_port, workers)?;
+        let workers = workers::Workers::start(workers)?;
+        let udp = io::bind_udp_group(listen_port, &workers)?;
         let daemon = Arc::new(Self {
             engine: Engine::new(secret),
             udp: RwLock::new(Arc::clone(&udp)),
@@ -148,6 +150,8 @@ impl Daemon {
         for (_, t) in taps.drain() {
             t.abort();
         }
+        drop(taps);
+        self.workers.shutdown();
     }
 
     fn load_saved(&self) -> Result<Option<DesiredState>, Error> {
@@ -189,7 +193,7 @@ impl Daemon {
         if let Some(stale) = self.netlink.find(&name).await? {
             self.netlink.delete(stale.index).await?;
         }
-        let queues = io::open_tap(&name, n.mtu, self.workers)?;
+        let queues = io::open_tap(&name, n.mtu, &self.workers)?;
         let tap = self
             .netlink
             .find(&name)
@@ -271,7 +275,7 @@ impl Daemon {
             self.add_network(n).await?;
         }
         if cfg.listen_port != 0 && cfg.listen_port != current.listen_port {
-            let socks = io::bind_udp_group(cfg.listen_port, self.workers)?;
+            let socks = io::bind_udp_group(cfg.listen_port, &self.workers)?;
             *self
                 .udp
                 .write()
