@@ -529,3 +529,33 @@ async fn a_join_string_for_another_broker_ends_run_with_a_final_error() {
         "the lease is given back: {lease}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_is_renewed_while_the_join_waits_for_an_unreachable_broker() {
+    init();
+    let api = FakeApi::new();
+    // Nothing listens there: the join is retried with backoff.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let js = JoinString {
+        brokers: vec![addr.to_string()],
+        ca: JoinString::format_pin(&[7; 32]),
+        id: "t".into(),
+        secret: "s".into(),
+        cluster: "edge".into(),
+    };
+    let agent = Agent::start(&api, "agent-0", Some(js));
+    let renewed = || {
+        api.get(LEASES, NS, "l2mesh-agent")
+            .and_then(|l| l["spec"]["renewTime"].as_str().map(str::to_owned))
+    };
+    let first = wait_for("the lease taken", 10, renewed).await;
+    wait_for("the lease renewed during the join", 15, || {
+        renewed().filter(|t| *t != first)
+    })
+    .await;
+    assert!(!agent.task.is_finished(), "still joining");
+    agent.stop().await;
+}

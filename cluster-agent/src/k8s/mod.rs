@@ -141,19 +141,43 @@ pub async fn run(
         () = shutdown.clone() => return Ok(()),
     }
     tracing::info!("leader");
-    let result = lead(client, &mut config, node_sync_listen, &lock, shutdown).await;
+    // The lease is renewed from the start: joining a broker that is down
+    // may take longer than the lease lasts.
+    let result = tokio::select! {
+        r = lead(client, &mut config, node_sync_listen, shutdown) => r,
+        () = hold(&lock) => Err(KubeError::LostLease),
+    };
     if let Err(e) = lock.release().await {
         tracing::warn!(error = %e, "cannot release the leader lease");
     }
     result
 }
 
+/// Keep renewing the lease; returns when it is lost.
+async fn hold(lock: &lease::LeaseLock) {
+    let mut failures = 0u32;
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        match lock.try_acquire_or_renew().await {
+            Ok(true) => failures = 0,
+            Ok(false) => return,
+            // A blip is fine while the lease (15 s) has not run out.
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "lease renewal failed");
+                if failures >= 2 {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 async fn lead(
     client: Client,
     config: &mut KubeConfig,
     node_sync_listen: &str,
-    lock: &lease::LeaseLock,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Clone + Send + 'static,
 ) -> Result<(), KubeError> {
     let listener = tokio::net::TcpListener::bind(node_sync_listen)
         .await
@@ -162,7 +186,10 @@ async fn lead(
         let _ = tx.send(addr);
     }
     let secrets_api: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
-    let id = identity(&secrets_api, config.join_string.as_ref()).await?;
+    let id = tokio::select! {
+        r = identity(&secrets_api, config.join_string.as_ref()) => r?,
+        () = shutdown.clone() => return Ok(()),
+    };
     let subnet = id.tunnel_subnet.parse().map_err(|_| {
         KubeError::State(format!(
             "stored tunnel subnet {:?} is invalid",
@@ -202,24 +229,6 @@ async fn lead(
                 }
             }),
     );
-    let renew = async {
-        let mut failures = 0u32;
-        loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            match lock.try_acquire_or_renew().await {
-                Ok(true) => failures = 0,
-                Ok(false) => return,
-                // A blip is fine while the lease (15 s) has not run out.
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(error = %e, "lease renewal failed");
-                    if failures >= 2 {
-                        return;
-                    }
-                }
-            }
-        }
-    };
     let server = tonic::transport::Server::builder()
         .tls_config(pki.server_tls())?
         .add_service(NodeSyncService::new(shared).into_server(pki.token.clone()))
@@ -227,10 +236,7 @@ async fn lead(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
         );
-    let result = tokio::select! {
-        r = server => r.map_err(KubeError::from),
-        () = renew => Err(KubeError::LostLease),
-    };
+    let result = server.await.map_err(KubeError::from);
     tasks.abort_all();
     result
 }
