@@ -15,6 +15,28 @@ use tonic::{Request, Response, Status};
 #[derive(Clone, Debug)]
 pub struct NodeSyncService {
     shared: Arc<Shared>,
+    /// Ends every watch when it turns true: a graceful server shutdown
+    /// waits for open streams, and watches never end by themselves.
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// Wrap a shutdown future: the returned future completes with it after
+/// telling the watches to end (pass the receiver to
+/// [`NodeSyncService::stop_on`]).
+pub fn stopping_watches(
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (
+    impl std::future::Future<Output = ()> + Send + 'static,
+    tokio::sync::watch::Receiver<bool>,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    (
+        async move {
+            shutdown.await;
+            let _ = tx.send(true);
+        },
+        rx,
+    )
 }
 
 /// The broker accepts at most this many endpoints per gateway.
@@ -25,7 +47,14 @@ type DesiredStream = Pin<Box<dyn Stream<Item = Result<DesiredState, Status>> + S
 impl NodeSyncService {
     #[must_use]
     pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+        Self { shared, stop: None }
+    }
+
+    /// End the watches when `stop` turns true.
+    #[must_use]
+    pub fn stop_on(mut self, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// The tonic service with the bearer-token check in front.
@@ -113,7 +142,16 @@ impl NodeSync for NodeSyncService {
             let _alive = &guard;
             state.map(Ok)
         });
-        Ok(Response::new(Box::pin(stream)))
+        let mut stop = self.stop.clone();
+        let stopped = async move {
+            match stop.as_mut() {
+                Some(s) => drop(s.wait_for(|v| *v).await),
+                None => std::future::pending().await,
+            }
+        };
+        Ok(Response::new(Box::pin(futures::StreamExt::take_until(
+            stream, stopped,
+        ))))
     }
 
     async fn report_status(

@@ -108,9 +108,14 @@ pub async fn run(
         ca = %pki.dir.join(NodeSyncPki::CA_FILE).display(),
         "serving node sync"
     );
+    let (shutdown, stop) = crate::nodesync::stopping_watches(shutdown);
     let result = tonic::transport::Server::builder()
         .tls_config(pki.server_tls())?
-        .add_service(NodeSyncService::new(shared).into_server(pki.token.clone()))
+        .add_service(
+            NodeSyncService::new(shared)
+                .stop_on(stop)
+                .into_server(pki.token.clone()),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,

@@ -411,8 +411,13 @@ async fn run_end_to_end_against_the_fake_api_and_a_real_broker() {
             .any(|e| e["reason"] == "Deleted" && e["regarding"]["name"] == "blue"),
         "a Deleted event"
     );
-    drop(w1);
+    // Shutdown ends the node's watch instead of waiting for it.
     agent.stop().await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = w1.message().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch ends with the agent");
 
     // A restart joins with the stored identity: no join string (the token
     // was single-use anyway), same identity afterwards.

@@ -253,3 +253,50 @@ async fn without_a_broker_local_networks_work_and_multi_cluster_ones_wait() {
     .await;
     assert!(shared.contains("Pending"), "{shared}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_agent_even_with_nodes_watching() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(manifests.join("all.yaml"), format!("{NODES}---\n{NETS}")).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_l2mesh-agent"));
+    cmd.args([
+        "standalone",
+        "--node-sync-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "",
+    ])
+    .args(["--tunnel-subnet", "100.127.0.0/24", "--poll-ms", "100"])
+    .arg("--manifests")
+    .arg(&manifests)
+    .arg("--state-dir")
+    .arg(&state)
+    .stdout(Stdio::null());
+    let mut agent = Agent(cmd.spawn().unwrap());
+    let mut w1 = node_client(&state, None).await;
+    let mut watch = w1.watch_desired(hello("w1", 2)).await.unwrap().into_inner();
+    next_matching(&mut watch, "local network", |d| has_net(d, "blue")).await;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.0.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(s) = agent.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent still runs 5 s after SIGTERM with a node watching"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    // The node sees its watch end and reconnects elsewhere.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = watch.message().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch ends with the agent");
+}

@@ -75,8 +75,8 @@ fn scenario_failover_standby_gateway_takes_over_when_the_active_dataplane_dies()
 
     // The active gateway's dataplane dies.
     let gw_dp = mesh.nodes.iter().find(|n| n.role == "c1-gw").unwrap().proc;
-    lab.procs().kill(gw_dp).unwrap();
     let killed = Instant::now();
+    lab.procs().kill(gw_dp).unwrap();
     lab.wait_until("the agent fails over", Duration::from_secs(5), || {
         log().contains("gateway failover")
     })

@@ -229,9 +229,14 @@ async fn lead(
                 }
             }),
     );
+    let (shutdown, stop) = crate::nodesync::stopping_watches(shutdown);
     let server = tonic::transport::Server::builder()
         .tls_config(pki.server_tls())?
-        .add_service(NodeSyncService::new(shared).into_server(pki.token.clone()))
+        .add_service(
+            NodeSyncService::new(shared)
+                .stop_on(stop)
+                .into_server(pki.token.clone()),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
