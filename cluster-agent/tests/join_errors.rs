@@ -3,59 +3,13 @@
 //! (the l2mesh-broker library, in-process on 127.0.0.1 port 0).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use l2mesh_broker::{Broker, ServeConfig};
-use l2mesh_proto::broker as pb;
+mod support;
+
 use l2mesh_proto::join::JoinString;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-struct TestBroker {
-    dir: tempfile::TempDir,
-    addr: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl TestBroker {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let mut config = ServeConfig::new(dir.path().to_path_buf(), vec![addr.clone()]);
-        config.join_failures_per_minute = 0;
-        let broker = Broker::open(config).await.unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = broker
-                .serve(listener, None, async move {
-                    let _ = rx.await;
-                })
-                .await;
-        });
-        Self {
-            dir,
-            addr,
-            _stop: tx,
-        }
-    }
-
-    async fn token(&self, ttl_seconds: u64) -> JoinString {
-        let cred =
-            l2mesh_broker::pki::AdminCredential::load(&self.dir.path().join("admin.pem")).unwrap();
-        let r = l2mesh_broker::client::admin_client(std::slice::from_ref(&self.addr), &cred)
-            .await
-            .unwrap()
-            .create_token(pb::CreateTokenRequest {
-                cluster: "edge".into(),
-                ttl_seconds,
-                uses: 1,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        JoinString::parse(&r.join_string).unwrap()
-    }
-}
+use support::broker::TestBroker;
 
 struct Agent(Child);
 
@@ -126,7 +80,7 @@ async fn assert_final(dir: &Path, js: &JoinString, expect: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_string_for_another_broker_ca_is_final() {
     let broker = TestBroker::start().await;
-    let mut js = broker.token(600).await;
+    let mut js = broker.token("edge").await;
     js.ca = JoinString::format_pin(&[7; 32]);
     let dir = tempfile::tempdir().unwrap();
     assert_final(
@@ -141,17 +95,17 @@ async fn a_join_string_for_another_broker_ca_is_final() {
 async fn used_unknown_and_expired_tokens_are_final() {
     let broker = TestBroker::start().await;
 
-    let used = broker.token(600).await;
+    let used = broker.token("edge").await;
     l2mesh_broker::client::join(&used).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     assert_final(dir.path(), &used, &["rejected", "no uses left"]).await;
 
-    let mut unknown = broker.token(600).await;
+    let mut unknown = broker.token("edge").await;
     unknown.id = "no-such-token".into();
     let dir = tempfile::tempdir().unwrap();
     assert_final(dir.path(), &unknown, &["rejected", "unknown token"]).await;
 
-    let expired = broker.token(1).await;
+    let expired = broker.token_ttl("edge", 1).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let dir = tempfile::tempdir().unwrap();
     assert_final(dir.path(), &expired, &["rejected", "expired"]).await;

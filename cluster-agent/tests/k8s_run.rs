@@ -9,16 +9,15 @@ mod support;
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
-use l2mesh_broker::{Broker, ServeConfig};
 use l2mesh_cluster_agent::crd::L2Network;
 use l2mesh_cluster_agent::k8s::{self, KubeConfig};
-use l2mesh_proto::broker as pb;
 use l2mesh_proto::join::JoinString;
 use l2mesh_proto::node::node_sync_client::NodeSyncClient;
 use l2mesh_proto::node::{DesiredState, NodeHello};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use support::broker::TestBroker;
 use support::fake_apiserver::FakeApi;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
@@ -38,97 +37,6 @@ fn init() {
         )
         .with_test_writer()
         .try_init();
-}
-
-struct TestBroker {
-    dir: tempfile::TempDir,
-    addr: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl TestBroker {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let mut config = ServeConfig::new(dir.path().to_path_buf(), vec![addr.clone()]);
-        config.join_failures_per_minute = 0;
-        let broker = Broker::open(config).await.unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            broker
-                .serve(listener, None, async move {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
-        Self {
-            dir,
-            addr,
-            stop: Some(tx),
-        }
-    }
-
-    async fn admin(&self) -> pb::broker_admin_client::BrokerAdminClient<Channel> {
-        let cred =
-            l2mesh_broker::pki::AdminCredential::load(&self.dir.path().join("admin.pem")).unwrap();
-        l2mesh_broker::client::admin_client(std::slice::from_ref(&self.addr), &cred)
-            .await
-            .unwrap()
-    }
-
-    async fn token(&self, cluster: &str) -> JoinString {
-        let r = self
-            .admin()
-            .await
-            .create_token(pb::CreateTokenRequest {
-                cluster: cluster.into(),
-                ttl_seconds: 600,
-                uses: 1,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        JoinString::parse(&r.join_string).unwrap()
-    }
-
-    async fn network(&self, name: &str, allow: &[&str]) -> pb::NetworkInfo {
-        self.admin()
-            .await
-            .create_network(pb::CreateNetworkRequest {
-                name: name.into(),
-                allowed_clusters: allow.iter().map(|s| (*s).to_owned()).collect(),
-                cidr: "10.20.0.0/16".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    async fn members(&self, network: &str) -> Vec<String> {
-        let list = self
-            .admin()
-            .await
-            .list_networks(pb::ListNetworksRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        list.networks
-            .into_iter()
-            .find(|n| n.name == network)
-            .map(|n| n.members)
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for TestBroker {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-    }
 }
 
 /// A running `k8s::run`.
@@ -563,4 +471,71 @@ async fn the_lease_is_renewed_while_the_join_waits_for_an_unreachable_broker() {
     .await;
     assert!(!agent.task.is_finished(), "still joining");
     agent.stop().await;
+}
+
+/// The fake itself: the API server behaviour the tests above rely on.
+#[tokio::test]
+async fn the_fake_api_server_keeps_the_semantics_the_agent_relies_on() {
+    use futures::StreamExt as _;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Patch, PatchParams, WatchEvent, WatchParams};
+    let api = FakeApi::new();
+    let cms: Api<ConfigMap> = Api::namespaced(api.client(), "default");
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "c", "finalizers": ["x/y"]}, "data": {"k": "1"},
+    }))
+    .unwrap();
+    let created = cms.create(&PostParams::default(), &cm).await.unwrap();
+    let rv0 = created.metadata.resource_version.clone().unwrap();
+    let err = cms.create(&PostParams::default(), &cm).await.unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409),
+        "{err}"
+    );
+
+    // A write with a stale resourceVersion is a conflict.
+    let mut stale = created.clone();
+    stale.data = Some([("k".to_owned(), "2".to_owned())].into());
+    cms.replace("c", &PostParams::default(), &stale)
+        .await
+        .unwrap();
+    let err = cms
+        .replace("c", &PostParams::default(), &stale)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409),
+        "{err}"
+    );
+
+    // Delete with a finalizer only marks; removing the finalizer deletes.
+    cms.delete("c", &DeleteParams::default()).await.unwrap();
+    let marked = cms.get("c").await.unwrap();
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    cms.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    assert!(cms.get_opt("c").await.unwrap().is_none());
+
+    // A watch from the first version replays what happened since.
+    let events: Vec<String> = cms
+        .watch(&WatchParams::default(), &rv0)
+        .await
+        .unwrap()
+        .take(3)
+        .map(|e| match e.unwrap() {
+            WatchEvent::Added(_) => "ADDED".to_owned(),
+            WatchEvent::Modified(_) => "MODIFIED".to_owned(),
+            WatchEvent::Deleted(_) => "DELETED".to_owned(),
+            other => format!("{other:?}"),
+        })
+        .collect()
+        .await;
+    assert_eq!(events, ["MODIFIED", "MODIFIED", "DELETED"]);
+    assert!(api.unhandled().is_empty(), "{:?}", api.unhandled());
 }
