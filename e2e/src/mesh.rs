@@ -227,12 +227,18 @@ impl Mesh {
             )?;
             for n in &c.nodes {
                 progress(&format!("dataplane on {}", n.host.role));
-                let seg = if n.is_gateway {
-                    Segment::Wan
-                } else {
-                    Segment::Lan(c.index)
-                };
-                let ep = n.host.addr_on(seg).unwrap_or(Ipv4Addr::UNSPECIFIED);
+                // Every node reports its LAN address, which its own
+                // cluster uses; a gateway also reports its WAN address, the
+                // one the Nodes manifest gives other clusters.
+                let mut segs = vec![Segment::Lan(c.index)];
+                if n.is_gateway {
+                    segs.push(Segment::Wan);
+                }
+                let endpoints: Vec<String> = segs
+                    .into_iter()
+                    .filter_map(|seg| n.host.addr_on(seg))
+                    .map(|a| format!("{a}:{WG_PORT}"))
+                    .collect();
                 let dir = lab.log_dir().join(format!("{}/dp", n.host.role));
                 let socket = dir.join("dp.sock");
                 let proc = lab.procs().spawn(
@@ -254,7 +260,7 @@ impl Mesh {
                     .arg("--agent-token-file")
                     .arg(sync_dir.join("token"))
                     .args(["--node-name", &n.host.role])
-                    .args(["--endpoint", &format!("{ep}:{WG_PORT}")])
+                    .args(["--endpoint", &endpoints.join(",")])
                     .env("NO_COLOR", "1")
                     .daemon(),
                 )?;
