@@ -92,12 +92,8 @@ async fn a_standby_gateway_takes_over_from_a_dead_one_and_keeps_the_role() {
     std::fs::create_dir_all(&manifests).unwrap();
     std::fs::write(manifests.join("nodes.yaml"), TWO_GATEWAYS).unwrap();
     std::fs::write(manifests.join("networks.yaml"), NETS).unwrap();
-    let _agent = spawn_agent_env(
-        &manifests,
-        &state,
-        Some(&join),
-        &[("L2MESH_GATEWAY_TIMEOUT_SECS", "3")],
-    );
+    let env = [("L2MESH_GATEWAY_TIMEOUT_SECS", "3")];
+    let agent = spawn_agent_env(&manifests, &state, Some(&join), &env);
     let last_reported = || {
         seen.lock()
             .unwrap()
@@ -138,6 +134,23 @@ async fn a_standby_gateway_takes_over_from_a_dead_one_and_keeps_the_role() {
     let d = latest(&mut b.watch, d).await;
     assert!(remote_peers(&d) > 0, "gw-b keeps the role");
     assert_eq!(last_reported().as_deref(), Some("gw-b"));
+
+    // The agent restarts and gw-a happens to reconnect first: the role
+    // stays with gw-b, which the agent stored.
+    drop((agent, a, b));
+    let _agent = spawn_agent_env(&manifests, &state, None, &env);
+    let mut a = FakeNode::start(&state, "gw-a", 1).await;
+    let da = next_matching(&mut a.watch, "gw-a's state after the restart", |d| {
+        has_net(d, "shared")
+    })
+    .await;
+    let mut b = FakeNode::start(&state, "gw-b", 2).await;
+    next_matching(&mut b.watch, "gw-b active after the restart", |d| {
+        remote_peers(d) > 0
+    })
+    .await;
+    let da = latest(&mut a.watch, da).await;
+    assert_eq!(remote_peers(&da), 0, "gw-a did not get the role");
 
     // gw-b's dataplane dies (watch closed): gw-a takes over at once, well
     // before the silence timeout.

@@ -52,6 +52,14 @@ impl Election {
         }
     }
 
+    /// Carry on from before a restart: `active` held the role and keeps it
+    /// while alive (a restarted agent must not move the remote tunnels).
+    #[must_use]
+    pub fn resume(mut self, active: Option<String>) -> Self {
+        self.active = active;
+        self
+    }
+
     /// The gateway holding the role after the last election.
     #[must_use]
     pub fn active(&self) -> Option<&str> {
@@ -209,6 +217,32 @@ mod tests {
             e.elect(&[("gw-c", down(t)), ("gw-b", down(t))], later)
                 .as_deref(),
             Some("gw-b")
+        );
+    }
+
+    #[test]
+    fn a_restarted_agent_keeps_the_gateway_it_had() {
+        let t0 = Instant::now();
+        let mut e = Election::new(t0, T).resume(Some("gw-b".into()));
+        let unknown = Liveness::default();
+        let now = secs(t0, 1);
+        assert_eq!(
+            e.elect(&[("gw-a", unknown), ("gw-b", unknown)], now)
+                .as_deref(),
+            Some("gw-b")
+        );
+        assert_eq!(
+            e.elect(&[("gw-a", up(now)), ("gw-b", unknown)], now)
+                .as_deref(),
+            Some("gw-b"),
+            "gw-a reconnecting first does not take the role"
+        );
+        let now = secs(t0, 12);
+        assert_eq!(
+            e.elect(&[("gw-a", up(now)), ("gw-b", unknown)], now)
+                .as_deref(),
+            Some("gw-a"),
+            "unless gw-b never comes back"
         );
     }
 

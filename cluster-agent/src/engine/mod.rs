@@ -45,6 +45,8 @@ struct State {
     /// Node dataplanes' liveness, for the gateway election.
     live: BTreeMap<String, Liveness>,
     election: Election,
+    /// The active gateway as the store holds it.
+    saved_gateway: Option<String>,
 }
 
 /// How often the gateway election is re-checked without other changes
@@ -134,12 +136,15 @@ impl Shared {
                 )
             })
             .collect();
+        let gateway = allocs_store.load_gateway();
         Ok(Self {
             state: Mutex::new(State {
                 saved: allocs.clone(),
                 allocs,
                 hellos,
                 revision,
+                election: Election::default().resume(gateway.clone()),
+                saved_gateway: gateway,
                 ..State::default()
             }),
             dirty: Notify::new(),
@@ -162,7 +167,10 @@ impl Shared {
     /// Gateways count as dead after `timeout` without a report.
     #[must_use]
     pub fn with_gateway_timeout(self, timeout: std::time::Duration) -> Self {
-        self.lock().election = Election::new(Instant::now(), timeout);
+        let mut s = self.lock();
+        let active = s.election.active().map(str::to_owned);
+        s.election = Election::new(Instant::now(), timeout).resume(active);
+        drop(s);
         self
     }
 
@@ -385,6 +393,12 @@ impl Shared {
             &mut s.allocs,
         );
         let mut problems = plan.problems.clone();
+        if gateway != s.saved_gateway {
+            match self.allocs_store.save_gateway(gateway.as_deref()) {
+                Ok(()) => s.saved_gateway.clone_from(&gateway),
+                Err(e) => problems.push(format!("cannot store the active gateway: {e}")),
+            }
+        }
         // Nodes that left the list: their watch ends (the sender is
         // dropped) and a reconnect is refused; forget what they said.
         s.desired.retain(|node, _| plan.nodes.contains_key(node));

@@ -9,6 +9,14 @@ use std::path::PathBuf;
 pub trait AllocStore: Send + Sync + std::fmt::Debug {
     fn load(&self) -> Result<Allocations, String>;
     fn save(&self, allocs: &Allocations) -> Result<(), String>;
+    /// The gateway that carried the remote tunnels, so that a restarted
+    /// agent keeps it instead of re-electing (which would move the role).
+    fn load_gateway(&self) -> Option<String> {
+        None
+    }
+    fn save_gateway(&self, _gateway: Option<&str>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Allocations in a JSON file (standalone mode).
@@ -27,7 +35,22 @@ impl AllocStore for FileAllocStore {
     fn save(&self, allocs: &Allocations) -> Result<(), String> {
         save_json(&self.0, allocs)
     }
+    fn load_gateway(&self) -> Option<String> {
+        std::fs::read_to_string(self.0.with_file_name(GATEWAY_FILE))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    }
+    fn save_gateway(&self, gateway: Option<&str>) -> Result<(), String> {
+        let path = self.0.with_file_name(GATEWAY_FILE);
+        let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
+        crate::tls::write_private(dir, GATEWAY_FILE, gateway.unwrap_or_default(), 0o644)
+            .map_err(|e| e.to_string())
+    }
 }
+
+/// Next to the allocations: the active gateway's node name.
+const GATEWAY_FILE: &str = "active-gateway";
 
 /// Where the results of a reconcile go.
 pub trait StatusSink: Send + Sync + std::fmt::Debug {

@@ -276,3 +276,65 @@ fn a_gateway_whose_stream_closes_hands_over_to_the_standby_without_hand_back() {
     s.reconcile();
     assert_eq!(reported_gateways(&s), vec!["gw-b"]);
 }
+
+#[derive(Debug, Default, Clone)]
+struct KeepsGateway(Arc<Mutex<Option<String>>>, SharedMem);
+
+impl AllocStore for KeepsGateway {
+    fn load(&self) -> Result<Allocations, String> {
+        self.1.load()
+    }
+    fn save(&self, a: &Allocations) -> Result<(), String> {
+        self.1.save(a)
+    }
+    fn load_gateway(&self) -> Option<String> {
+        self.0.lock().unwrap().clone()
+    }
+    fn save_gateway(&self, g: Option<&str>) -> Result<(), String> {
+        *self.0.lock().unwrap() = g.map(str::to_owned);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_restarted_engine_keeps_the_stored_gateway() {
+    let store = KeepsGateway::default();
+    let make = || {
+        Arc::new(
+            Shared::new(
+                "100.64.0.0/24".parse().unwrap(),
+                Box::new(store.clone()),
+                Box::new(Sink),
+                false,
+            )
+            .unwrap(),
+        )
+    };
+    let hello = |k: u8| Hello {
+        public_key: vec![k; 32],
+        ..Hello::default()
+    };
+    let s = make();
+    s.set_intent(vec![gateway("gw-a"), gateway("gw-b")], vec![blue()]);
+    let _b = s.node_connected("gw-b");
+    s.set_hello("gw-b", hello(2));
+    s.reconcile();
+    assert_eq!(reported_gateways(&s), vec!["gw-b"]);
+    let a = s.node_connected("gw-a");
+    s.set_hello("gw-a", hello(1));
+    s.reconcile();
+    assert_eq!(reported_gateways(&s), vec!["gw-b"], "sticky");
+    assert_eq!(store.load_gateway().as_deref(), Some("gw-b"));
+    drop((a, _b, s));
+
+    let s = make();
+    s.set_intent(vec![gateway("gw-a"), gateway("gw-b")], vec![blue()]);
+    let _a = s.node_connected("gw-a");
+    s.set_hello("gw-a", hello(1));
+    s.reconcile();
+    assert_eq!(
+        reported_gateways(&s),
+        vec!["gw-b"],
+        "gw-b is still expected back after the restart"
+    );
+}

@@ -164,12 +164,18 @@ pub async fn load_or_create_pki(api: &Api<Secret>) -> Result<NodeSyncPki, Secret
     Ok(pki)
 }
 
-/// Allocations in the identity Secret; saves go through a background task.
+/// Allocations (and the active gateway) in the identity Secret; saves go
+/// through a background task.
 #[derive(Debug)]
 pub struct SecretAllocStore {
     initial: Allocations,
-    tx: tokio::sync::mpsc::UnboundedSender<Allocations>,
+    gateway: Option<String>,
+    /// `(key, value)` to set in the identity Secret.
+    tx: tokio::sync::mpsc::UnboundedSender<(String, String)>,
 }
+
+const ALLOCATIONS_KEY: &str = "allocations.json";
+const GATEWAY_KEY: &str = "active-gateway";
 
 impl SecretAllocStore {
     /// Load now; returns the store and the task that writes saves (spawn it).
@@ -177,34 +183,45 @@ impl SecretAllocStore {
         api: Api<Secret>,
     ) -> Result<(Self, impl std::future::Future<Output = ()> + Send), SecretError> {
         let data = read(&api, IDENTITY_SECRET).await?.unwrap_or_default();
-        let initial = match data.get("allocations.json") {
+        let initial = match data.get(ALLOCATIONS_KEY) {
             Some(text) => serde_json::from_str(text).map_err(|e| SecretError::Corrupt {
                 secret: IDENTITY_SECRET,
-                key: "allocations.json",
+                key: ALLOCATIONS_KEY,
                 detail: e.to_string(),
             })?,
             None => Allocations::default(),
         };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Allocations>();
+        let gateway = data
+            .get(GATEWAY_KEY)
+            .map(|g| g.trim().to_owned())
+            .filter(|g| !g.is_empty());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
         let task = async move {
-            while let Some(mut allocs) = rx.recv().await {
-                // Only the newest matters.
-                while let Ok(newer) = rx.try_recv() {
-                    allocs = newer;
+            while let Some((key, value)) = rx.recv().await {
+                // Only the newest value of each key matters.
+                let mut values: BTreeMap<String, String> = [(key, value)].into();
+                while let Ok((k, v)) = rx.try_recv() {
+                    values.insert(k, v);
                 }
-                let text = serde_json::to_string(&allocs).unwrap_or_default();
-                if let Err(e) = write(
-                    &api,
-                    IDENTITY_SECRET,
-                    &[("allocations.json".to_owned(), text)].into(),
-                )
-                .await
-                {
+                if let Err(e) = write(&api, IDENTITY_SECRET, &values).await {
                     tracing::error!(error = %e, "allocations not saved");
                 }
             }
         };
-        Ok((Self { initial, tx }, task))
+        Ok((
+            Self {
+                initial,
+                gateway,
+                tx,
+            },
+            task,
+        ))
+    }
+
+    fn send(&self, key: &str, value: String) -> Result<(), String> {
+        self.tx
+            .send((key.to_owned(), value))
+            .map_err(|_| "the allocation writer stopped".to_owned())
     }
 }
 
@@ -213,8 +230,13 @@ impl AllocStore for SecretAllocStore {
         Ok(self.initial.clone())
     }
     fn save(&self, allocs: &Allocations) -> Result<(), String> {
-        self.tx
-            .send(allocs.clone())
-            .map_err(|_| "the allocation writer stopped".to_owned())
+        let text = serde_json::to_string(allocs).map_err(|e| e.to_string())?;
+        self.send(ALLOCATIONS_KEY, text)
+    }
+    fn load_gateway(&self) -> Option<String> {
+        self.gateway.clone()
+    }
+    fn save_gateway(&self, gateway: Option<&str>) -> Result<(), String> {
+        self.send(GATEWAY_KEY, gateway.unwrap_or_default().to_owned())
     }
 }
