@@ -12,7 +12,9 @@
 //! broker round trip and fresh handshakes, so a short outage), and a
 //! gateway that just came back is the one most likely to go away again:
 //! handing back would double the outages and let a flapping node flap the
-//! whole cluster's remote traffic. Stickiness is the hysteresis.
+//! whole cluster's remote traffic. Stickiness is the hysteresis, and it
+//! survives restarts: the engine stores the active gateway with the
+//! allocations and resumes the election from it.
 
 use std::time::{Duration, Instant};
 
