@@ -160,7 +160,10 @@ impl tonic::service::Interceptor for Auth {
 
 /// Watch desired state as node `node`, with what the node-sync Secret holds.
 async fn node_watch(api: &FakeApi, addr: SocketAddr, node: &str) -> tonic::Streaming<DesiredState> {
-    let ca = secret_value(api, "l2mesh-node-sync", "ca.crt").expect("node-sync ca.crt");
+    let ca = wait_for("node-sync ca.crt", 20, || {
+        secret_value(api, "l2mesh-node-sync", "ca.crt")
+    })
+    .await;
     let token = secret_value(api, "l2mesh-node-sync", "token").expect("node-sync token");
     let channel = Channel::from_shared(format!("https://{addr}"))
         .unwrap()
@@ -538,4 +541,56 @@ async fn the_fake_api_server_keeps_the_semantics_the_agent_relies_on() {
         .await;
     assert_eq!(events, ["MODIFIED", "MODIFIED", "DELETED"]);
     assert!(api.unhandled().is_empty(), "{:?}", api.unhandled());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_mode_fails_over_to_a_standby_gateway_and_stores_it() {
+    init();
+    let broker = TestBroker::start().await;
+    let api = FakeApi::new();
+    seed_nodes(&api).await;
+    let gw2: Node = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "gw2", "labels": {"l2mesh.io/gateway": "true"}}}))
+    .unwrap();
+    Api::<Node>::all(api.client())
+        .create(&PostParams::default(), &gw2)
+        .await
+        .unwrap();
+    let mut agent = Agent::start(&api, "agent-0", Some(broker.token("edge").await));
+    let addr = agent.listening(Duration::from_secs(20)).await.unwrap();
+    let active = || secret_value(&api, "l2mesh-agent-identity", "active-gateway");
+    let broker_gateways = || async {
+        let list = broker
+            .admin()
+            .await
+            .list_clusters(l2mesh_proto::broker::ListClustersRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        list.clusters
+            .iter()
+            .find(|c| c.name == "edge")
+            .map(|c| {
+                c.gateways
+                    .iter()
+                    .map(|g| g.node.clone())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+
+    let gw = node_watch(&api, addr, "gw").await;
+    wait_for("gw active", 20, || active().filter(|g| g == "gw")).await;
+    let _gw2 = node_watch(&api, addr, "gw2").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(active().as_deref(), Some("gw"), "the role is sticky");
+
+    drop(gw);
+    wait_for("gw2 takes over", 20, || active().filter(|g| g == "gw2")).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while broker_gateways().await != ["gw2"] {
+        assert!(Instant::now() < deadline, "the broker never heard of gw2");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent.stop().await;
 }
