@@ -92,6 +92,14 @@ pub struct L2NetworkStatus {
     /// Generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The address range in effect: `spec.ipRange`, or for multiCluster the
+    /// range the broker holds for the network. Pods get their prefix length
+    /// from it (the NetworkAttachmentDefinition's `ipam.subnet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_range: Option<String>,
+    /// The MTU in effect on the pod interfaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 /// A status condition in the usual Kubernetes shape.

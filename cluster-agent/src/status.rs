@@ -38,6 +38,8 @@ pub fn network_status(
     let mut status = L2NetworkStatus {
         vni: o.vni,
         member_clusters: o.members.clone(),
+        ip_range: o.range.map(|r| r.to_string()),
+        mtu: Some(o.mtu),
         ..L2NetworkStatus::default()
     };
     let admitted = match (o.scope, &o.admission) {

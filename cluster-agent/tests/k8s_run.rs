@@ -261,6 +261,15 @@ async fn run_end_to_end_against_the_fake_api_and_a_real_broker() {
     .await;
     assert_eq!(shared["status"]["vni"], json!(shared_net.vni));
     assert_eq!(broker.members("shared").await, vec!["edge".to_owned()]);
+    // Its spec names no range: the NAD takes the broker's, so pods get
+    // addresses from l2mesh IPAM with the whole network's prefix.
+    assert_eq!(shared["status"]["ipRange"], "10.20.0.0/16");
+    wait_for("the shared NAD with the broker's range", 20, || {
+        let nad = api.get(NADS, "default", "shared")?;
+        let conf: Value = serde_json::from_str(nad["spec"]["config"].as_str()?).ok()?;
+        (conf["ipam"]["subnet"] == "10.20.0.0/16").then_some(())
+    })
+    .await;
 
     let events = wait_for("Configured and Admitted events", 10, || {
         let evs = api.all(EVENTS);

@@ -107,6 +107,20 @@ pub async fn reconcile(net: Arc<L2Network>, ctx: Arc<Context>) -> Result<Action,
     })
 }
 
+/// The range and MTU the NAD carries: those in effect once the agent has
+/// resolved them (for multiCluster the broker's range, which the spec may
+/// leave out), else the spec's. A status patch triggers a reconcile, so the
+/// NAD follows the status.
+fn nad_inputs(net: &L2Network) -> (Option<ipnet::IpNet>, u32) {
+    let status = net.status.as_ref();
+    let range = status
+        .and_then(|s| s.ip_range.as_deref())
+        .and_then(|r| r.parse().ok())
+        .or_else(|| net.ip_range().ok().flatten());
+    let mtu = status.and_then(|s| s.mtu).unwrap_or_else(|| net.mtu());
+    (range, mtu)
+}
+
 async fn apply(net: &L2Network, ctx: &Context) -> Result<Action, ControllerError> {
     let key = net.key();
     if let Err(e) = net.validate() {
@@ -114,7 +128,8 @@ async fn apply(net: &L2Network, ctx: &Context) -> Result<Action, ControllerError
             .await;
     } else {
         let nads: Api<NetworkAttachmentDefinition> = api(&ctx.client, net);
-        let nad = nad_for(net, net.ip_range().ok().flatten(), net.mtu());
+        let (range, mtu) = nad_inputs(net);
+        let nad = nad_for(net, range, mtu);
         let name = net.metadata.name.clone().unwrap_or_default();
         nads.patch(
             &name,
@@ -249,4 +264,44 @@ pub async fn patch_status(
     )
     .await
     .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(yaml_spec: &str) -> L2Network {
+        serde_yaml::from_str(&format!(
+            "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {{name: blue, namespace: team}}\nspec: {yaml_spec}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_multi_cluster_nad_gets_the_brokers_range_and_mtu_once_resolved() {
+        let mut n = net("{scope: multiCluster}");
+        assert_eq!(nad_inputs(&n), (None, 1390), "nothing resolved yet");
+        n.status = Some(L2NetworkStatus {
+            ip_range: Some("10.200.0.0/16".into()),
+            mtu: Some(1400),
+            ..L2NetworkStatus::default()
+        });
+        let (range, mtu) = nad_inputs(&n);
+        assert_eq!(
+            range.map(|r| r.to_string()).as_deref(),
+            Some("10.200.0.0/16")
+        );
+        assert_eq!(mtu, 1400);
+        let conf = super::super::nad::cni_config(&n, range, mtu);
+        assert_eq!(conf["ipam"]["subnet"], "10.200.0.0/16");
+        assert_eq!(conf["mtu"], 1400);
+    }
+
+    #[test]
+    fn a_local_nad_uses_the_spec_until_a_status_exists() {
+        let n = net("{ipRange: 10.1.0.0/16, mtu: 1300}");
+        let (range, mtu) = nad_inputs(&n);
+        assert_eq!(range.map(|r| r.to_string()).as_deref(), Some("10.1.0.0/16"));
+        assert_eq!(mtu, 1300);
+    }
 }
