@@ -279,8 +279,9 @@ pub fn plan(
     // One gateway per cluster carries the remote tunnels: with two, a frame
     // from a remote gateway would come back to it through the second one
     // (local peer -> remote peers) and every frame would cross twice. The
-    // first gateway by name that has said hello is the active one; the others
-    // stand by and take over when it leaves the node list.
+    // engine's failover logic elects the active gateway and hands only that
+    // one to the plan as a gateway; standbys arrive here as plain nodes. If
+    // several do arrive, the first by name that has said hello wins.
     let active_gateway = nodes
         .iter()
         .filter(|n| n.gateway && hellos.contains_key(&n.name) && tunnel_ips.contains_key(&n.name))
