@@ -9,6 +9,8 @@
 #        PATHS="l2mesh wggo" sudo -E e2e/bench-dataplane.sh   (a subset of l2mesh wggo vxlan)
 #        PROFILE=/tmp/prof sudo -E e2e/bench-dataplane.sh  (perf profile of the tunnel
 #          processes during the 64-byte test: /tmp/prof-<path>-64B.data)
+#        COUNT=1 sudo -E e2e/bench-dataplane.sh  (system calls and context switches per
+#          64-byte packet, from perf stat)
 # Needs: root, ip, iperf3, ping, wireguard-go, wg.
 set -euo pipefail
 
@@ -109,9 +111,23 @@ measure() {
       -- sleep "$DURATION" >/dev/null 2>&1 &
     prof=$!
   fi
+  local counts=""
+  if [[ -n "${COUNT:-}" && -n "${DAEMONS// /}" ]]; then # syscalls and context switches of the tunnel processes
+    counts="$WORK/counts-$name"
+    perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$(echo $DAEMONS | tr ' ' ,)" -o "$counts" \
+      -- sleep "$DURATION" >/dev/null 2>&1 &
+    prof="${prof:-} $!"
+  fi
   udp_out=$(ip netns exec "$PA" iperf3 -c 10.9.0.2 -u -b 0 -l 64 -t "$DURATION" -J || true)
   u1=$(cpu_daemons)
-  [[ -n $prof ]] && wait "$prof"
+  [[ -n $prof ]] && wait $prof
+  if [[ -n $counts ]]; then
+    echo "$udp_out" | python3 -c "
+import json,sys
+s=json.load(sys.stdin)['end']['sum']; got=max(s['packets']-s['lost_packets'],1)
+c={l.split(',')[2]: float(l.split(',')[0]) for l in open('$counts') if l.count(',')>3 and l[0].isdigit()}
+print('$name 64B: %.2f syscalls/pkt, %.3f context switches/pkt (tunnel processes, per packet received)' % (c.get('raw_syscalls:sys_enter',0)/got, c.get('context-switches',0)/got))" >>"$WORK/counts" || true
+  fi
   # kpps received, and the tunnel processes' CPU microseconds per packet
   # received (robust when other work shares the machine).
   pps=$(echo "$udp_out" | python3 -c "
@@ -218,6 +234,7 @@ for p in ${PATHS:-l2mesh wggo vxlan}; do
   esac
 done
 
+[[ -f "$WORK/counts" ]] && cat "$WORK/counts"
 python3 - "$WORK/results" <<'EOF'
 import sys
 rows = [l.split() for l in open(sys.argv[1])]

@@ -438,4 +438,6 @@ impl Engine {
 }
 
 #[cfg(test)]
+mod concurrency_tests;
+#[cfg(test)]
 mod tests;

@@ -3,7 +3,7 @@ use crate::config::{NetConfig, PeerConfig};
 use crate::switch::Group;
 use std::collections::BTreeSet;
 
-const VNI: u32 = 100;
+pub(super) const VNI: u32 = 100;
 
 fn secret(n: u8) -> StaticSecret {
     StaticSecret::from([n; 32])
@@ -57,7 +57,7 @@ fn config(me: u8, peers: Vec<PeerConfig>) -> Config {
     c
 }
 
-fn frame(dst: [u8; 6], src: u8, marker: u8) -> Vec<u8> {
+pub(super) fn frame(dst: [u8; 6], src: u8, marker: u8) -> Vec<u8> {
     let mut f = dst.to_vec();
     f.extend_from_slice(&[2, 0, 0, 0, 0, src, 0x08, 0x00]);
     f.resize(100, marker);
@@ -65,7 +65,7 @@ fn frame(dst: [u8; 6], src: u8, marker: u8) -> Vec<u8> {
 }
 
 /// A little network of engines that delivers each other's datagrams.
-struct Net {
+pub(super) struct Net {
     nodes: Vec<(u8, Engine)>,
     taps: Vec<(u8, u32, Vec<u8>)>,
 }
@@ -92,7 +92,7 @@ impl Net {
         }
     }
 
-    fn send_tap(&mut self, node: u8, vni: u32, f: &[u8]) {
+    pub(super) fn send_tap(&mut self, node: u8, vni: u32, f: &[u8]) {
         let mut out = Vec::new();
         let e = &mut self.nodes.iter_mut().find(|(n, _)| *n == node).unwrap().1;
         e.handle_tap(vni, f, Instant::now(), &mut Buffers::default(), &mut out);
@@ -106,7 +106,7 @@ impl Net {
         self.run(out.into_iter().map(|o| (node, o)).collect());
     }
 
-    fn engine(&self, node: u8) -> &Engine {
+    pub(super) fn engine(&self, node: u8) -> &Engine {
         &self.nodes.iter().find(|(n, _)| *n == node).unwrap().1
     }
 
@@ -115,7 +115,7 @@ impl Net {
     }
 }
 
-fn pair() -> Net {
+pub(super) fn pair() -> Net {
     let a = Engine::new(secret(1));
     a.apply(config(1, vec![peer(2, Group::Local, &[VNI])]));
     let b = Engine::new(secret(2));
@@ -507,106 +507,4 @@ fn a_rotated_peer_is_reached_where_it_was_last_heard_from() {
     net.send_tap(2, VNI, &frame([0xff; 6], 2, 6));
     net.send_tap(1, VNI, &frame([0xff; 6], 1, 5));
     assert_eq!(net.taps.len(), 2, "traffic flows on the new key");
-}
-
-#[test]
-fn the_engine_can_be_shared_by_workers() {
-    fn shared<T: Send + Sync>() {}
-    shared::<Engine>();
-}
-
-#[test]
-fn two_workers_learning_at_once_lose_no_mac() {
-    let net = pair();
-    let a = net.engine(1);
-    let rounds = 200u8;
-    std::thread::scope(|s| {
-        for worker in 0..2u8 {
-            s.spawn(move || {
-                let mut bufs = Buffers::default();
-                let mut out = Vec::new();
-                for i in 0..rounds {
-                    // Distinct sources per worker; every frame floods.
-                    let mut f = frame([0xff; 6], 0, i);
-                    f[10] = worker;
-                    f[11] = i;
-                    a.handle_tap(VNI, &f, Instant::now(), &mut bufs, &mut out);
-                    out.clear();
-                }
-            });
-        }
-    });
-    let macs = a.macs(VNI, Instant::now());
-    assert_eq!(macs.len(), 2 * usize::from(rounds));
-    assert!(macs.iter().all(|(_, port, _)| port == "tap"));
-}
-
-#[test]
-fn a_mac_moving_between_ports_under_concurrent_traffic_ends_where_last_seen() {
-    let mut net = pair();
-    // Both nodes learn each other first (handshake done).
-    net.send_tap(1, VNI, &frame([0xff; 6], 1, 1));
-    net.send_tap(2, VNI, &frame([0xff; 6], 2, 1));
-    let b = net.engine(2);
-    std::thread::scope(|s| {
-        for _ in 0..2 {
-            s.spawn(|| {
-                let mut bufs = Buffers::default();
-                let mut out = Vec::new();
-                for i in 0..100 {
-                    b.handle_tap(
-                        VNI,
-                        &frame([0xff; 6], 7, i),
-                        Instant::now(),
-                        &mut bufs,
-                        &mut out,
-                    );
-                    out.clear();
-                }
-            });
-        }
-    });
-    let seven = b
-        .macs(VNI, Instant::now())
-        .into_iter()
-        .find(|(mac, _, _)| mac == "02:00:00:00:00:07")
-        .map(|(_, port, _)| port);
-    assert_eq!(seven.as_deref(), Some("tap"));
-}
-
-#[test]
-fn control_operations_and_traffic_run_side_by_side() {
-    let mut net = pair();
-    net.send_tap(1, VNI, &frame([0xff; 6], 1, 1));
-    let a = net.engine(1);
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut bufs = Buffers::default();
-            let mut out = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                a.handle_tap(
-                    VNI,
-                    &frame([0xff; 6], 1, 2),
-                    Instant::now(),
-                    &mut bufs,
-                    &mut out,
-                );
-                out.clear();
-            }
-        });
-        let mut bufs = Buffers::default();
-        let mut out = Vec::new();
-        for i in 0..50u8 {
-            let mut cfg = a.config();
-            cfg.revision = u64::from(i) + 2;
-            a.apply(cfg);
-            a.tick(Instant::now(), &mut bufs, &mut out);
-            let _ = a.peers();
-            let _ = a.macs(VNI, Instant::now());
-        }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
-    assert_eq!(a.peers().len(), 1);
-    assert!(a.peers()[0].stats.tx_packets > 1);
 }
