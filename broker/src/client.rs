@@ -10,88 +10,14 @@ use l2mesh_proto::broker as pb;
 use l2mesh_proto::broker::broker_admin_client::BrokerAdminClient;
 use l2mesh_proto::broker::broker_client::BrokerClient;
 use l2mesh_proto::join::{BROKER_SERVER_NAME, JoinString};
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use l2mesh_proto::pinned;
+use rustls::ClientConfig;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint, Uri};
-
-/// Trusts a server whose chain carries the CA with this SHA-256 and whose
-/// certificate that CA signed for [`BROKER_SERVER_NAME`].
-#[derive(Debug)]
-pub struct PinnedCa {
-    pin: [u8; 32],
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| sha256(c) == self.pin)
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "the broker's CA does not match the pin in the join string: wrong broker address, or someone in between"
-                        .into(),
-                )
-            })?;
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        let verifier = WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            Arc::clone(&self.provider),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-        verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
 
 /// A rustls client config pinned to `ca_sha256`, with an optional client
 /// certificate.
@@ -99,23 +25,8 @@ pub fn tls_config(
     ca_sha256: [u8; 32],
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<Arc<ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Transport(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCa {
-            pin: ca_sha256,
-            provider,
-        }));
-    let mut config = match identity {
-        Some((certs, key)) => builder
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| Error::Transport(format!("client certificate: {e}")))?,
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    pinned::client_config(ca_sha256, identity)
+        .map_err(|e| Error::Transport(format!("TLS client configuration: {e}")))
 }
 
 /// Connect to the first reachable of `addrs` (`host:port`).
@@ -140,9 +51,18 @@ async fn connect_one(addr: &str, config: Arc<ClientConfig>) -> Result<Channel> {
             tcp.set_nodelay(true)?;
             let name = ServerName::try_from(BROKER_SERVER_NAME)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
+            // tonic keeps only the text of a connector error: give a pin
+            // mismatch a text that says what is wrong.
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
-                .await?;
+                .await
+                .map_err(|e| {
+                    if pinned::is_pin_mismatch(&e) {
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, pinned::PinMismatch)
+                    } else {
+                        e
+                    }
+                })?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     });

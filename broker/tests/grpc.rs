@@ -162,7 +162,10 @@ async fn a_wrong_ca_pin_is_refused_before_sending_the_secret() {
     let mut j = b.token("edge-1", 600, 1).await;
     j.ca = JoinString::format_pin(&[7; 32]);
     let err = client::join(&j).await.unwrap_err().to_string();
-    assert!(err.contains("pin"), "{err}");
+    assert!(
+        err.contains("does not match the pin in the join string"),
+        "{err}"
+    );
     let tokens = b
         .admin()
         .await

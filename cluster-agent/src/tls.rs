@@ -10,16 +10,13 @@
 
 use hyper_util::rt::TokioIo;
 use l2mesh_proto::join::BROKER_SERVER_NAME;
+use l2mesh_proto::pinned;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
+use rustls::ClientConfig;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use sha2::{Digest, Sha256};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -55,15 +52,7 @@ pub enum TlsError {
     },
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// SHA-256 of a DER certificate.
-#[must_use]
-pub fn sha256(der: &[u8]) -> [u8; 32] {
-    Sha256::digest(der).into()
-}
+pub use l2mesh_proto::pinned::sha256;
 
 /// Parse every certificate in a PEM text.
 pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -75,109 +64,20 @@ pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsErro
     Ok(certs)
 }
 
-/// The server's chain lacks the pinned CA (carried inside the rustls error so
-/// that [`broker_channel`] can tell it from network trouble).
-#[derive(Debug, thiserror::Error)]
-#[error("the broker's CA does not match the pin in the join string")]
-pub struct PinMismatch;
-
-fn is_pin_mismatch(e: &std::io::Error) -> bool {
-    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o))) => {
-            o.0.downcast_ref::<PinMismatch>().is_some()
-        }
-        _ => false,
-    }
-}
-
-/// Trusts a server whose chain contains the pinned CA and is valid under it.
-#[derive(Debug)]
-struct PinnedCa {
-    pin: [u8; 32],
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| sha256(c.as_ref()) == self.pin)
-            .ok_or_else(|| {
-                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
-                    rustls::OtherError(Arc::new(PinMismatch)),
-                ))
-            })?;
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        let inner =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// Client TLS for the broker: pinned CA, and the cluster identity if joined.
 pub fn broker_client_config(
     pin: [u8; 32],
     identity: Option<(&str, &str)>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let provider = provider();
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCa { pin, provider }));
-    let mut config = match identity {
+    let identity = match identity {
         Some((cert_pem, key_pem)) => {
             let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
                 .map_err(|e| TlsError::Pem(e.to_string()))?;
-            builder.with_client_auth_cert(certs_from_pem(cert_pem)?, key)?
+            Some((certs_from_pem(cert_pem)?, key))
         }
-        None => builder.with_no_client_auth(),
+        None => None,
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok(pinned::client_config(pin, identity)?)
 }
 
 /// A gRPC channel to the broker over our own TLS (tonic's built-in TLS cannot pin).
@@ -202,7 +102,7 @@ pub async fn broker_channel(addr: &str, tls: Arc<ClientConfig>) -> Result<Channe
                 let name = ServerName::try_from(BROKER_SERVER_NAME)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
                 let tls = connector.connect(name, tcp).await.inspect_err(|e| {
-                    if is_pin_mismatch(e) {
+                    if pinned::is_pin_mismatch(e) {
                         seen.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                 })?;

@@ -12,6 +12,7 @@
 use std::fmt;
 
 pub mod join;
+pub mod pinned;
 
 /// `l2mesh.broker.v1`: onboarding, reports, the cluster view and admin calls.
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
