@@ -83,7 +83,7 @@ enum Command {
         ifname: String,
         /// The pod the interface belongs to, as NAMESPACE/NAME; shown in
         /// `status` and reported to the agent.
-        #[arg(long, value_name = "NAMESPACE/NAME")]
+        #[arg(long, env = "L2MESH_POD", value_name = "NAMESPACE/NAME")]
         pod: Option<String>,
     },
     /// Take a host interface out of a network's bridge.
