@@ -29,6 +29,13 @@ async fn connect(id: &Identity) -> Result<BrokerClient<Channel>, String> {
     Err(errors.join("; "))
 }
 
+/// What to tell the operator when the broker refuses our identity.
+fn refusal(broker_says: &str) -> String {
+    format!(
+        "the broker refuses this cluster ({broker_says}): it may have been removed; to rejoin, delete the stored identity and start with a new join string"
+    )
+}
+
 /// Run until the process stops.
 pub async fn run(id: Identity, shared: Arc<Shared>) {
     let mut backoff = Backoff::default();
@@ -50,13 +57,15 @@ async fn session(id: &Identity, shared: &Shared, backoff: &mut Backoff) -> Resul
         })
         .await
         .map_err(|s| match s.code() {
-            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => format!(
-                "the broker refuses this cluster ({}): it may have been removed; to rejoin, delete the stored identity and start with a new join string",
-                s.message()
-            ),
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                let why = refusal(s.message());
+                shared.set_broker_refusal(Some(why.clone()));
+                why
+            }
             _ => format!("watch: {}", s.message()),
         })?
         .into_inner();
+    shared.set_broker_refusal(None);
     tracing::info!(cluster = %id.cluster, "broker session up");
     backoff.reset();
     shared.metrics.broker_connected.set(1);
@@ -82,6 +91,11 @@ async fn session_loop(
                     shared.set_view(view);
                 }
                 Ok(None) => return Ok(()),
+                Err(s) if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => {
+                    let why = refusal(s.message());
+                    shared.set_broker_refusal(Some(why.clone()));
+                    return Err(why);
+                }
                 Err(s) => return Err(format!("watch: {}", s.message())),
             },
             changed = reports.changed() => {

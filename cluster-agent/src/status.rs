@@ -43,6 +43,12 @@ pub fn network_status(
         ..L2NetworkStatus::default()
     };
     let admitted = match (o.scope, &o.admission) {
+        (Scope::MultiCluster, _) if o.broker_refusal.is_some() => condition(
+            "Admitted",
+            "False",
+            "ClusterRefused",
+            o.broker_refusal.clone().unwrap_or_default(),
+        ),
         (Scope::Local, _) => condition(
             "Admitted",
             "True",
@@ -222,6 +228,7 @@ mod tests {
             range: None,
             node_slice_prefix: None,
             admission: None,
+            broker_refusal: None,
             problem: None,
             members: vec![],
             remote_peers: vec![],
@@ -230,6 +237,28 @@ mod tests {
 
     fn get<'a>(s: &'a L2NetworkStatus, t: &str) -> &'a Condition {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn a_refused_cluster_shows_it_on_multi_cluster_networks_only() {
+        let mut o = outcome(Scope::MultiCluster, Some(7));
+        o.admission = Some((AdmissionState::Admitted, String::new()));
+        o.broker_refusal = Some("the broker refuses this cluster".into());
+        let s = network_status(&o, &BTreeMap::new(), None, "t0");
+        let a = get(&s, "Admitted");
+        assert_eq!(
+            (a.status.as_str(), a.reason.as_str()),
+            ("False", "ClusterRefused")
+        );
+        assert_eq!(
+            get(&s, "Ready").status,
+            "True",
+            "the nodes keep their state"
+        );
+        let mut local = outcome(Scope::Local, Some(3));
+        local.broker_refusal = o.broker_refusal.clone();
+        let s = network_status(&local, &BTreeMap::new(), None, "t0");
+        assert_eq!(get(&s, "Admitted").reason, "LocalScope");
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub struct NetworkOutcome {
     pub node_slice_prefix: Option<u8>,
     /// Multi-cluster: whether the broker admitted this cluster, and why not.
     pub admission: Option<(AdmissionState, String)>,
+    /// Multi-cluster: the broker refuses this cluster's identity (removed,
+    /// or its CA changed). Status only: the nodes keep their last state.
+    pub broker_refusal: Option<String>,
     /// Problem that keeps the network from being ready.
     pub problem: Option<String>,
     pub members: Vec<String>,
@@ -99,6 +102,7 @@ pub fn resolve_networks(
             range: None,
             node_slice_prefix: net.spec.node_slice_prefix,
             admission: None,
+            broker_refusal: None,
             problem: None,
             members: Vec::new(),
             remote_peers: Vec::new(),

@@ -3,8 +3,8 @@
 //! change wakes [`Shared::reconcile`], which recomputes everything with the
 //! pure core and publishes what changed.
 
-use crate::crd::{L2Network, L2NetworkStatus};
-use crate::desired::{self, Hello, NodeEntry};
+use crate::crd::{L2Network, L2NetworkStatus, Scope};
+use crate::desired::{self, Hello, NetworkOutcome, NodeEntry};
 use crate::ipam::Allocations;
 use crate::status;
 use failover::{Election, Liveness};
@@ -47,6 +47,8 @@ struct State {
     election: Election,
     /// The active gateway as the store holds it.
     saved_gateway: Option<String>,
+    /// Why the broker refuses this cluster, while it does.
+    broker_refusal: Option<String>,
 }
 
 /// How often the gateway election is re-checked without other changes
@@ -316,6 +318,17 @@ impl Shared {
         self.lock().view.as_ref().map_or(0, |v| v.revision)
     }
 
+    /// The broker refuses (Some) or accepts again (None) this cluster's
+    /// identity; multi-cluster networks show it in their Admitted condition.
+    pub fn set_broker_refusal(&self, why: Option<String>) {
+        let mut s = self.lock();
+        if s.broker_refusal != why {
+            s.broker_refusal = why;
+            drop(s);
+            self.touch();
+        }
+    }
+
     pub fn set_admissions(&self, admissions: Vec<Admission>) {
         self.lock().admissions = admissions;
         self.touch();
@@ -447,6 +460,16 @@ impl Shared {
             .filter_map(|n| outcomes.iter().find(|o| o.key == n.key()).map(|o| (n, o)))
         {
             let prev = s.statuses.get(&o.key).map(|(_, st)| st);
+            let refused;
+            let o = if o.scope == Scope::MultiCluster && s.broker_refusal.is_some() {
+                refused = NetworkOutcome {
+                    broker_refusal: s.broker_refusal.clone(),
+                    ..o.clone()
+                };
+                &refused
+            } else {
+                o
+            };
             let new = status::network_status(o, &s.node_status, prev, &now);
             if prev != Some(&new) {
                 self.sink.write(net, Some(&new));
