@@ -4,7 +4,7 @@
 //! pure core and publishes what changed.
 
 use crate::crd::{L2Network, L2NetworkStatus, Scope};
-use crate::desired::{self, Hello, NetworkOutcome, NodeEntry};
+use crate::desired::{self, Hello, NodeEntry};
 use crate::ipam::Allocations;
 use crate::status;
 use failover::{Election, Liveness};
@@ -369,16 +369,17 @@ impl Shared {
         };
         let mut outcomes =
             desired::resolve_networks(&s.networks, s.view.as_ref(), &s.admissions, &mut s.allocs);
-        if !self.has_broker {
-            for o in outcomes
-                .iter_mut()
-                .filter(|o| o.scope == crate::crd::Scope::MultiCluster)
-            {
+        for o in outcomes
+            .iter_mut()
+            .filter(|o| o.scope == Scope::MultiCluster)
+        {
+            if !self.has_broker {
                 o.admission = Some((
                     l2mesh_proto::broker::AdmissionState::Unspecified,
                     "this agent runs without a broker (no join string)".into(),
                 ));
             }
+            o.broker_refusal.clone_from(&s.broker_refusal);
         }
         // Only the elected gateway is handed to the plan as one: the plan
         // gives remote tunnels to a single gateway and reports it.
@@ -460,16 +461,6 @@ impl Shared {
             .filter_map(|n| outcomes.iter().find(|o| o.key == n.key()).map(|o| (n, o)))
         {
             let prev = s.statuses.get(&o.key).map(|(_, st)| st);
-            let refused;
-            let o = if o.scope == Scope::MultiCluster && s.broker_refusal.is_some() {
-                refused = NetworkOutcome {
-                    broker_refusal: s.broker_refusal.clone(),
-                    ..o.clone()
-                };
-                &refused
-            } else {
-                o
-            };
             let new = status::network_status(o, &s.node_status, prev, &now);
             if prev != Some(&new) {
                 self.sink.write(net, Some(&new));
