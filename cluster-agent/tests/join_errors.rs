@@ -7,36 +7,16 @@ mod support;
 
 use l2mesh_proto::join::JoinString;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use support::broker::TestBroker;
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::standalone_agent::{Agent, agent_command};
 
 fn spawn_agent(dir: &Path, js: &JoinString) -> Agent {
     let manifests = dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_l2mesh-agent"))
-        .args([
-            "standalone",
-            "--node-sync-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "",
-        ])
-        .arg("--manifests")
-        .arg(&manifests)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
+    let child = agent_command(&manifests, &dir.join("state"))
         .env("L2MESH_JOIN_STRING", js.encode())
-        .env("L2MESH_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

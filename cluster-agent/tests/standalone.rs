@@ -6,7 +6,6 @@
 mod support;
 
 use l2mesh_proto::node::{NodeStatus, PeerGroup};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::standalone_agent::*;
 
@@ -173,20 +172,8 @@ async fn a_rejected_token_is_a_clear_error_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("nodes.yaml"), NODES).unwrap();
     let state = dir.path().join("state");
-    let out = Command::new(env!("CARGO_BIN_EXE_l2mesh-agent"))
-        .args([
-            "standalone",
-            "--node-sync-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "",
-            "--join-string",
-            &join,
-        ])
-        .arg("--manifests")
-        .arg(dir.path())
-        .arg("--state-dir")
-        .arg(&state)
+    let out = agent_command(dir.path(), &state)
+        .args(["--join-string", &join])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -198,20 +185,8 @@ async fn a_rejected_token_is_a_clear_error_and_changes_nothing() {
     assert!(!state.join("identity.json").exists());
     assert_eq!(seen.lock().unwrap().joins, 0);
 
-    let out = Command::new(env!("CARGO_BIN_EXE_l2mesh-agent"))
-        .args([
-            "standalone",
-            "--node-sync-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "",
-            "--join-string",
-            "garbage",
-        ])
-        .arg("--manifests")
-        .arg(dir.path())
-        .arg("--state-dir")
-        .arg(&state)
+    let out = agent_command(dir.path(), &state)
+        .args(["--join-string", "garbage"])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -225,21 +200,7 @@ async fn without_a_broker_local_networks_work_and_multi_cluster_ones_wait() {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&manifests).unwrap();
     std::fs::write(manifests.join("all.yaml"), format!("{NODES}---\n{NETS}")).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_l2mesh-agent"));
-    cmd.args([
-        "standalone",
-        "--node-sync-listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "",
-    ])
-    .args(["--tunnel-subnet", "100.127.0.0/24", "--poll-ms", "100"])
-    .arg("--manifests")
-    .arg(&manifests)
-    .arg("--state-dir")
-    .arg(&state)
-    .stdout(Stdio::null());
-    let _agent = Agent(cmd.spawn().unwrap());
+    let _agent = spawn_brokerless_agent(&manifests, &state);
     let mut w1 = node_client(&state, None).await;
     let mut watch = w1.watch_desired(hello("w1", 2)).await.unwrap().into_inner();
     let d = next_matching(&mut watch, "local network", |d| has_net(d, "blue")).await;
@@ -261,21 +222,7 @@ async fn sigterm_stops_the_agent_even_with_nodes_watching() {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&manifests).unwrap();
     std::fs::write(manifests.join("all.yaml"), format!("{NODES}---\n{NETS}")).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_l2mesh-agent"));
-    cmd.args([
-        "standalone",
-        "--node-sync-listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "",
-    ])
-    .args(["--tunnel-subnet", "100.127.0.0/24", "--poll-ms", "100"])
-    .arg("--manifests")
-    .arg(&manifests)
-    .arg("--state-dir")
-    .arg(&state)
-    .stdout(Stdio::null());
-    let mut agent = Agent(cmd.spawn().unwrap());
+    let mut agent = spawn_brokerless_agent(&manifests, &state);
     let mut w1 = node_client(&state, None).await;
     let mut watch = w1.watch_desired(hello("w1", 2)).await.unwrap().into_inner();
     next_matching(&mut watch, "local network", |d| has_net(d, "blue")).await;

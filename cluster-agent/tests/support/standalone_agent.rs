@@ -184,6 +184,35 @@ impl Drop for Agent {
     }
 }
 
+/// The agent binary in standalone mode on loopback: node sync on port 0,
+/// no metrics server (its default port is fixed), the given manifests and
+/// state dir. Callers add what their test needs.
+pub fn agent_command(manifests: &Path, state: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_l2mesh-agent"));
+    cmd.args([
+        "standalone",
+        "--node-sync-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "",
+    ])
+    .arg("--manifests")
+    .arg(manifests)
+    .arg("--state-dir")
+    .arg(state)
+    .env("L2MESH_LOG", "info");
+    cmd
+}
+
+/// The agent without a broker: local networks only, tunnel IPs from
+/// 100.127.0.0/24.
+pub fn spawn_brokerless_agent(manifests: &Path, state: &Path) -> Agent {
+    let mut cmd = agent_command(manifests, state);
+    cmd.args(["--tunnel-subnet", "100.127.0.0/24", "--poll-ms", "100"])
+        .stdout(Stdio::null());
+    Agent(cmd.spawn().unwrap())
+}
+
 pub fn spawn_agent(manifests: &Path, state: &Path, join: Option<&str>) -> Agent {
     spawn_agent_env(manifests, state, join, &[])
 }
@@ -195,21 +224,10 @@ pub fn spawn_agent_env(
     env: &[(&str, &str)],
 ) -> Agent {
     let _ = std::fs::remove_file(state.join("node-sync/listen-addr"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_l2mesh-agent"));
-    cmd.args([
-        "standalone",
-        "--node-sync-listen",
-        "127.0.0.1:0",
-        "--poll-ms",
-        "100",
-    ])
-    .arg("--manifests")
-    .arg(manifests)
-    .arg("--state-dir")
-    .arg(state)
-    .env("L2MESH_LOG", "info")
-    .stdout(Stdio::null())
-    .stderr(Stdio::inherit());
+    let mut cmd = agent_command(manifests, state);
+    cmd.args(["--poll-ms", "100"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
     if let Some(j) = join {
         cmd.arg("--join-string").arg(j);
     }
