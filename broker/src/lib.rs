@@ -13,6 +13,7 @@ pub mod hub;
 pub mod limiter;
 pub mod metrics;
 pub mod pki;
+pub mod process;
 pub mod server;
 pub mod store;
 

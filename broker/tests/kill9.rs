@@ -2,9 +2,10 @@
 //! `kill -9` and a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use common::{Proc, assert_quiet, start, watch};
+use common::{assert_quiet, start, watch};
 use l2mesh_broker::client;
 use l2mesh_broker::pki::AdminCredential;
+use l2mesh_broker::process::BrokerProcess;
 use l2mesh_proto::broker as pb;
 use l2mesh_proto::join::JoinString;
 use std::path::Path;
@@ -13,7 +14,7 @@ use std::time::Duration;
 mod common;
 
 async fn admin(
-    p: &Proc,
+    p: &BrokerProcess,
     dir: &Path,
 ) -> pb::broker_admin_client::BrokerAdminClient<tonic::transport::Channel> {
     let cred = AdminCredential::load(&dir.join("admin.pem")).unwrap();

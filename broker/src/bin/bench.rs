@@ -10,11 +10,11 @@ use anyhow::{Context as _, Result, anyhow};
 use clap::Parser;
 use l2mesh_broker::client::{self, ClusterCredential};
 use l2mesh_broker::pki::AdminCredential;
+use l2mesh_broker::process::BrokerProcess;
 use l2mesh_proto::broker as pb;
 use l2mesh_proto::join::JoinString;
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -59,21 +59,9 @@ impl Probe {
     }
 }
 
-struct BrokerProc {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for BrokerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_broker(bin: &Path, dir: &Path) -> Result<BrokerProc> {
-    let mut child = Command::new(bin)
-        .arg("--data-dir")
+fn start_broker(bin: &Path, dir: &Path) -> Result<BrokerProcess> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--data-dir")
         .arg(dir)
         .args([
             "serve",
@@ -83,36 +71,9 @@ fn start_broker(bin: &Path, dir: &Path) -> Result<BrokerProc> {
             "127.0.0.1:0",
         ])
         .args(["--join-failures-per-minute", "0"])
-        .env("L2MESH_LOG", "warn,l2mesh_broker=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run {}", bin.display()))?;
-    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("broker serving")
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let mut proc = BrokerProc {
-        child,
-        addr: String::new(),
-    };
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .context("broker did not start")?;
-    proc.addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("listen="))
-        .ok_or_else(|| anyhow!("no listen address in {line}"))?
-        .to_owned();
-    Ok(proc)
+        .env("L2MESH_LOG", "warn,l2mesh_broker=info");
+    BrokerProcess::spawn(cmd, Duration::from_secs(30))
+        .with_context(|| format!("cannot start {}", bin.display()))
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {

@@ -3,14 +3,14 @@
 
 use l2mesh_broker::client::{self, ClusterCredential};
 use l2mesh_broker::pki::AdminCredential;
+use l2mesh_broker::process::BrokerProcess;
 use l2mesh_broker::{Broker, ServeConfig};
 use l2mesh_proto::broker as pb;
 use l2mesh_proto::broker::broker_admin_client::BrokerAdminClient;
 use l2mesh_proto::broker::broker_client::BrokerClient;
 use l2mesh_proto::join::JoinString;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 use tonic::transport::Channel;
 
@@ -191,22 +191,11 @@ pub async fn view_until(
     }
 }
 
-/// Kills the broker process even if the test panics.
-pub struct Proc {
-    pub child: Child,
-    pub addr: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn start(dir: &Path) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_l2mesh-broker"))
-        .arg("--data-dir")
+/// The real broker binary serving on port 0 with its data in `dir`;
+/// killed when dropped, even if the test panics.
+pub fn start(dir: &Path) -> BrokerProcess {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_l2mesh-broker"));
+    cmd.arg("--data-dir")
         .arg(dir)
         .args([
             "serve",
@@ -215,35 +204,6 @@ pub fn start(dir: &Path) -> Proc {
             "--metrics-listen",
             "127.0.0.1:0",
         ])
-        .env("L2MESH_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("broker serving")
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let mut proc = Proc {
-        child,
-        addr: String::new(),
-    };
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("broker did not start");
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("listen="))
-        .expect("listen address in the log")
-        .to_owned();
-    proc.addr = addr;
-    proc
+        .env("L2MESH_LOG", "info");
+    BrokerProcess::spawn(cmd, Duration::from_secs(20)).unwrap()
 }
