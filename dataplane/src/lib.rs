@@ -50,4 +50,13 @@ pub enum Error {
     Key { path: String, reason: String },
     #[error("state file {path}: {reason}")]
     State { path: String, reason: String },
+    /// A step of an apply failed; `outcome` says whether the partial change
+    /// was undone and what to do.
+    #[error("could not apply the desired state: {step} failed: {source}; {outcome}")]
+    Apply {
+        step: String,
+        #[source]
+        source: Box<Error>,
+        outcome: String,
+    },
 }

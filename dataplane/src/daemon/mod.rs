@@ -2,6 +2,7 @@
 //! network, the packet workers ([`io`]), a timer, and the devices kept in
 //! step with the applied state.
 
+mod apply;
 mod io;
 mod status;
 mod workers;
@@ -10,13 +11,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use l2mesh_proto::node::{ApplyResult, DesiredState, PortResult};
+use l2mesh_proto::node::{DesiredState, PortResult};
 use prost::Message;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tun_rs::AsyncDevice;
 
-use crate::config::{Config, NetConfig};
+use crate::config::NetConfig;
 use crate::engine::Engine;
 use crate::netdev::{self, Netlink};
 use crate::port::PodRef;
@@ -251,56 +252,6 @@ impl Daemon {
             self.netlink.set_mtu_up(l.index, n.mtu).await?;
         }
         self.netlink.set_mtu_up(bridge.index, n.mtu).await
-    }
-
-    /// Applies a desired state: validates it, changes only what differs,
-    /// and remembers it for the next start.
-    pub async fn apply(self: &Arc<Self>, desired: DesiredState) -> Result<ApplyResult, Error> {
-        let _guard = self.apply_lock.lock().await;
-        let cfg = Config::from_desired(&desired)?;
-        let current = self.engine.config();
-        let diff = crate::config::Diff::between(&current, &cfg);
-        for n in &diff.networks_removed {
-            self.remove_network(n).await?;
-        }
-        for (old, new) in &diff.networks_changed {
-            if old.vni != new.vni {
-                self.remove_network(old).await?;
-                self.add_network(new).await?;
-            } else if old.mtu != new.mtu {
-                self.set_network_mtu(new).await?;
-            }
-        }
-        for n in &diff.networks_added {
-            self.add_network(n).await?;
-        }
-        if cfg.listen_port != 0 && cfg.listen_port != current.listen_port {
-            let socks = io::bind_udp_group(cfg.listen_port, &self.workers)?;
-            *self
-                .udp
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&socks);
-            self.spawn_udp(&socks);
-        }
-        let mut out = Vec::new();
-        let mut scratch = io::Scratch::default();
-        let diff = self.engine.apply(cfg);
-        self.engine
-            .initiate_pending_handshakes(&mut scratch.bufs, &mut out);
-        self.perform(&mut out, &mut scratch, 0).await;
-        self.save(&desired)?;
-        let changes = diff.describe();
-        if !changes.is_empty() {
-            tracing::info!(
-                revision = desired.revision,
-                ?changes,
-                "applied desired state"
-            );
-        }
-        Ok(ApplyResult {
-            applied_revision: desired.revision,
-            changes,
-        })
     }
 
     fn network(&self, name: &str) -> Result<NetConfig, Error> {
