@@ -66,6 +66,12 @@ pub enum ConfigError {
     BadPeerVni { key: String, vni: u32 },
     #[error("peer {key}: persistent_keepalive {value} is over 65535 seconds")]
     BadKeepalive { key: String, value: u32 },
+    #[error(
+        "peer {name:?} ({key}) has this node's own public key: the desired state lists this node \
+         as its own peer; remove it from the peers (if it is another node, that node shares this \
+         node's key: delete its key file and restart it to get a key of its own)"
+    )]
+    SelfPeer { name: String, key: String },
 }
 
 /// Base64 of a public key, as `wg` prints it.
@@ -242,6 +248,19 @@ impl Config {
             return Err(ConfigError::MissingTunnelIp);
         }
         Ok(cfg)
+    }
+
+    /// Rejects a peer whose key is `own`, this node's public key: a node
+    /// cannot tunnel to itself, and skipping it silently would hide a
+    /// mistake in whatever computed the state (or two nodes sharing a key).
+    pub fn reject_own_key(&self, own: &[u8; 32]) -> Result<(), ConfigError> {
+        match self.peers.get(own) {
+            Some(p) => Err(ConfigError::SelfPeer {
+                name: p.name.clone(),
+                key: key_b64(own),
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -427,6 +446,25 @@ mod tests {
             let err = Config::from_desired(&d).unwrap_err().to_string();
             assert!(err.contains(needle), "{err:?} should mention {needle:?}");
         }
+    }
+
+    #[test]
+    fn a_peer_with_the_nodes_own_key_is_rejected_by_name() {
+        let c = Config::from_desired(&desired()).unwrap();
+        assert_eq!(c.reject_own_key(&[9; 32]), Ok(()));
+        let err = c.reject_own_key(&[1; 32]).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::SelfPeer {
+                name: "b".into(),
+                key: key_b64(&[1; 32]),
+            }
+        );
+        let text = err.to_string();
+        assert!(text.contains("\"b\""), "{text}");
+        assert!(text.contains(&key_b64(&[1; 32])), "{text}");
+        assert!(text.contains("as its own peer"), "{text}");
+        assert!(text.contains("remove it from the peers"), "{text}");
     }
 
     #[test]

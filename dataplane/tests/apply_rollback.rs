@@ -7,7 +7,7 @@ mod common;
 
 use common::{Netns, Node, Underlay, can_run};
 use l2mesh_dataplane::client;
-use l2mesh_proto::node::{DesiredState, NetworkSpec, NodeIdentity, NodeStatus};
+use l2mesh_proto::node::{DesiredState, NetworkSpec, NodeIdentity, NodeStatus, PeerGroup};
 
 fn desired(node: &Node, revision: u64, port: u32, networks: &[(&str, u32, u32)]) -> DesiredState {
     DesiredState {
@@ -166,7 +166,7 @@ async fn a_network_that_cannot_be_created_undoes_the_whole_apply() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_taken_listen_port_changes_nothing() {
+async fn a_taken_listen_port_or_a_self_peer_changes_nothing() {
     if !can_run(&[]) {
         return;
     }
@@ -192,6 +192,18 @@ async fn a_taken_listen_port_changes_nothing() {
     assert_eq!(s.applied_revision, 1);
     assert_eq!(s.listen_port, port_before);
     assert_eq!(networks(&s), [("blue".to_string(), 0x20)]);
+
+    // This node listed as its own peer.
+    let mut d = desired(&node, 3, 0, more);
+    d.peers.push(node.as_peer(PeerGroup::Local, &[0x20]));
+    let err = try_apply(&node, d).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("as its own peer"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(owned_links(&node.ns), before);
 
     // Once the port is free, the same state applies.
     drop(taken);

@@ -41,6 +41,7 @@ impl Daemon {
     pub async fn apply(self: &Arc<Self>, desired: DesiredState) -> Result<ApplyResult, Error> {
         let _guard = self.apply_lock.lock().await;
         let cfg = Config::from_desired(&desired)?;
+        cfg.reject_own_key(&self.engine.public_key())?;
         let current = self.engine.config();
         let diff = Diff::between(&current, &cfg);
 
