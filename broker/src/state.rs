@@ -7,7 +7,6 @@
 use crate::error::{Error, Result};
 use crate::model::{Cluster, Gateway, Link, Meta, Network, Token};
 use ipnet::{IpNet, Ipv4Net};
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use subtle::ConstantTimeEq;
@@ -59,11 +58,8 @@ pub struct State {
     dirty: BTreeSet<Key>,
 }
 
-/// SHA-256 of some bytes.
-#[must_use]
-pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
-}
+/// SHA-256 of some bytes (the same function that checks join-string pins).
+pub use l2mesh_proto::pinned::sha256;
 
 /// Cluster and network names: DNS labels, so they fit in Kubernetes names.
 pub fn validate_name(what: &str, name: &str) -> Result<()> {
