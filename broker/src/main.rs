@@ -128,14 +128,7 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("L2MESH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    l2mesh_telemetry::init_logs("L2MESH_LOG", "info");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -151,13 +144,7 @@ fn main() -> ExitCode {
             Command::Cluster(a) => cli_admin::cluster(&cli.data_dir, a).await,
         }
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("l2mesh-broker: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    l2mesh_telemetry::exit_code("l2mesh-broker", result)
 }
 
 #[cfg(test)]

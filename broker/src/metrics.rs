@@ -1,9 +1,6 @@
 //! Prometheus metrics and the health endpoint on their own HTTP port.
 
 use axum::Router;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -86,33 +83,11 @@ impl Metrics {
     /// Text exposition format.
     #[must_use]
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        l2mesh_telemetry::encode(&self.registry)
     }
 }
 
 /// `/healthz` and `/metrics`.
 pub fn router(metrics: Arc<Metrics>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/metrics",
-            get(move || {
-                let m = Arc::clone(&metrics);
-                async move {
-                    (
-                        StatusCode::OK,
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        m.encode(),
-                    )
-                        .into_response()
-                }
-            }),
-        )
+    l2mesh_telemetry::router(move || metrics.encode())
 }

@@ -186,13 +186,7 @@ async fn standalone(a: Standalone) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("L2MESH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    l2mesh_telemetry::init_logs("L2MESH_LOG", "info");
     // One process-wide TLS provider, whatever features dependencies enable.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
@@ -206,13 +200,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(standalone(a))),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("l2mesh-agent: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    l2mesh_telemetry::exit_code("l2mesh-agent", result)
 }
 
 #[cfg(test)]

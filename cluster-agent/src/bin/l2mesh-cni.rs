@@ -6,13 +6,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     // Logs go to stderr only; stdout is the CNI result.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("L2MESH_CNI_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    l2mesh_telemetry::init_logs("L2MESH_CNI_LOG", "warn");
     let env = CniEnv::from_lookup(|k| std::env::var(k).ok());
     let mut stdin = Vec::new();
     if env.command != "VERSION"

@@ -1,0 +1,137 @@
+//! What every l2mesh binary sets up the same way: logs on stderr filtered by
+//! an environment variable, how a failed run is reported, and the HTTP
+//! endpoint with Prometheus `/metrics` and `/healthz`.
+
+use std::fmt::Display;
+use std::process::ExitCode;
+
+use axum::Router;
+use axum::http::header;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+
+/// Content type of [`encode`]'s output.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Logs to stderr (stdout may be a protocol, as for the CNI plugin), with
+/// the filter from `env_var` (`RUST_LOG` syntax) or else `default_filter`;
+/// colours only when stderr is a terminal.
+pub fn init_logs(env_var: &str, default_filter: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter(env_var, default_filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn filter(env_var: &str, default_filter: &str) -> EnvFilter {
+    EnvFilter::try_from_env(env_var).unwrap_or_else(|_| EnvFilter::new(default_filter))
+}
+
+/// The exit code of a run; a failure is printed as `program: error` with
+/// its whole chain of causes (`{:#}`, as `anyhow` shows it).
+pub fn exit_code<E: Display>(program: &str, result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The OpenMetrics text of a registry (empty if encoding fails, which only
+/// a broken metric type can cause).
+#[must_use]
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// `/healthz` ("ok") and `/metrics` (what `render` returns, as
+/// [`OPENMETRICS_CONTENT_TYPE`]).
+pub fn router<F>(render: F) -> Router
+where
+    F: Fn() -> String + Clone + Send + Sync + 'static,
+{
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let text = render();
+                async move { ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text) }
+            }),
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use prometheus_client::metrics::counter::Counter;
+
+    #[test]
+    fn encode_renders_the_registry() {
+        let mut reg = Registry::with_prefix("l2mesh_test");
+        let c = Counter::<u64>::default();
+        reg.register("things", "Things seen", c.clone());
+        c.inc();
+        let text = encode(&reg);
+        assert!(text.contains("l2mesh_test_things_total 1"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn the_default_filter_applies_when_the_variable_is_unset() {
+        let f = filter("L2MESH_TELEMETRY_TEST_UNSET_VARIABLE", "warn");
+        assert_eq!(f.to_string(), "warn");
+    }
+
+    #[test]
+    fn exit_codes_follow_the_result() {
+        assert_eq!(exit_code::<String>("x", Ok(())), ExitCode::SUCCESS);
+        assert_eq!(exit_code("x", Err("broken")), ExitCode::FAILURE);
+    }
+
+    async fn get(app: Router, path: &str) -> (u16, String, String) {
+        use tower::ServiceExt as _;
+        let req = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        let kind = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let status = resp.status().as_u16();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, kind, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_router_serves_fresh_metrics_and_health() {
+        let c = Counter::<u64>::default();
+        let seen = c.clone();
+        let app = router(move || format!("l2mesh_test_seen_total {}\n# EOF\n", seen.get()));
+        c.inc();
+        let (status, kind, body) = get(app.clone(), "/metrics").await;
+        assert_eq!((status, kind.as_str()), (200, OPENMETRICS_CONTENT_TYPE));
+        assert_eq!(body, "l2mesh_test_seen_total 1\n# EOF\n");
+        c.inc();
+        let (_, _, body) = get(app.clone(), "/metrics").await;
+        assert!(body.contains("total 2"), "rendered per request: {body}");
+        let (status, _, body) = get(app.clone(), "/healthz").await;
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+        assert_eq!(get(app, "/nope").await.0, 404);
+    }
+}
