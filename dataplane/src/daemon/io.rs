@@ -55,18 +55,29 @@ impl Scratch {
 
 nix::ioctl_write_int!(tunsetoffload, b'T', 208);
 
-/// tun-rs also turns on UDP segmentation offload where the kernel has it;
-/// we only segment TCP, so keep the kernel from handing us UDP super-frames.
-fn tcp_offloads_only(dev: &AsyncDevice) -> Result<(), Error> {
+/// Checksum offload, TSO and, where the kernel has it (6.2 and later), UDP
+/// segmentation offload: a pod's TCP stream and the UDP runs the host veth's
+/// GRO forwarding joins arrive as super-frames that `offload::segment` cuts.
+fn set_offloads(dev: &AsyncDevice) -> Result<(), Error> {
     use std::os::fd::AsRawFd as _;
     const TUN_F_CSUM: u64 = 0x01;
     const TUN_F_TSO4: u64 = 0x02;
     const TUN_F_TSO6: u64 = 0x04;
-    // SAFETY: the descriptor is a live TUN/TAP fd owned by `dev`, and
-    // TUNSETOFFLOAD takes the flag word by value.
-    #[allow(unsafe_code)]
-    unsafe { tunsetoffload(dev.as_raw_fd(), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) }
-        .map_err(std::io::Error::from)?;
+    const TUN_F_USO4: u64 = 0x20;
+    const TUN_F_USO6: u64 = 0x40;
+    let tcp = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+    let set = |flags: u64| {
+        // SAFETY: the descriptor is a live TUN/TAP fd owned by `dev`, and
+        // TUNSETOFFLOAD takes the flag word by value.
+        #[allow(unsafe_code)]
+        unsafe {
+            tunsetoffload(dev.as_raw_fd(), flags)
+        }
+    };
+    if set(tcp | TUN_F_USO4 | TUN_F_USO6).is_err() {
+        // An older kernel refuses flags it does not know.
+        set(tcp).map_err(std::io::Error::from)?;
+    }
     Ok(())
 }
 
@@ -90,14 +101,14 @@ pub(super) fn open_tap(
             .multi_queue(queues > 1)
             .build_async()?
     };
-    tcp_offloads_only(&first)?;
+    set_offloads(&first)?;
     let mut v = Vec::with_capacity(queues);
     for i in 1..queues {
         let q = {
             let _rt = workers.handle(i).enter();
             first.try_clone()?
         };
-        tcp_offloads_only(&q)?;
+        set_offloads(&q)?;
         v.push(Arc::new(q));
     }
     v.insert(0, Arc::new(first));
@@ -387,8 +398,8 @@ impl Daemon {
     }
 }
 
-/// Writes frames of one network to a TAP queue, runs of one TCP flow as one
-/// super-frame: one write, one trip through bridge and pod stack.
+/// Writes frames of one network to a TAP queue, runs of one TCP or UDP flow
+/// as one super-frame: one write, one trip through bridge and pod stack.
 async fn write_tap(dev: &AsyncDevice, frames: &[&[u8]], gro: &mut Vec<u8>, vni: u32) {
     let mut j = 0;
     while j < frames.len() {

@@ -15,6 +15,7 @@ use l2mesh_proto::node::{
 };
 
 pub mod bulk;
+pub mod udp;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_l2mesh-dataplane");
 static COUNTER: AtomicU32 = AtomicU32::new(0);

@@ -214,10 +214,16 @@ fn malformed_offload_frames_are_rejected() {
         Err(OffloadError::NoHeader)
     );
     let mut raw = super_frame(false, false, &payload(3000), 1338, 0x10);
-    raw[1] = 5; // UDP_L4: never enabled on our TAPs
+    raw[1] = 3; // UFO (fragmenting UDP): never enabled on our TAPs
     assert_eq!(
         segment(&mut raw, &mut scratch, |_| n += 1),
-        Err(OffloadError::UnsupportedGso(5))
+        Err(OffloadError::UnsupportedGso(3))
+    );
+    let mut raw = super_frame(false, false, &payload(3000), 1338, 0x10);
+    raw[1] = GSO_UDP_L4; // claims UDP over a TCP packet
+    assert_eq!(
+        segment(&mut raw, &mut scratch, |_| n += 1),
+        Err(OffloadError::BadGsoFrame)
     );
     let mut raw = super_frame(false, false, &payload(3000), 1338, 0x10);
     raw[1] = GSO_TCPV6; // claims IPv6 over an IPv4 frame
@@ -354,6 +360,202 @@ proptest! {
     #[test]
     fn mutated_runs_never_panic(at in 0usize..120, byte in any::<u8>(), which in 0usize..3) {
         let mut segs = segments_of(false, 3 * 536, 536, TCP_ACK);
+        let i = at.min(segs[which].len() - 1);
+        segs[which][i] = byte;
+        let refs: Vec<&[u8]> = segs.iter().map(Vec::as_slice).collect();
+        let mut out = Vec::new();
+        prop_assert!(coalesce(&refs, &mut out) >= 1);
+    }
+}
+
+/// A `GSO_UDP_L4` super-frame as the kernel hands it over for a pod's
+/// `UDP_SEGMENT` send: IP and UDP lengths of the whole, the pseudo-header
+/// sum in the UDP checksum field.
+fn udp_super_frame(v6: bool, data: &[u8], size: usize) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1]);
+    f.extend_from_slice(if v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
+    let udp_len = 8 + data.len();
+    if v6 {
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&(udp_len as u16).to_be_bytes());
+        f.extend_from_slice(&[IP_PROTO_UDP, 64]);
+        f.extend_from_slice(&[0xfd; 16]);
+        f.extend_from_slice(&[0xfe; 16]);
+    } else {
+        f.extend_from_slice(&[0x45, 0]);
+        f.extend_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+        f.extend_from_slice(&[0xff, 0xf0, 0x40, 0, 64, IP_PROTO_UDP, 0, 0]);
+        f.extend_from_slice(&[10, 9, 0, 1, 10, 9, 0, 2]);
+    }
+    let l4 = f.len() - VNET_HDR_LEN;
+    f.extend_from_slice(&[0x1f, 0x90, 0x14, 0xe9]);
+    f.extend_from_slice(&((udp_len as u16).to_be_bytes()));
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(data);
+    let hdr = VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_UDP_L4,
+        hdr_len: (l4 + 8) as u16,
+        gso_size: size as u16,
+        csum_start: l4 as u16,
+        csum_offset: 6,
+    };
+    f[..VNET_HDR_LEN].copy_from_slice(&hdr.to_bytes());
+    f
+}
+
+/// Checks one UDP datagram the way a receiving stack would (lengths, IPv4
+/// header checksum, UDP checksum) and returns its payload and IPv4 id.
+fn check_udp(f: &[u8]) -> (Vec<u8>, u16) {
+    let (l3, l4, v6) = l3_l4(f);
+    let udp_len = f.len() - l4;
+    assert_eq!(
+        usize::from(u16::from_be_bytes([f[l4 + 4], f[l4 + 5]])),
+        udp_len
+    );
+    let addrs = if v6 {
+        assert_eq!(
+            usize::from(u16::from_be_bytes([f[l3 + 4], f[l3 + 5]])),
+            udp_len
+        );
+        &f[l3 + 8..l3 + 40]
+    } else {
+        assert_eq!(
+            usize::from(u16::from_be_bytes([f[l3 + 2], f[l3 + 3]])),
+            f.len() - l3
+        );
+        assert_eq!(fold(sum16(0, &f[l3..l4])), 0xffff, "IPv4 header checksum");
+        &f[l3 + 12..l3 + 20]
+    };
+    assert_ne!(&f[l4 + 6..l4 + 8], &[0, 0], "UDP checksum left out");
+    let sum = sum16(
+        sum16(0, addrs) + u64::from(IP_PROTO_UDP) + udp_len as u64,
+        &f[l4..],
+    );
+    assert_eq!(fold(sum), 0xffff, "UDP checksum");
+    let id = if v6 {
+        0
+    } else {
+        u16::from_be_bytes([f[l3 + 4], f[l3 + 5]])
+    };
+    (f[l4 + 8..].to_vec(), id)
+}
+
+fn udp_segments(v6: bool, len: usize, size: usize) -> Vec<Vec<u8>> {
+    let mut raw = udp_super_frame(v6, &payload(len), size);
+    run(&mut raw).into_iter().map(|s| s.frame).collect()
+}
+
+#[test]
+fn udp_super_frames_become_datagrams_at_the_mtu_with_odd_tails() {
+    const MAX4: usize = MTU - 28;
+    const MAX6: usize = MTU - 48;
+    for (v6, len, size, want) in [
+        // Exactly one datagram at the MTU.
+        (false, MAX4, MAX4, vec![MAX4]),
+        (true, MAX6, MAX6, vec![MAX6]),
+        // One byte over: a one-byte tail.
+        (false, MAX4 + 1, MAX4, vec![MAX4, 1]),
+        (true, MAX6 + 1, MAX6, vec![MAX6, 1]),
+        // Small datagrams with an odd tail, and a run of 64.
+        (false, 10 * 64 + 13, 64, [vec![64; 10], vec![13]].concat()),
+        (true, 64 * 1000, 1000, vec![1000; 64]),
+        // An empty payload is one empty datagram.
+        (false, 0, 100, vec![0]),
+    ] {
+        let segs = udp_segments(v6, len, size);
+        let mut data = Vec::new();
+        let mut ids = Vec::new();
+        let mut lens = Vec::new();
+        for s in &segs {
+            let (p, id) = check_udp(s);
+            lens.push(p.len());
+            ids.push(id);
+            data.extend_from_slice(&p);
+        }
+        assert_eq!(lens, want, "v6 {v6} len {len} size {size}");
+        assert_eq!(data, payload(len));
+        if !v6 {
+            let first = ids[0];
+            for (i, id) in ids.iter().enumerate() {
+                assert_eq!(*id, first.wrapping_add(i as u16), "IPv4 ids count up");
+            }
+        }
+    }
+}
+
+#[test]
+fn udp_runs_coalesce_and_resegment_to_the_same_datagrams() {
+    for (v6, len, size) in [
+        (false, 40 * 64, 64),
+        (false, 3 * 1362 + 5, 1362),
+        (true, 7 * 1342, 1342),
+        (true, 2 * 100 + 1, 100),
+    ] {
+        let segs = udp_segments(v6, len, size);
+        let runs = {
+            let refs: Vec<&[u8]> = segs.iter().map(Vec::as_slice).collect();
+            let mut out = Vec::new();
+            let n = coalesce(&refs, &mut out);
+            (n, out)
+        };
+        assert_eq!(runs.0, segs.len(), "one run for {len}/{size}");
+        let mut sup = runs.1;
+        let h = VnetHdr::parse(&sup).unwrap();
+        assert_eq!(h.gso_type, GSO_UDP_L4);
+        assert_eq!(usize::from(h.gso_size), size);
+        let again: Vec<Vec<u8>> = run(&mut sup).into_iter().map(|s| s.frame).collect();
+        assert_eq!(again, segs);
+    }
+}
+
+#[test]
+fn udp_runs_stop_where_a_receiver_could_tell() {
+    let segs = udp_segments(false, 100 * 64, 64);
+    let refs: Vec<&[u8]> = segs.iter().map(Vec::as_slice).collect();
+    let mut out = Vec::new();
+    // At most 64 datagrams per super-frame.
+    assert_eq!(coalesce(&refs, &mut out), 64);
+    // An IPv4 id that does not count up (a lost or reordered datagram).
+    assert_eq!(coalesce(&[refs[0], refs[1], refs[3]], &mut out), 2);
+    // Another flow (other port) in between.
+    let mut other = segs[1].clone();
+    other[14 + 20 + 1] ^= 1;
+    assert_eq!(coalesce(&[refs[0], &other, refs[2]], &mut out), 1);
+    assert!(out.is_empty());
+    // A longer datagram after shorter ones, and a shorter one ends the run.
+    let long = udp_segments(false, 2 * 65, 65);
+    assert_eq!(coalesce(&[refs[0], &long[1]], &mut out), 1);
+    let tail = udp_segments(false, 64 + 3, 64);
+    assert_eq!(coalesce(&[&tail[0], &tail[1], refs[2]], &mut out), 2);
+    // Without DF, a fragment, or without a UDP checksum: never joined.
+    for (at, byte) in [(14 + 6, 0x00), (14 + 6, 0x20), (14 + 20 + 6, 0)] {
+        let mut a = segs[0].clone();
+        let mut b = segs[1].clone();
+        a[at] = byte;
+        b[at] = byte;
+        if at == 14 + 20 + 6 {
+            a[at + 1] = 0;
+            b[at + 1] = 0;
+        }
+        assert_eq!(coalesce(&[&a, &b], &mut out), 1, "byte {at} = {byte:#x}");
+    }
+}
+
+proptest! {
+    #[test]
+    fn mutated_udp_super_frames_never_panic(at in 0usize..80, byte in any::<u8>()) {
+        let mut raw = udp_super_frame(false, &payload(300), 64);
+        let i = at.min(raw.len() - 1);
+        raw[i] = byte;
+        let mut scratch = Vec::new();
+        let _ = segment(&mut raw, &mut scratch, |_| {});
+    }
+
+    #[test]
+    fn mutated_udp_runs_never_panic(at in 0usize..60, byte in any::<u8>(), which in 0usize..3) {
+        let mut segs = udp_segments(true, 3 * 64, 64);
         let i = at.min(segs[which].len() - 1);
         segs[which][i] = byte;
         let refs: Vec<&[u8]> = segs.iter().map(Vec::as_slice).collect();
