@@ -218,3 +218,62 @@ async fn a_taken_listen_port_or_a_self_peer_changes_nothing() {
         names(&["l2mb-000020", "l2mb-000021", "l2mt-000020", "l2mt-000021"])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vni_taken_over_from_a_removed_network_is_given_back_on_failure() {
+    if !can_run(&[]) {
+        return;
+    }
+    let mut wire = Underlay::new();
+    let node = Node::start("rv", &mut wire, "100.64.0.1").await;
+    let old = &[("a", 0x30, 0), ("b", 0x31, 0)];
+    try_apply(&node, desired(&node, 1, 0, old)).await.unwrap();
+    let before = owned_links(&node.ns);
+
+    // "a" moves to b's VNI (so b's devices go first), and the new "c"
+    // fails: b must come back and a must stay on its old VNI.
+    node.ns.exec(&[
+        "ip",
+        "link",
+        "add",
+        "l2mb-000033",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "squat",
+    ]);
+    let bad = &[("a", 0x31, 0), ("c", 0x33, 0)];
+    let err = try_apply(&node, desired(&node, 2, 0, bad))
+        .await
+        .unwrap_err();
+    let msg = err.message();
+    assert!(msg.contains("network c (vni 51)"), "{msg}");
+    assert!(msg.contains("nothing was changed"), "{msg}");
+    node.ns.exec(&["ip", "link", "del", "l2mb-000033"]);
+    assert_eq!(owned_links(&node.ns), before);
+    let s = node.status().await;
+    assert_eq!(s.applied_revision, 1);
+    assert_eq!(
+        networks(&s),
+        [("a".to_string(), 0x30), ("b".to_string(), 0x31)]
+    );
+    // b's re-created bridge takes ports again.
+    let _pod = node.pod("rvp", "b", &["10.9.0.1/24"]).await;
+    let b = s.networks.iter().find(|n| n.name == "b").unwrap();
+    let ports = node
+        .ns
+        .exec(&["ip", "-o", "link", "show", "master", &b.bridge]);
+    assert!(ports.contains("l2mt-000031"), "{ports}");
+
+    try_apply(&node, desired(&node, 3, 0, bad)).await.unwrap();
+    assert_eq!(
+        owned_links(&node.ns),
+        names(&["l2mb-000031", "l2mb-000033", "l2mt-000031", "l2mt-000033"])
+    );
+    let s = node.status().await;
+    assert_eq!(
+        networks(&s),
+        [("a".to_string(), 0x31), ("c".to_string(), 0x33)]
+    );
+}
