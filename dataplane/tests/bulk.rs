@@ -149,3 +149,94 @@ async fn udp_bursts_and_segmented_sends_arrive_intact() {
         assert_eq!(bad, 0, "frames the TAP offload path could not handle");
     }
 }
+
+/// CPU ticks (user + system) of each packet worker thread of a process.
+fn worker_ticks(pid: u32) -> Vec<u64> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        if !comm.starts_with("l2dp-worker") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: utime and stime are 14 and 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        v.push(f[11] + f[12]);
+    }
+    v
+}
+
+/// Many TCP flows from one pod to one pod on another node (so one peer,
+/// one underlay 4-tuple) are spread over the sending node's workers: each
+/// TAP write goes to the queue of its flow's hash, so the kernel puts the
+/// flow's packets in the other direction there too. Before, every flow
+/// followed its replies onto the one worker that reads the peer's
+/// datagrams, and the other workers stayed idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_to_one_peer_spread_over_the_workers() {
+    use common::bulk::{check_all, connect_in, send_all};
+    if !can_run(&["ping"]) {
+        return;
+    }
+    let workers = |_: &common::Node| vec!["--workers".to_string(), "2".to_string()];
+    let mut wire = Underlay::new();
+    let a = common::Node::start_with("a", &mut wire, "100.64.0.1", workers).await;
+    let b = common::Node::start_with("b", &mut wire, "100.64.0.2", workers).await;
+    let nets = &[("blue", BLUE)];
+    a.apply(nets, vec![b.as_peer(PeerGroup::Local, &[BLUE])])
+        .await;
+    b.apply(nets, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
+        .await;
+    let a1 = a.pod("a1", "blue", &["10.1.0.1/24"]).await;
+    let b1 = b.pod("b1", "blue", &["10.1.0.11/24"]).await;
+    assert!(ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)));
+
+    const FLOWS: usize = 16;
+    const EACH: usize = 8 << 20;
+    let pid = a.proc.as_ref().unwrap().child.id();
+    let before = worker_ticks(pid);
+    assert_eq!(before.len(), 2, "node a runs two workers");
+    let listener = common::listen_in(&b1, "10.1.0.11:0");
+    let dst = listener.local_addr().unwrap();
+    let a1 = std::sync::Arc::new(a1);
+    tokio::task::spawn_blocking(move || {
+        let server = std::thread::spawn(move || {
+            let readers: Vec<_> = (0..FLOWS)
+                .map(|_| {
+                    let (s, _) = listener.accept().unwrap();
+                    std::thread::spawn(move || check_all(s, EACH))
+                })
+                .collect();
+            readers
+                .into_iter()
+                .map(|r| r.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        let senders: Vec<_> = (0..FLOWS)
+            .map(|_| {
+                let c = connect_in(&a1, dst);
+                std::thread::spawn(move || send_all(c, EACH))
+            })
+            .collect();
+        for s in senders {
+            s.join().unwrap();
+        }
+        for r in server.join().unwrap() {
+            assert_eq!(r, Ok(()), "a flow lost or corrupted data");
+        }
+    })
+    .await
+    .unwrap();
+    let after = worker_ticks(pid);
+    let used: Vec<u64> = after.iter().zip(&before).map(|(x, y)| x - y).collect();
+    let (lo, hi) = (used.iter().min().unwrap(), used.iter().max().unwrap());
+    assert!(
+        *hi > 0 && *lo * 4 >= *hi,
+        "the sending node's workers shared the {FLOWS} flows unevenly: CPU ticks {used:?}"
+    );
+}

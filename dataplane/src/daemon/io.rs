@@ -81,15 +81,21 @@ fn set_offloads(dev: &AsyncDevice) -> Result<(), Error> {
     Ok(())
 }
 
-/// Opens TAP `name` with one queue per worker (multi-queue when more than
-/// one), virtio-net headers and TCP offloads; queue `i` is registered with
-/// worker `i`'s reactor.
+/// TAP queues per worker. More queues than workers let unrelated flows wait
+/// in separate rings: a worker takes turns between its queues, so a ping
+/// does not queue behind a bulk flow's backlog (fair queueing by flow hash,
+/// done by the kernel's queue selection).
+const QUEUES_PER_WORKER: usize = 4;
+
+/// Opens TAP `name` multi-queue with [`QUEUES_PER_WORKER`] queues per
+/// worker, virtio-net headers and offloads; queue `i` is registered with
+/// worker `i % workers`'s reactor.
 pub(super) fn open_tap(
     name: &str,
     mtu: u32,
     workers: &Workers,
 ) -> Result<Vec<Arc<AsyncDevice>>, Error> {
-    let queues = workers.len();
+    let queues = workers.len() * QUEUES_PER_WORKER;
     let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
     let first = {
         let _rt = workers.handle(0).enter();
@@ -105,7 +111,7 @@ pub(super) fn open_tap(
     let mut v = Vec::with_capacity(queues);
     for i in 1..queues {
         let q = {
-            let _rt = workers.handle(i).enter();
+            let _rt = workers.handle(i % workers.len()).enter();
             first.try_clone()?
         };
         set_offloads(&q)?;
@@ -227,7 +233,8 @@ impl Daemon {
         }
     }
 
-    /// Starts one reader per queue of the TAP of network `vni`.
+    /// Starts one reader per queue of the TAP of network `vni`, on the
+    /// worker the queue is registered with.
     pub(super) fn spawn_tap_readers(
         self: &Arc<Self>,
         vni: u32,
@@ -236,9 +243,10 @@ impl Daemon {
         queues
             .iter()
             .enumerate()
-            .map(|(worker, q)| {
+            .map(|(i, q)| {
                 let d = Arc::clone(self);
                 let q = Arc::clone(q);
+                let worker = i % self.workers.len();
                 self.workers
                     .handle(worker)
                     .spawn(async move { d.tap_worker(worker, vni, q).await })
@@ -330,7 +338,7 @@ impl Daemon {
             out.clear();
             return;
         };
-        let mut tap: Option<(u32, Option<Arc<AsyncDevice>>)> = None;
+        let mut tap: Option<(u32, Vec<Arc<AsyncDevice>>)> = None;
         let mut i = 0;
         while i < out.len() {
             match &out[i] {
@@ -378,16 +386,17 @@ impl Daemon {
                         .collect();
                     i += frames.len();
                     if tap.as_ref().is_none_or(|(v, _)| *v != vni) {
-                        let dev = self
+                        let queues = self
                             .taps
                             .read()
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
                             .get(&vni)
-                            .and_then(|t| t.queues.get(worker % t.queues.len().max(1)).cloned());
-                        tap = Some((vni, dev));
+                            .map(|t| t.queues.clone())
+                            .unwrap_or_default();
+                        tap = Some((vni, queues));
                     }
-                    let Some((_, Some(dev))) = &tap else { continue };
-                    write_tap(dev, &frames, &mut scratch.gro, vni).await;
+                    let Some((_, queues)) = &tap else { continue };
+                    write_tap(queues, &frames, &mut scratch.gro, vni).await;
                 }
             }
         }
@@ -398,11 +407,17 @@ impl Daemon {
     }
 }
 
-/// Writes frames of one network to a TAP queue, runs of one TCP or UDP flow
-/// as one super-frame: one write, one trip through bridge and pod stack.
-async fn write_tap(dev: &AsyncDevice, frames: &[&[u8]], gro: &mut Vec<u8>, vni: u32) {
+/// Writes frames of one network to its TAP, runs of one TCP or UDP flow as
+/// one super-frame: one write, one trip through bridge and pod stack. Each
+/// run goes to the queue of its flow hash, which is where the kernel then
+/// puts the flow's packets in the other direction.
+async fn write_tap(queues: &[Arc<AsyncDevice>], frames: &[&[u8]], gro: &mut Vec<u8>, vni: u32) {
+    if queues.is_empty() {
+        return;
+    }
     let mut j = 0;
     while j < frames.len() {
+        let dev = &queues[offload::flow_hash(frames[j]) as usize % queues.len()];
         let n = offload::coalesce(&frames[j..], gro).max(1);
         let iov = if n > 1 {
             [IoSlice::new(gro), IoSlice::new(&[])]

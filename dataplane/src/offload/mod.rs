@@ -264,7 +264,9 @@ pub fn segment(
 }
 
 mod coalesce;
+mod flow;
 pub use coalesce::{PLAIN_RX_HDR, coalesce};
+pub use flow::flow_hash;
 
 #[cfg(test)]
 mod tests;
