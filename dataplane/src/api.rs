@@ -34,7 +34,11 @@ fn status(e: Error) -> Status {
             Status::invalid_argument(e.to_string())
         }
         Error::NoSuchNetwork(_) | Error::NoSuchInterface(_) => Status::not_found(e.to_string()),
-        Error::NotAttached { .. } => Status::failed_precondition(e.to_string()),
+        // A failed apply changed nothing; its cause (a taken port or name)
+        // is the node's state, not a fault of the daemon.
+        Error::NotAttached { .. } | Error::Apply { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
         _ => Status::internal(e.to_string()),
     }
 }

@@ -109,6 +109,7 @@ async fn a_network_that_cannot_be_created_undoes_the_whole_apply() {
     let err = try_apply(&node, desired(&node, 2, 0, bad))
         .await
         .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     let msg = err.message();
     eprintln!("apply error: {msg}");
     assert!(msg.contains("network new2 (vni 19)"), "{msg}");
@@ -183,6 +184,7 @@ async fn a_taken_listen_port_or_a_self_peer_changes_nothing() {
     let err = try_apply(&node, desired(&node, 2, port.into(), more))
         .await
         .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     let msg = err.message();
     eprintln!("apply error: {msg}");
     assert!(msg.contains(&format!("binding UDP port {port}")), "{msg}");
