@@ -2,7 +2,7 @@
 //! replication of broadcast/multicast/unknown unicast, and split horizon by
 //! peer group. It decides, the shell moves bytes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use crate::wire::ETH_HEADER;
@@ -63,12 +63,114 @@ impl DropReason {
     }
 }
 
+/// A `HashMap` with a fast, randomly seeded hash: every frame costs a few
+/// lookups (network, source and destination MAC, peer), and SipHash was a
+/// visible share of the per-packet CPU. The seed is per process, so MACs
+/// chosen by a pod cannot be aimed at one bucket.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The peers a frame goes to, in ascending id order. Known unicast (nearly
+/// every frame) names one peer and allocates nothing; only a flood to two
+/// or more peers needs the heap.
+#[derive(Debug, Clone, Default)]
+pub enum Peers {
+    #[default]
+    None,
+    One(PeerId),
+    Many(Vec<PeerId>),
+}
+
+impl Peers {
+    pub fn as_slice(&self) -> &[PeerId] {
+        match self {
+            Peers::None => &[],
+            Peers::One(id) => std::slice::from_ref(id),
+            Peers::Many(v) => v,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, PeerId> {
+        self.as_slice().iter()
+    }
+
+    fn push(&mut self, id: PeerId) {
+        *self = match std::mem::take(self) {
+            Peers::None => Peers::One(id),
+            Peers::One(first) => Peers::Many(vec![first, id]),
+            Peers::Many(mut v) => {
+                v.push(id);
+                Peers::Many(v)
+            }
+        };
+    }
+
+    fn sort(&mut self) {
+        if let Peers::Many(v) = self {
+            v.sort_unstable();
+        }
+    }
+}
+
+/// Equal when they name the same peers, however they are stored.
+impl PartialEq for Peers {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Peers {}
+
+impl PartialEq<[PeerId]> for Peers {
+    fn eq(&self, other: &[PeerId]) -> bool {
+        self.as_slice() == other
+    }
+}
+
+impl<const N: usize> PartialEq<[PeerId; N]> for Peers {
+    fn eq(&self, other: &[PeerId; N]) -> bool {
+        self.as_slice() == other
+    }
+}
+
+impl PartialEq<Vec<PeerId>> for Peers {
+    fn eq(&self, other: &Vec<PeerId>) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl<'a> IntoIterator for &'a Peers {
+    type Item = &'a PeerId;
+    type IntoIter = std::slice::Iter<'a, PeerId>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl From<Vec<PeerId>> for Peers {
+    fn from(v: Vec<PeerId>) -> Self {
+        match v.as_slice() {
+            [] => Peers::None,
+            [id] => Peers::One(*id),
+            _ => Peers::Many(v),
+        }
+    }
+}
+
 /// Where a frame goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Forward {
     pub to_tap: bool,
     /// Peers to send a copy to, in ascending id order.
-    pub peers: Vec<PeerId>,
+    pub peers: Peers,
     /// Copies not sent to members because of split horizon.
     pub suppressed: u32,
 }
@@ -82,7 +184,7 @@ struct MacEntry {
 #[derive(Debug, Clone)]
 struct Net {
     max_frame: usize,
-    macs: HashMap<[u8; 6], MacEntry>,
+    macs: FastMap<[u8; 6], MacEntry>,
 }
 
 #[derive(Debug, Clone)]
@@ -102,8 +204,8 @@ pub struct MacView {
 /// The switch for all networks of the node.
 #[derive(Debug, Clone)]
 pub struct Switch {
-    nets: HashMap<u32, Net>,
-    peers: HashMap<PeerId, PeerInfo>,
+    nets: FastMap<u32, Net>,
+    peers: FastMap<PeerId, PeerInfo>,
     aging: Duration,
     max_macs: usize,
 }
@@ -127,8 +229,8 @@ fn is_multicast(mac: &[u8; 6]) -> bool {
 impl Switch {
     pub fn new(aging: Duration, max_macs: usize) -> Self {
         Self {
-            nets: HashMap::new(),
-            peers: HashMap::new(),
+            nets: FastMap::default(),
+            peers: FastMap::default(),
             aging,
             max_macs,
         }
@@ -143,7 +245,7 @@ impl Switch {
             .and_modify(|n| n.max_frame = max_frame)
             .or_insert_with(|| Net {
                 max_frame,
-                macs: HashMap::new(),
+                macs: FastMap::default(),
             });
     }
 
@@ -259,7 +361,7 @@ impl Switch {
             }),
             Some(Port::Peer(id)) => match self.peers.get(&id) {
                 Some(info) if info.vnis.contains(&vni) && allowed(id, info) => Ok(Forward {
-                    peers: vec![id],
+                    peers: Peers::One(id),
                     ..Forward::default()
                 }),
                 Some(info) if info.vnis.contains(&vni) => Err(DropReason::SplitHorizon),
@@ -285,7 +387,7 @@ impl Switch {
                 fwd.peers.push(*id);
             }
         }
-        fwd.peers.sort_unstable();
+        fwd.peers.sort();
         fwd
     }
 
@@ -365,7 +467,7 @@ mod tests {
             f,
             Forward {
                 to_tap: false,
-                peers: vec![1, 2, 10, 11],
+                peers: vec![1, 2, 10, 11].into(),
                 suppressed: 0
             }
         );
@@ -381,7 +483,7 @@ mod tests {
             f,
             Forward {
                 to_tap: true,
-                peers: vec![10, 11],
+                peers: vec![10, 11].into(),
                 suppressed: 1
             }
         );
@@ -397,7 +499,7 @@ mod tests {
             f,
             Forward {
                 to_tap: true,
-                peers: vec![1, 2],
+                peers: vec![1, 2].into(),
                 suppressed: 1
             }
         );
@@ -517,5 +619,37 @@ mod tests {
             s.macs(5, now).is_empty(),
             "leaving the VNI forgets MACs behind the peer"
         );
+    }
+    #[test]
+    fn a_single_destination_is_held_inline() {
+        let mut s = gateway();
+        let now = Instant::now();
+        s.from_peer(2, 5, &frame(BCAST, mac(22)), now).unwrap();
+        let f = s.from_tap(5, &frame(mac(22), mac(7)), now).unwrap();
+        assert!(matches!(f.peers, Peers::One(2)), "{f:?}");
+        // A flood that reaches one peer is inline too; two or more are not.
+        let f = s.from_tap(6, &frame(BCAST, mac(8)), now).unwrap();
+        assert!(matches!(f.peers, Peers::One(3)), "{f:?}");
+        let f = s.from_tap(5, &frame(BCAST, mac(7)), now).unwrap();
+        assert!(
+            matches!(&f.peers, Peers::Many(v) if v == &[1, 2, 10, 11]),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn peer_sets_compare_by_their_peers() {
+        assert_eq!(Peers::One(4), Peers::from(vec![4]));
+        assert_eq!(Peers::Many(vec![]), Peers::None);
+        assert_eq!(Peers::from(vec![1, 2]).as_slice(), &[1, 2]);
+        assert_ne!(Peers::One(1), Peers::Many(vec![1, 2]));
+        let mut p = Peers::None;
+        for id in [9, 3, 5] {
+            p.push(id);
+        }
+        p.sort();
+        assert_eq!(p, [3, 5, 9]);
+        assert_eq!(p.len(), 3);
+        assert!(!p.is_empty() && Peers::None.is_empty());
     }
 }

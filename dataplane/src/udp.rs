@@ -68,22 +68,39 @@ fn v4(to: SocketAddr) -> Option<SockaddrIn> {
     }
 }
 
-/// Sends `bufs` to `to` as `bufs.len()` datagrams of `bufs[0].len()` bytes
-/// (the last may be shorter) in one system call.
-pub async fn send_segmented(sock: &UdpSocket, to: SocketAddr, bufs: &[&[u8]]) -> io::Result<()> {
+/// Sends `bufs` to `to` as one datagram each, all as long as the first
+/// (the last may be shorter), in one system call. At most [`MAX_SEGMENTS`];
+/// the I/O vector is on the stack, so a send allocates nothing.
+pub async fn send_segmented<'a>(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    bufs: impl IntoIterator<Item = &'a [u8]>,
+) -> io::Result<()> {
     let Some(addr) = v4(to) else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "IPv6 endpoint on an IPv4 socket",
         ));
     };
-    let seg = u16::try_from(bufs.first().map_or(0, |b| b.len()))
+    let mut iov = [IoSlice::new(&[]); MAX_SEGMENTS];
+    let mut n = 0;
+    for b in bufs {
+        let slot = iov.get_mut(n).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "more segments than one send takes",
+            )
+        })?;
+        *slot = IoSlice::new(b);
+        n += 1;
+    }
+    let iov = &iov[..n];
+    let seg = u16::try_from(iov.first().map_or(0, |b| b.len()))
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment too large"))?;
-    let iov: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
     let fd = sock.as_raw_fd();
     sock.async_io(Interest::WRITABLE, || {
         let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
-        sendmsg(fd, &iov, &cmsg, MsgFlags::empty(), Some(&addr))
+        sendmsg(fd, iov, &cmsg, MsgFlags::empty(), Some(&addr))
             .map(|_| ())
             .map_err(io::Error::from)
     })
@@ -123,14 +140,37 @@ const CMSG_ROOM: usize = 64;
 
 /// Buffers for receiving up to `n` datagrams (or GRO runs) with one
 /// `recvmmsg`: one system call for a burst of small packets, which GRO does
-/// not coalesce.
+/// not coalesce. The message headers live here too, so a receive allocates
+/// nothing.
 pub struct RecvBatch {
     bufs: Vec<Vec<u8>>,
     names: Vec<libc::sockaddr_in>,
     /// u64 words keep the control buffers aligned for `cmsghdr`.
     cmsgs: Vec<[u64; CMSG_ROOM / 8]>,
+    iovs: Vec<Iovec>,
+    hdrs: Vec<MmsgHdr>,
     got: Vec<(SocketAddr, usize, usize)>,
 }
+
+/// A `libc::iovec`, which holds a raw pointer and so is not `Send`.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Iovec(libc::iovec);
+
+/// A `libc::mmsghdr`, which holds raw pointers and so is not `Send`.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct MmsgHdr(libc::mmsghdr);
+
+// SAFETY: the pointers in these headers are only ever set by `recv_batch`,
+// right before the system call, to buffers of the `RecvBatch` that holds
+// them, and are not read after it; moving them to another thread moves
+// nothing they point at to another owner.
+#[allow(unsafe_code)]
+unsafe impl Send for Iovec {}
+// SAFETY: as for `Iovec`.
+#[allow(unsafe_code)]
+unsafe impl Send for MmsgHdr {}
 
 impl std::fmt::Debug for RecvBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -144,10 +184,16 @@ impl std::fmt::Debug for RecvBatch {
 impl RecvBatch {
     pub fn new(n: usize) -> Self {
         let n = n.max(1);
+        let iov = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
         Self {
             bufs: (0..n).map(|_| vec![0u8; RECV_BUF]).collect(),
             names: vec![zero_sockaddr(); n],
             cmsgs: vec![[0u64; CMSG_ROOM / 8]; n],
+            iovs: vec![Iovec(iov); n],
+            hdrs: vec![MmsgHdr(zero_mmsghdr()); n],
             got: Vec::with_capacity(n),
         }
     }
@@ -169,6 +215,13 @@ fn zero_sockaddr() -> libc::sockaddr_in {
     }
 }
 
+#[allow(unsafe_code)]
+fn zero_mmsghdr() -> libc::mmsghdr {
+    // SAFETY: mmsghdr is plain data (integers and pointers); all-zero is a
+    // valid empty header.
+    unsafe { std::mem::zeroed() }
+}
+
 /// Receives what is queued, up to the batch size, without blocking; returns
 /// how many datagrams (or GRO runs) arrived. `WouldBlock` when none.
 pub fn try_recv_batch(sock: &UdpSocket, b: &mut RecvBatch) -> io::Result<usize> {
@@ -179,33 +232,37 @@ pub fn try_recv_batch(sock: &UdpSocket, b: &mut RecvBatch) -> io::Result<usize> 
 #[allow(unsafe_code)]
 fn recv_batch(fd: std::os::fd::RawFd, b: &mut RecvBatch) -> io::Result<usize> {
     let n = b.bufs.len();
-    let mut iovs: Vec<libc::iovec> = b
+    // The kernel rewrites lengths and flags, so every header is set afresh;
+    // the pointers are taken now, from buffers nothing else borrows.
+    for ((((buf, iov), name), cmsg), h) in b
         .bufs
         .iter_mut()
-        .map(|buf| libc::iovec {
+        .zip(&mut b.iovs)
+        .zip(&mut b.names)
+        .zip(&mut b.cmsgs)
+        .zip(&mut b.hdrs)
+    {
+        iov.0 = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
-        })
-        .collect();
-    let mut hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(n);
-    for ((iov, name), cmsg) in iovs.iter_mut().zip(&mut b.names).zip(&mut b.cmsgs) {
-        // SAFETY: mmsghdr is plain data; all-zero is a valid empty header,
-        // filled in right below.
-        let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-        h.msg_hdr.msg_name = std::ptr::from_mut(name).cast();
-        h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        h.msg_hdr.msg_iov = std::ptr::from_mut(iov);
-        h.msg_hdr.msg_iovlen = 1;
-        h.msg_hdr.msg_control = cmsg.as_mut_ptr().cast();
-        h.msg_hdr.msg_controllen = CMSG_ROOM as _;
-        hdrs.push(h);
+        };
+        let m = &mut h.0.msg_hdr;
+        m.msg_name = std::ptr::from_mut(name).cast();
+        m.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        m.msg_iov = std::ptr::from_mut(&mut iov.0);
+        m.msg_iovlen = 1;
+        m.msg_control = cmsg.as_mut_ptr().cast();
+        m.msg_controllen = CMSG_ROOM as _;
+        m.msg_flags = 0;
+        h.0.msg_len = 0;
     }
-    // SAFETY: every header points into buffers owned by `b` and `iovs`,
-    // which outlive the call; the lengths given are those buffers' sizes.
+    // SAFETY: every header points into buffers owned by `b`, which outlive
+    // the call; the lengths given are those buffers' sizes. `MmsgHdr` is
+    // `repr(transparent)`, so its array is an array of `mmsghdr`.
     let r = unsafe {
         libc::recvmmsg(
             fd,
-            hdrs.as_mut_ptr(),
+            b.hdrs.as_mut_ptr().cast::<libc::mmsghdr>(),
             n as libc::c_uint,
             libc::MSG_DONTWAIT,
             std::ptr::null_mut(),
@@ -216,11 +273,8 @@ fn recv_batch(fd: std::os::fd::RawFd, b: &mut RecvBatch) -> io::Result<usize> {
     }
     let got = usize::try_from(r).unwrap_or(0);
     b.got.clear();
-    for h in &hdrs[..got] {
-        let name: &libc::sockaddr_in = {
-            // SAFETY: msg_name points at one of `b.names`, written by the kernel.
-            unsafe { &*h.msg_hdr.msg_name.cast::<libc::sockaddr_in>() }
-        };
+    for (h, name) in b.hdrs[..got].iter().zip(&b.names) {
+        let h = &h.0;
         let from = SocketAddr::V4(SocketAddrV4::new(
             u32::from_be(name.sin_addr.s_addr).into(),
             u16::from_be(name.sin_port),
@@ -299,7 +353,7 @@ mod tests {
             .map(|i| vec![i; if i == 4 { 33 } else { 1200 }])
             .collect();
         let refs: Vec<&[u8]> = bufs.iter().map(Vec::as_slice).collect();
-        match send_segmented(&tx, to, &refs).await {
+        match send_segmented(&tx, to, refs.iter().copied()).await {
             Ok(()) => {}
             Err(e) => {
                 eprintln!("skipping: UDP GSO not available here: {e}");
@@ -313,6 +367,18 @@ mod tests {
             got.push(buf[..n].to_vec());
         }
         assert_eq!(got, bufs);
+    }
+
+    #[tokio::test]
+    async fn a_segmented_send_beyond_the_kernel_limit_is_refused() {
+        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let one = [0u8; 10];
+        let too_many = std::iter::repeat_n(&one[..], MAX_SEGMENTS + 1);
+        let err = send_segmented(&tx, rx.local_addr().unwrap(), too_many)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[tokio::test]

@@ -35,6 +35,9 @@ const UDP_READS: usize = 8;
 const FLUSH_AT: usize = 64;
 /// Datagrams per `recvmmsg`.
 const RECV_BATCH: usize = 16;
+/// TAP frames handed to one `write_tap`: as many as one coalesced UDP
+/// super-frame holds (a TCP one holds fewer, 64 KiB of MTU-sized frames).
+const TAP_RUN: usize = 64;
 
 /// Buffers an I/O task keeps across wakeups.
 #[derive(Default)]
@@ -190,10 +193,11 @@ impl Daemon {
             // (bounded delay, fairness between directions).
             scratch.recycle();
             let mut drained = false;
+            // As in `tap_worker`: one clock read per wakeup and per await.
+            let mut now = Instant::now();
             for _ in 0..UDP_READS {
                 match udp::try_recv_batch(&sock, &mut batch) {
                     Ok(n) => {
-                        let now = Instant::now();
                         for i in 0..n {
                             let (from, data, seg) = batch.get(i);
                             for r in udp::gro_segments(data.len(), seg) {
@@ -209,6 +213,7 @@ impl Daemon {
                                 self.perform(&mut out, &mut scratch, worker).await;
                                 scratch.recycle();
                                 tokio::task::yield_now().await;
+                                now = Instant::now();
                             }
                         }
                         if n < RECV_BATCH {
@@ -268,10 +273,13 @@ impl Daemon {
             }
             scratch.recycle();
             let mut drained = false;
+            // One clock read per wakeup, not per frame: the engine uses it
+            // for MAC learning and aging (seconds), and a wakeup's reads
+            // take microseconds. It is read again after every await.
+            let mut now = Instant::now();
             for _ in 0..TAP_READS {
                 match dev.try_recv(&mut buf) {
                     Ok(len) => {
-                        let now = Instant::now();
                         let bufs = &mut scratch.bufs;
                         let r = offload::segment(&mut buf[..len], &mut seg_buf, |f| {
                             self.engine.handle_tap(vni, f, now, bufs, &mut out);
@@ -284,6 +292,7 @@ impl Daemon {
                             self.perform(&mut out, &mut scratch, worker).await;
                             scratch.recycle();
                             tokio::task::yield_now().await;
+                            now = Instant::now();
                         }
                     }
                     Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
@@ -350,14 +359,11 @@ impl Daemon {
                     }));
                     let mut sent = false;
                     if run > 1 {
-                        let bufs: Vec<&[u8]> = out[i..i + run]
-                            .iter()
-                            .filter_map(|o| match o {
-                                Output::Udp { data, .. } => Some(data.as_slice()),
-                                Output::Tap { .. } => None,
-                            })
-                            .collect();
-                        match udp::send_segmented(sock, to, &bufs).await {
+                        let bufs = out[i..i + run].iter().filter_map(|o| match o {
+                            Output::Udp { data, .. } => Some(data.as_slice()),
+                            Output::Tap { .. } => None,
+                        });
+                        match udp::send_segmented(sock, to, bufs).await {
                             Ok(()) => sent = true,
                             // E.g. a path MTU below the segment size: send
                             // them one by one below.
@@ -377,14 +383,21 @@ impl Daemon {
                 }
                 Output::Tap { vni, .. } => {
                     let vni = *vni;
-                    let frames: Vec<&[u8]> = out[i..]
-                        .iter()
-                        .map_while(|o| match o {
-                            Output::Tap { vni: v, frame } if *v == vni => Some(frame.as_slice()),
-                            _ => None,
-                        })
-                        .collect();
-                    i += frames.len();
+                    // A run of this network's frames, on the stack: a
+                    // coalesced write takes at most `TAP_RUN` of them anyway.
+                    let mut frames: [&[u8]; TAP_RUN] = [&[]; TAP_RUN];
+                    let mut n = 0;
+                    for o in out[i..].iter().take(TAP_RUN) {
+                        match o {
+                            Output::Tap { vni: v, frame } if *v == vni => {
+                                frames[n] = frame;
+                                n += 1;
+                            }
+                            _ => break,
+                        }
+                    }
+                    let frames = &frames[..n];
+                    i += n.max(1);
                     if tap.as_ref().is_none_or(|(v, _)| *v != vni) {
                         let queues = self
                             .taps
@@ -396,7 +409,7 @@ impl Daemon {
                         tap = Some((vni, queues));
                     }
                     let Some((_, queues)) = &tap else { continue };
-                    write_tap(queues, &frames, &mut scratch.gro, vni).await;
+                    write_tap(queues, frames, &mut scratch.gro, vni).await;
                 }
             }
         }

@@ -8,7 +8,7 @@ use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, TunnResult};
 
-use super::{Buffers, Engine, Output, POOL_MAX, State, lock, wg_error_label};
+use super::{BUF_SIZE, Buffers, Engine, Output, State, lock, wg_error_label};
 use crate::switch::{DropReason, Forward, PeerId, Port};
 use crate::wire;
 
@@ -83,6 +83,32 @@ impl Engine {
             Packet::PacketCookieReply(p) => (p.receiver_idx >> 8, false),
             Packet::PacketData(p) => (p.receiver_idx >> 8, false),
         };
+        // Decrypt into a buffer of its own, so that the inner packet can be
+        // switched straight from it (no copy) while `bufs` stays free for the
+        // outputs. Every path below returns here, so the buffer is kept.
+        let mut dec = std::mem::take(&mut bufs.dec);
+        if dec.len() < BUF_SIZE {
+            dec.resize(BUF_SIZE, 0);
+        }
+        self.receive(&st, id, to_current_key, src, data, now, &mut dec, bufs, out);
+        bufs.dec = dec;
+    }
+
+    /// The rest of [`Engine::handle_datagram`] once the peer is known:
+    /// decrypt into `dec`, then switch what came out.
+    #[allow(clippy::too_many_arguments)]
+    fn receive(
+        &self,
+        st: &State,
+        id: PeerId,
+        to_current_key: bool,
+        src: SocketAddr,
+        data: &[u8],
+        now: Instant,
+        dec: &mut [u8],
+        bufs: &mut Buffers,
+        out: &mut Vec<Output>,
+    ) {
         let Some(cell) = st.peers.get(&id) else {
             self.count_drop("unknown_index");
             return;
@@ -94,9 +120,9 @@ impl Engine {
             // which the peer has dropped too).
             st.move_to_current_key(&mut peer);
         }
-        let mut delivered: Option<Vec<u8>> = None;
+        let mut delivered: Option<&[u8]> = None;
         let mut ok = false;
-        match peer.tunn.decapsulate(Some(src.ip()), data, &mut bufs.buf) {
+        match peer.tunn.decapsulate(Some(src.ip()), data, dec) {
             TunnResult::Done => ok = true,
             TunnResult::Err(e) => peer.drop_packet(wg_error_label(&e)),
             TunnResult::WriteToNetwork(reply) => {
@@ -119,7 +145,7 @@ impl Engine {
             }
             TunnResult::WriteToTunnelV4(pkt, _) => {
                 ok = true;
-                delivered = Some(Buffers::pooled(&mut bufs.pool, pkt));
+                delivered = Some(pkt);
             }
             TunnResult::WriteToTunnelV6(..) => {
                 ok = true;
@@ -135,10 +161,8 @@ impl Engine {
         peer.stats.rx_bytes += data.len() as u64;
         let tunnel_ip = peer.cfg.tunnel_ip;
         drop(peer);
-        let Some(pkt) = delivered else { return };
-        self.deliver(&st, id, tunnel_ip, &pkt, now, bufs, out);
-        if bufs.pool.len() < POOL_MAX {
-            bufs.pool.push(pkt);
+        if let Some(pkt) = delivered {
+            self.deliver(st, id, tunnel_ip, pkt, now, bufs, out);
         }
     }
 
@@ -229,7 +253,7 @@ impl Engine {
             }
             return;
         };
-        for id in fwd.peers {
+        for &id in &fwd.peers {
             let Some(cell) = st.peers.get(&id) else {
                 continue;
             };

@@ -24,7 +24,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519::{PublicKey, StaticSecret};
 
 use crate::config::{Config, Diff, PeerConfig};
-use crate::switch::{PeerId, Port, Switch};
+use crate::switch::{FastMap, PeerId, Port, Switch};
 
 use peer::Peer;
 pub use peer::{PeerStats, PeerView};
@@ -48,11 +48,14 @@ pub enum Output {
     Tap { vni: u32, frame: Vec<u8> },
 }
 
-/// Scratch space of one worker: boringtun's output buffer, the inner packet
+/// Scratch space of one worker: boringtun's output buffers, the inner packet
 /// being built, and a pool of output buffers so that a warmed-up worker does
 /// not allocate per packet.
 pub struct Buffers {
     buf: Vec<u8>,
+    /// Where received datagrams are decrypted; sized on first use, as only
+    /// the underlay readers need it.
+    dec: Vec<u8>,
     inner: Vec<u8>,
     pool: Vec<Vec<u8>>,
 }
@@ -61,6 +64,7 @@ impl Default for Buffers {
     fn default() -> Self {
         Self {
             buf: vec![0; BUF_SIZE],
+            dec: Vec::new(),
             inner: Vec::with_capacity(BUF_SIZE),
             pool: Vec::new(),
         }
@@ -111,7 +115,7 @@ struct State {
     public: PublicKey,
     limiter: Arc<RateLimiter>,
     cfg: Config,
-    peers: HashMap<PeerId, Mutex<Peer>>,
+    peers: FastMap<PeerId, Mutex<Peer>>,
     by_key: HashMap<[u8; 32], PeerId>,
     next_id: PeerId,
     last_limiter_reset: Option<Instant>,
@@ -214,7 +218,7 @@ impl Engine {
                 secret,
                 public,
                 cfg: Config::default(),
-                peers: HashMap::new(),
+                peers: FastMap::default(),
                 by_key: HashMap::new(),
                 next_id: 1,
                 last_limiter_reset: None,
@@ -439,5 +443,7 @@ impl Engine {
 
 #[cfg(test)]
 mod concurrency_tests;
+#[cfg(test)]
+mod cost_tests;
 #[cfg(test)]
 mod tests;
