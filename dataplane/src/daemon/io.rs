@@ -347,7 +347,6 @@ impl Daemon {
             out.clear();
             return;
         };
-        let mut tap: Option<(u32, Vec<Arc<AsyncDevice>>)> = None;
         let mut i = 0;
         while i < out.len() {
             match &out[i] {
@@ -398,18 +397,7 @@ impl Daemon {
                     }
                     let frames = &frames[..n];
                     i += n.max(1);
-                    if tap.as_ref().is_none_or(|(v, _)| *v != vni) {
-                        let queues = self
-                            .taps
-                            .read()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .get(&vni)
-                            .map(|t| t.queues.clone())
-                            .unwrap_or_default();
-                        tap = Some((vni, queues));
-                    }
-                    let Some((_, queues)) = &tap else { continue };
-                    write_tap(queues, frames, &mut scratch.gro, vni).await;
+                    self.write_tap(vni, frames, &mut scratch.gro).await;
                 }
             }
         }
@@ -439,33 +427,48 @@ fn read_frame(dev: &AsyncDevice, buf: &mut [u8]) -> std::io::Result<usize> {
     }
 }
 
-/// Writes frames of one network to its TAP, runs of one TCP or UDP flow as
-/// one super-frame: one write, one trip through bridge and pod stack. Each
-/// run goes to the queue of its flow hash, which is where the kernel then
-/// puts the flow's packets in the other direction.
-async fn write_tap(queues: &[Arc<AsyncDevice>], frames: &[&[u8]], gro: &mut Vec<u8>, vni: u32) {
-    if queues.is_empty() {
-        return;
+impl Daemon {
+    /// The queue of TAP `vni` that a frame of flow hash `hash` goes to. Only
+    /// that queue is taken from the table, not a copy of the whole list per
+    /// send.
+    fn tap_queue(&self, vni: u32, hash: u32) -> Option<Arc<AsyncDevice>> {
+        let taps = self
+            .taps
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let queues = &taps.get(&vni)?.queues;
+        queues.get(hash as usize % queues.len().max(1)).cloned()
     }
-    let mut j = 0;
-    while j < frames.len() {
-        let dev = &queues[offload::flow_hash(frames[j]) as usize % queues.len()];
-        let n = offload::coalesce(&frames[j..], gro).max(1);
-        let iov = if n > 1 {
-            [IoSlice::new(gro), IoSlice::new(&[])]
-        } else {
-            [
-                IoSlice::new(&offload::PLAIN_RX_HDR),
-                IoSlice::new(frames[j]),
-            ]
-        };
-        j += n;
-        let r = match dev.try_send_vectored(&iov) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => dev.send_vectored(&iov).await,
-            r => r,
-        };
-        if let Err(e) = r {
-            tracing::debug!(error = %e, vni, "tap write");
+
+    /// Writes frames of one network to its TAP, runs of one TCP or UDP flow
+    /// as one super-frame: one write, one trip through bridge and pod stack.
+    /// Each run goes to the queue of its flow hash, which is where the
+    /// kernel then puts the flow's packets in the other direction.
+    async fn write_tap(&self, vni: u32, frames: &[&[u8]], gro: &mut Vec<u8>) {
+        let mut j = 0;
+        while j < frames.len() {
+            let Some(dev) = self.tap_queue(vni, offload::flow_hash(frames[j])) else {
+                return;
+            };
+            let n = offload::coalesce(&frames[j..], gro).max(1);
+            let iov = if n > 1 {
+                [IoSlice::new(gro), IoSlice::new(&[])]
+            } else {
+                [
+                    IoSlice::new(&offload::PLAIN_RX_HDR),
+                    IoSlice::new(frames[j]),
+                ]
+            };
+            j += n;
+            let r = match dev.try_send_vectored(&iov) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    dev.send_vectored(&iov).await
+                }
+                r => r,
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %e, vni, "tap write");
+            }
         }
     }
 }
