@@ -98,7 +98,8 @@ pub(super) fn open_tap(
     mtu: u32,
     workers: &Workers,
 ) -> Result<Vec<Arc<AsyncDevice>>, Error> {
-    let queues = workers.len() * QUEUES_PER_WORKER;
+    // The kernel allows at most 256 queues per TAP (MAX_TAP_QUEUES).
+    let queues = (workers.len() * QUEUES_PER_WORKER).clamp(1, 256);
     let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
     let first = {
         let _rt = workers.handle(0).enter();
