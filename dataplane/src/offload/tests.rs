@@ -510,6 +510,26 @@ fn udp_runs_coalesce_and_resegment_to_the_same_datagrams() {
     }
 }
 
+/// TCP and UDP runs go through one IP parse and one super-frame finish:
+/// runs of both, back to back, come out as one super-frame each that
+/// re-segments to exactly the frames that went in.
+#[test]
+fn tcp_and_udp_runs_back_to_back_resegment_to_the_same_frames() {
+    for v6 in [false, true] {
+        let tcp = segments_of(v6, 3 * 1000 + 9, 1000, TCP_ACK);
+        let udp = udp_segments(v6, 5 * 200 + 1, 200);
+        let frames: Vec<Vec<u8>> = tcp.iter().chain(&udp).chain(&tcp).cloned().collect();
+        let runs = coalesce_all(&frames);
+        let lens: Vec<usize> = runs.iter().map(|(n, _)| *n).collect();
+        assert_eq!(lens, [tcp.len(), udp.len(), tcp.len()], "v6 {v6}");
+        let mut again = Vec::new();
+        for (_, mut sup) in runs {
+            again.extend(run(&mut sup).into_iter().map(|s| s.frame));
+        }
+        assert_eq!(again, frames, "v6 {v6}");
+    }
+}
+
 #[test]
 fn udp_runs_stop_where_a_receiver_could_tell() {
     let segs = udp_segments(false, 100 * 64, 64);
