@@ -6,9 +6,14 @@
 #
 # Usage: sudo e2e/bench-dataplane.sh            (builds the release binary)
 #        BIN=/path/to/l2mesh-dataplane DURATION=10 sudo -E e2e/bench-dataplane.sh
-#        PATHS="l2mesh wggo" sudo -E e2e/bench-dataplane.sh   (a subset of l2mesh wggo vxlan)
-#        PROFILE=/tmp/prof sudo -E e2e/bench-dataplane.sh  (perf profile of the tunnel
-#          processes during the 64-byte test: /tmp/prof-<path>-64B.data)
+#        PATHS="l2mesh wggo" sudo -E e2e/bench-dataplane.sh   (a subset of l2mesh wggo vxlan
+#          direct; direct is both pods on one bridge, no tunnel: this machine's ceiling)
+#        BEFORE=/old/l2mesh-dataplane PATHS="before l2mesh wggo" ...  (an earlier build too)
+#        PROFILE=/tmp/prof sudo -E e2e/bench-dataplane.sh  (perf profiles of the tunnel
+#          processes: /tmp/prof-<path>-{tcp1,tcp4,64B}.data)
+#        taskset -c 0 sudo -E e2e/bench-dataplane.sh  (everything on one core: with the
+#          two-core figures, how each path scales with cores)
+#        REPEAT=3 sudo -E e2e/bench-dataplane.sh  (three interleaved rounds, medians)
 #        COUNT=1 sudo -E e2e/bench-dataplane.sh  (system calls and context switches per
 #          64-byte packet, from perf stat)
 # Needs: root, ip, iperf3, ping, wireguard-go, wg.
@@ -24,20 +29,30 @@ if [[ -z "${BIN:-}" ]]; then
   (cd "$ROOT" && cargo build --release -q -p l2mesh-dataplane)
   BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/l2mesh-dataplane"
 fi
+if [[ -z "${FLOOD:-}" ]]; then
+  (cd "$ROOT" && cargo build --release -q -p l2mesh-e2e --bin l2mesh-udpflood)
+  FLOOD="${CARGO_TARGET_DIR:-$ROOT/target}/release/l2mesh-udpflood"
+fi
 for t in ip iperf3 ping wireguard-go wg; do
   command -v "$t" >/dev/null || { echo "missing tool: $t" >&2; exit 2; }
 done
 
 # ns is called in $(...) subshells, so the names to clean up go to a file.
-ns() { local n="$TAG-$1"; echo "$n" >>"$WORK/netns"; ip netns add "$n"; ip -n "$n" link set lo up; echo "$n"; }
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done
-  sleep 0.3
+ROUND=1
+ns() { local n="$TAG-$ROUND-$1"; echo "$n" >>"$WORK/netns"; ip netns add "$n"; ip -n "$n" link set lo up; echo "$n"; }
+# Stops everything in the namespaces made so far and removes them.
+teardown() {
   for n in $(cat "$WORK/netns" 2>/dev/null); do
     for p in $(ip netns pids "$n" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
     ip netns del "$n" 2>/dev/null || true
   done
+  : >"$WORK/netns"
   rm -f /var/run/wireguard/"bw$$"*.sock
+}
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  teardown
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -87,8 +102,15 @@ measure() {
         awk -F/ '/rtt/{print $5}' >"$WORK/loaded-rtt") &
       pinger=$!
     fi
+    local tprof=""
+    if [[ -n "${PROFILE:-}" && -n "${DAEMONS// /}" ]]; then
+      perf record -q -e cpu-clock -g -p "$(echo $DAEMONS | tr ' ' ,)" -o "$PROFILE-$name-tcp$streams.data" \
+        -- sleep "$DURATION" >/dev/null 2>&1 &
+      tprof=$!
+    fi
     out=$(ip netns exec "$PA" iperf3 -c 10.9.0.2 -t "$DURATION" -P "$streams" -J)
     c1=$(cpu_busy); d1=$(cpu_daemons)
+    [[ -n $tprof ]] && wait "$tprof"
     [[ -n $pinger ]] && wait "$pinger"
     pinger=""
     bps=$(echo "$out" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["end"]["sum_received"]["bits_per_second"])')
@@ -135,15 +157,34 @@ import json,sys
 s=json.load(sys.stdin)['end']['sum']; got=max(s['packets']-s['lost_packets'],1)
 print('%.0f' % (got/max(s['seconds'],1e-9)/1e3), '%.1f' % (($u1-$u0)/$HZ/got*1e6) if '$DAEMONS'.strip() else '-')" ||
     echo "nan nan")
+  # The same with l2mesh-udpflood, whose sender batches with sendmmsg and
+  # so offers far more than iperf3's one datagram per system call: what
+  # arrives then says what the path carries, not what the sender manages.
+  local flood
+  u0=$(cpu_daemons)
+  ip netns exec "$PB" "$FLOOD" recv --bind 10.9.0.2:5300 --idle 1 --max-seconds $((DURATION + 15)) \
+    >"$WORK/flood-recv" &
+  local counter=$!
+  sleep 0.3
+  ip netns exec "$PA" "$FLOOD" send --to 10.9.0.2:5300 --seconds "$DURATION" >"$WORK/flood-send" || true
+  wait "$counter" || true
+  u1=$(cpu_daemons)
+  flood=$(python3 -c "
+import json
+s=json.load(open('$WORK/flood-send')); r=json.load(open('$WORK/flood-recv'))
+got=max(r['packets'],1)
+print('%.0f' % (got/max(s['seconds'],1e-9)/1e3), '%.0f' % (s['packets']/max(s['seconds'],1e-9)/1e3),
+      '%.1f' % (($u1-$u0)/$HZ/got*1e6) if '$DAEMONS'.strip() else '-')" 2>/dev/null || echo "nan nan nan")
   local lrtt
   lrtt=$(cat "$WORK/loaded-rtt" 2>/dev/null)
-  echo "$name ${res[*]} ${rtt:-nan} $pps ${lrtt:-nan}" >> "$WORK/results"
+  echo "$name ${res[*]} ${rtt:-nan} $pps ${lrtt:-nan} $flood" >> "$WORK/results"
 }
 
 # ---------------------------------------------------------------- l2mesh
-bench_l2mesh() {
+bench_l2mesh() { # [binary] [name] [namespace tag]
+  local BIN=${1:-$BIN} label=${2:-l2mesh-dataplane} tag=${3:-dp}
   DAEMONS=""
-  mk_nodes dp
+  mk_nodes "$tag"
   local keys=() ports=()
   for n in "$A" "$B"; do
     ip netns exec "$n" "$BIN" run --socket "$WORK/$n.sock" --state-dir "$WORK/$n" --listen-port 0 \
@@ -172,7 +213,13 @@ EOF
   "$BIN" --socket "$WORK/$A.sock" attach bench hpa >/dev/null
   "$BIN" --socket "$WORK/$B.sock" attach bench hpb >/dev/null
   ip netns exec "$PA" ping -c 3 -W 2 10.9.0.2 >/dev/null
-  measure "l2mesh-dataplane"
+  measure "$label"
+}
+
+# The same with an earlier build ($BEFORE), for before/after in one run.
+bench_before() {
+  [[ -n "${BEFORE:-}" ]] || { echo "PATHS has before: set BEFORE=/path/to/old/l2mesh-dataplane" >&2; exit 2; }
+  bench_l2mesh "$BEFORE" l2mesh-before bf
 }
 
 # ---------------------------------------------------------------- vxlan over wireguard-go
@@ -227,28 +274,62 @@ bench_vxlan() {
   measure "kernel-vxlan"
 }
 
-for p in ${PATHS:-l2mesh wggo vxlan}; do
-  case $p in
-    l2mesh | wggo | vxlan) "bench_$p" ;;
-    *) echo "unknown path $p (use l2mesh, wggo, vxlan)" >&2; exit 2 ;;
-  esac
+# ---------------------------------------------------------------- no tunnel at all
+# Both pods on one bridge in one node: what the pods, veths and the load
+# generators cost by themselves, the ceiling no tunnel can pass on this
+# machine.
+bench_direct() {
+  DAEMONS=""
+  mk_nodes dr
+  ip -n "$A" link add br0 type bridge
+  ip -n "$A" link set br0 up
+  mk_pod "$A" "$PA" 10.9.0.1/24 1500 br0 hpa
+  mk_pod "$A" "$PB" 10.9.0.2/24 1500 br0 hpb
+  ip netns exec "$PA" ping -c 3 -W 2 10.9.0.2 >/dev/null
+  measure "no-tunnel-one-bridge"
+}
+
+# REPEAT rounds of all paths, interleaved so that drift in what else the
+# machine does touches every path alike; the table gives medians.
+for ROUND in $(seq "${REPEAT:-1}"); do
+  for p in ${PATHS:-l2mesh wggo vxlan direct}; do
+    case $p in
+      l2mesh | before | wggo | vxlan | direct) "bench_$p" ;;
+      *) echo "unknown path $p (use l2mesh, before, wggo, vxlan, direct)" >&2; exit 2 ;;
+    esac
+    teardown
+  done
 done
 
 [[ -f "$WORK/counts" ]] && cat "$WORK/counts"
 python3 - "$WORK/results" <<'EOF'
 import sys
-rows = [l.split() for l in open(sys.argv[1])]
+import statistics
+runs = {}
+for l in open(sys.argv[1]):
+    f = l.split()
+    runs.setdefault(f[0], []).append(f[1:])
+def median(col):
+    try:
+        v = statistics.median(float(x) for x in col)
+        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+    except ValueError:
+        return col[0]
+rows = [[name] + [median(col) for col in zip(*rs)] for name, rs in runs.items()]
+if any(len(rs) > 1 for rs in runs.values()):
+    print(f"medians of {max(len(rs) for rs in runs.values())} interleaved rounds")
 ref = {r[0]: r for r in rows}
 wg = ref.get("vxlan-over-wireguard-go")
 print("CPU s/GB: whole machine (noisy when it is shared) / tunnel processes only; (1) and (4) streams")
-print("64B kpps: 64-byte UDP datagrams received per second (thousands), one sender")
+print("64B kpps: 64-byte UDP datagrams received per second (thousands), one iperf3 sender")
 print("us/pkt: tunnel processes' CPU microseconds per 64-byte datagram received")
+print("flood: the same with l2mesh-udpflood (sendmmsg batches): received kpps / offered kpps / us/pkt")
 print("RTT ms: idle / while one stream runs")
-print(f"{'path':<26}{'1 stream':>12}{'4 streams':>13}{'CPU s/GB(1)':>15}{'CPU s/GB(4)':>15}{'RTT ms':>14}{'64B kpps':>10}{'us/pkt':>8}{'vs wg-go (1/4/64B)':>22}")
-for name, g1, c1, d1, g4, c4, d4, rtt, pps, upp, lrtt in rows:
+print(f"{'path':<26}{'1 stream':>12}{'4 streams':>13}{'CPU s/GB(1)':>15}{'CPU s/GB(4)':>15}{'RTT ms':>14}{'64B kpps':>10}{'us/pkt':>8}{'flood':>18}{'vs wg-go (1/4/64B/flood)':>28}")
+for name, g1, c1, d1, g4, c4, d4, rtt, pps, upp, lrtt, fk, fo, fu in rows:
     ratio = ""
     if wg:
         r = lambda a, b: f"{float(a)/max(float(b),1e-9):.2f}x"
-        ratio = f"{r(g1, wg[1])}/{r(g4, wg[4])}/{r(pps, wg[8])}"
-    print(f"{name:<26}{g1+' Gb/s':>12}{g4+' Gb/s':>13}{c1+' / '+d1:>15}{c4+' / '+d4:>15}{rtt+' / '+lrtt:>14}{pps:>10}{upp:>8}{ratio:>22}")
+        ratio = f"{r(g1, wg[1])}/{r(g4, wg[4])}/{r(pps, wg[8])}/{r(fk, wg[11])}"
+    print(f"{name:<26}{g1+' Gb/s':>12}{g4+' Gb/s':>13}{c1+' / '+d1:>15}{c4+' / '+d4:>15}{rtt+' / '+lrtt:>14}{pps:>10}{upp:>8}{fk+' / '+fo+' / '+fu:>18}{ratio:>28}")
 EOF
