@@ -8,35 +8,18 @@ mod common;
 
 use std::time::Duration;
 
-use common::bulk::both_ways;
-use common::{Node, Underlay, can_run, ping_ok};
-use l2mesh_proto::node::PeerGroup;
+use common::bulk::{PodAddrs, TwoNodePods, both_ways};
 
-const BLUE: u32 = 100;
 const LEN: usize = 24 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_tcp_both_ways_over_offloads_is_intact() {
-    if !can_run(&["ping"]) {
+    let Some(t) = TwoNodePods::start(&[], PodAddrs::DualStack).await else {
         return;
-    }
-    let mut wire = Underlay::new();
-    let a = Node::start("a", &mut wire, "100.64.0.1").await;
-    let b = Node::start("b", &mut wire, "100.64.0.2").await;
-    let nets = &[("blue", BLUE)];
-    a.apply(nets, vec![b.as_peer(PeerGroup::Local, &[BLUE])])
-        .await;
-    b.apply(nets, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
-        .await;
-    let a1 = a.pod("a1", "blue", &["10.1.0.1/24", "fd00:1::1/64"]).await;
-    let b1 = b
-        .pod("b1", "blue", &["10.1.0.11/24", "fd00:1::11/64"])
-        .await;
-    assert!(ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)));
-    assert!(ping_ok(&a1, "fd00:1::11", Duration::from_secs(10)));
+    };
 
     // A frame of exactly the network MTU (1390) with DF set crosses.
-    let o = a1.try_exec(&[
+    let o = t.a1.try_exec(&[
         "ping",
         "-c",
         "2",
@@ -49,7 +32,7 @@ async fn bulk_tcp_both_ways_over_offloads_is_intact() {
         "10.1.0.11",
     ]);
     assert!(o.status.success(), "MTU-sized ping: {o:?}");
-    let o = a1.try_exec(&[
+    let o = t.a1.try_exec(&[
         "ping",
         "-c",
         "2",
@@ -63,26 +46,16 @@ async fn bulk_tcp_both_ways_over_offloads_is_intact() {
     ]);
     assert!(o.status.success(), "MTU-sized IPv6 ping: {o:?}");
 
-    let (a1, b1) = (std::sync::Arc::new(a1), std::sync::Arc::new(b1));
-    let (x, y) = (a1.clone(), b1.clone());
+    let (x, y) = (t.a1.clone(), t.b1.clone());
     tokio::task::spawn_blocking(move || both_ways(&x, &y, "10.1.0.11:0", LEN))
         .await
         .unwrap();
-    let (x, y) = (a1.clone(), b1.clone());
+    let (x, y) = (t.a1.clone(), t.b1.clone());
     tokio::task::spawn_blocking(move || both_ways(&x, &y, "[fd00:1::11]:0", LEN))
         .await
         .unwrap();
 
-    for n in [&a, &b] {
-        let s = n.status().await;
-        let bad: u64 = s
-            .drops
-            .iter()
-            .filter(|d| d.reason == "bad_offload")
-            .map(|d| d.count)
-            .sum();
-        assert_eq!(bad, 0, "frames the TAP offload path could not handle");
-    }
+    t.assert_no_bad_offload().await;
 }
 
 /// UDP through the offload paths, IPv4 and IPv6: bursts of equal datagrams
@@ -94,23 +67,9 @@ async fn bulk_tcp_both_ways_over_offloads_is_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_bursts_and_segmented_sends_arrive_intact() {
     use common::udp::{Plan, check, exchange, udp_in};
-    if !can_run(&["ping"]) {
+    let Some(t) = TwoNodePods::start(&[], PodAddrs::DualStack).await else {
         return;
-    }
-    let mut wire = Underlay::new();
-    let a = Node::start("a", &mut wire, "100.64.0.1").await;
-    let b = Node::start("b", &mut wire, "100.64.0.2").await;
-    let nets = &[("blue", BLUE)];
-    a.apply(nets, vec![b.as_peer(PeerGroup::Local, &[BLUE])])
-        .await;
-    b.apply(nets, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
-        .await;
-    let a1 = a.pod("a1", "blue", &["10.1.0.1/24", "fd00:1::1/64"]).await;
-    let b1 = b
-        .pod("b1", "blue", &["10.1.0.11/24", "fd00:1::11/64"])
-        .await;
-    assert!(ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)));
-    assert!(ping_ok(&a1, "fd00:1::11", Duration::from_secs(10)));
+    };
 
     // Network MTU 1390: the largest UDP payload is 1362 over IPv4, 1342
     // over IPv6.
@@ -126,8 +85,8 @@ async fn udp_bursts_and_segmented_sends_arrive_intact() {
             7,
             &[max + 1, 4000, 20_000],
         );
-        let tx = udp_in(&a1, from);
-        let rx = udp_in(&b1, to);
+        let tx = udp_in(&t.a1, from);
+        let rx = udp_in(&t.b1, to);
         let dst = rx.local_addr().unwrap();
         let got = tokio::task::spawn_blocking(move || {
             let got = exchange(&tx, rx, dst, &plan, Duration::from_secs(10));
@@ -138,16 +97,7 @@ async fn udp_bursts_and_segmented_sends_arrive_intact() {
         check(&got.0, &got.1, 0.95, what);
     }
 
-    for n in [&a, &b] {
-        let s = n.status().await;
-        let bad: u64 = s
-            .drops
-            .iter()
-            .filter(|d| d.reason == "bad_offload")
-            .map(|d| d.count)
-            .sum();
-        assert_eq!(bad, 0, "frames the TAP offload path could not handle");
-    }
+    t.assert_no_bad_offload().await;
 }
 
 /// CPU ticks (user + system) of each packet worker thread of a process.
@@ -180,30 +130,18 @@ fn worker_ticks(pid: u32) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flows_to_one_peer_spread_over_the_workers() {
     use common::bulk::{check_all, connect_in, send_all};
-    if !can_run(&["ping"]) {
+    let Some(t) = TwoNodePods::start(&["--workers", "2"], PodAddrs::Ipv4).await else {
         return;
-    }
-    let workers = |_: &common::Node| vec!["--workers".to_string(), "2".to_string()];
-    let mut wire = Underlay::new();
-    let a = common::Node::start_with("a", &mut wire, "100.64.0.1", workers).await;
-    let b = common::Node::start_with("b", &mut wire, "100.64.0.2", workers).await;
-    let nets = &[("blue", BLUE)];
-    a.apply(nets, vec![b.as_peer(PeerGroup::Local, &[BLUE])])
-        .await;
-    b.apply(nets, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
-        .await;
-    let a1 = a.pod("a1", "blue", &["10.1.0.1/24"]).await;
-    let b1 = b.pod("b1", "blue", &["10.1.0.11/24"]).await;
-    assert!(ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)));
+    };
 
     const FLOWS: usize = 16;
     const EACH: usize = 8 << 20;
-    let pid = a.proc.as_ref().unwrap().child.id();
+    let pid = t.a.proc.as_ref().unwrap().child.id();
     let before = worker_ticks(pid);
     assert_eq!(before.len(), 2, "node a runs two workers");
-    let listener = common::listen_in(&b1, "10.1.0.11:0");
+    let listener = common::listen_in(&t.b1, "10.1.0.11:0");
     let dst = listener.local_addr().unwrap();
-    let a1 = std::sync::Arc::new(a1);
+    let a1 = t.a1.clone();
     tokio::task::spawn_blocking(move || {
         let server = std::thread::spawn(move || {
             let readers: Vec<_> = (0..FLOWS)

@@ -1,10 +1,108 @@
-//! Bulk TCP between two namespaces with every byte checked.
+//! Bulk TCP between two namespaces with every byte checked, and the
+//! two-node setup the bulk tests share.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Netns, listen_in};
+use l2mesh_proto::node::PeerGroup;
+
+use super::{Netns, Node, Underlay, can_run, listen_in, ping_ok};
+
+/// VNI of the network "blue" that [`TwoNodePods`] sets up.
+pub const BLUE: u32 = 100;
+
+/// Which addresses the pods of [`TwoNodePods`] get.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum PodAddrs {
+    /// 10.1.0.1/24 on `a1`, 10.1.0.11/24 on `b1`.
+    Ipv4,
+    /// Those and fd00:1::1/64 on `a1`, fd00:1::11/64 on `b1`.
+    DualStack,
+}
+
+/// Two daemons (nodes `a` and `b`, tunnel IPs 100.64.0.1 and 100.64.0.2) on
+/// one underlay, peers of each other in the local group on network "blue",
+/// with one pod on each (`a1` and `b1`) that can already ping the other.
+/// Everything is torn down on drop (pods, then daemons and their
+/// namespaces, then the underlay); the pods are `Arc`s so blocking tasks can
+/// use them.
+pub struct TwoNodePods {
+    pub a1: Arc<Netns>,
+    pub b1: Arc<Netns>,
+    pub a: Node,
+    pub b: Node,
+    pub wire: Underlay,
+}
+
+impl TwoNodePods {
+    /// Sets it all up, each daemon run with `daemon_args` as extra `run`
+    /// arguments; `None` when this host cannot run the test (`can_run` has
+    /// said why, or panicked under CI).
+    pub async fn start(daemon_args: &[&str], addrs: PodAddrs) -> Option<Self> {
+        if !can_run(&["ping"]) {
+            return None;
+        }
+        let args =
+            |_: &Node| -> Vec<String> { daemon_args.iter().map(|s| (*s).to_string()).collect() };
+        let mut wire = Underlay::new();
+        let a = Node::start_with("a", &mut wire, "100.64.0.1", args).await;
+        let b = Node::start_with("b", &mut wire, "100.64.0.2", args).await;
+        let nets = &[("blue", BLUE)];
+        a.apply(nets, vec![b.as_peer(PeerGroup::Local, &[BLUE])])
+            .await;
+        b.apply(nets, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
+            .await;
+        let dual = addrs == PodAddrs::DualStack;
+        let (a1_addrs, b1_addrs): (&[&str], &[&str]) = if dual {
+            (
+                &["10.1.0.1/24", "fd00:1::1/64"],
+                &["10.1.0.11/24", "fd00:1::11/64"],
+            )
+        } else {
+            (&["10.1.0.1/24"], &["10.1.0.11/24"])
+        };
+        let a1 = a.pod("a1", "blue", a1_addrs).await;
+        let b1 = b.pod("b1", "blue", b1_addrs).await;
+        assert!(ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)));
+        if dual {
+            assert!(ping_ok(&a1, "fd00:1::11", Duration::from_secs(10)));
+        }
+        Some(Self {
+            a1: Arc::new(a1),
+            b1: Arc::new(b1),
+            a,
+            b,
+            wire,
+        })
+    }
+
+    /// Fails the test if either node counted a frame its TAP offload path
+    /// could not handle.
+    pub async fn assert_no_bad_offload(&self) {
+        for n in [&self.a, &self.b] {
+            assert_no_bad_offload(n).await;
+        }
+    }
+}
+
+/// Fails the test if `node` counted a frame its TAP offload path could not
+/// handle (drop reason `bad_offload`).
+pub async fn assert_no_bad_offload(node: &Node) {
+    let s = node.status().await;
+    let bad: u64 = s
+        .drops
+        .iter()
+        .filter(|d| d.reason == "bad_offload")
+        .map(|d| d.count)
+        .sum();
+    assert_eq!(
+        bad, 0,
+        "frames the TAP offload path of {} could not handle",
+        node.ns.name
+    );
+}
 
 pub fn pattern(i: usize) -> u8 {
     // Not periodic at any power of two, so shifted or repeated segments show.
