@@ -5,12 +5,39 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Node, Underlay, can_run, peer_drop, ping_ok};
+use common::{Netns, Node, Underlay, can_run, peer_drop, ping_ok};
 use l2mesh_proto::node::PeerGroup;
 
 const BLUE: u32 = 100;
 const RED: u32 = 200;
 const NETS: &[(&str, u32)] = &[("blue", BLUE), ("red", RED)];
+
+/// Nodes `a` (tunnel IP 100.64.0.1) and `b` (100.64.0.2) on `wire`, both
+/// with blue and red, each the other's local peer on `vnis`.
+async fn two_peered_nodes(wire: &mut Underlay, vnis: &[u32]) -> (Node, Node) {
+    let a = Node::start("a", wire, "100.64.0.1").await;
+    let b = Node::start("b", wire, "100.64.0.2").await;
+    a.apply(NETS, vec![b.as_peer(PeerGroup::Local, vnis)]).await;
+    b.apply(NETS, vec![a.as_peer(PeerGroup::Local, vnis)]).await;
+    (a, b)
+}
+
+/// Pod `a1` (10.1.0.1/24) on `a` and `b1` (10.1.0.11/24) on `b`, both on
+/// blue.
+async fn blue_pod_each(a: &Node, b: &Node) -> (Netns, Netns) {
+    let a1 = a.pod("a1", "blue", &["10.1.0.1/24"]).await;
+    let b1 = b.pod("b1", "blue", &["10.1.0.11/24"]).await;
+    (a1, b1)
+}
+
+/// Asserts, in order, that each `(pod, target, seconds, what)` gets a ping
+/// reply within that many seconds; a failure names `what`.
+#[track_caller]
+fn assert_pings(checks: &[(&Netns, &str, u64, &str)]) {
+    for &(pod, target, secs, what) in checks {
+        assert!(ping_ok(pod, target, Duration::from_secs(secs)), "{what}");
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_two_networks_ping_arp_nd_broadcast_and_isolation() {
@@ -18,12 +45,7 @@ async fn two_nodes_two_networks_ping_arp_nd_broadcast_and_isolation() {
         return;
     }
     let mut wire = Underlay::new();
-    let a = Node::start("a", &mut wire, "100.64.0.1").await;
-    let b = Node::start("b", &mut wire, "100.64.0.2").await;
-    a.apply(NETS, vec![b.as_peer(PeerGroup::Local, &[BLUE, RED])])
-        .await;
-    b.apply(NETS, vec![a.as_peer(PeerGroup::Local, &[BLUE, RED])])
-        .await;
+    let (a, b) = two_peered_nodes(&mut wire, &[BLUE, RED]).await;
     // All pods share one subnet, so only the L2 networks keep them apart.
     let a1 = a.pod("a1", "blue", &["10.1.0.1/24", "fd00:1::1/64"]).await;
     let _a2 = a.pod("a2", "blue", &["10.1.0.2/24"]).await;
@@ -34,30 +56,14 @@ async fn two_nodes_two_networks_ping_arp_nd_broadcast_and_isolation() {
     let b2 = b.pod("b2", "blue", &["10.1.0.12/24"]).await;
     let b3 = b.pod("b3", "red", &["10.1.0.13/24"]).await;
 
-    assert!(
-        ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)),
-        "blue a1 -> b1 (IPv4, ARP)"
-    );
-    assert!(
-        ping_ok(&b2, "10.1.0.2", Duration::from_secs(5)),
-        "blue b2 -> a2"
-    );
-    assert!(
-        ping_ok(&a3, "10.1.0.13", Duration::from_secs(5)),
-        "red a3 -> b3"
-    );
-    assert!(
-        ping_ok(&b3, "10.1.0.3", Duration::from_secs(5)),
-        "red b3 -> a3"
-    );
-    assert!(
-        ping_ok(&a1, "fd00:1::11", Duration::from_secs(10)),
-        "IPv6 a1 -> b1 (ND)"
-    );
-    assert!(
-        ping_ok(&b1, "fd00:1::1", Duration::from_secs(5)),
-        "IPv6 b1 -> a1"
-    );
+    assert_pings(&[
+        (&a1, "10.1.0.11", 15, "blue a1 -> b1 (IPv4, ARP)"),
+        (&b2, "10.1.0.2", 5, "blue b2 -> a2"),
+        (&a3, "10.1.0.13", 5, "red a3 -> b3"),
+        (&b3, "10.1.0.3", 5, "red b3 -> a3"),
+        (&a1, "fd00:1::11", 10, "IPv6 a1 -> b1 (ND)"),
+        (&b1, "fd00:1::1", 5, "IPv6 b1 -> a1"),
+    ]);
     let neigh = a1.exec(&["ip", "neigh", "show", "10.1.0.11"]);
     assert!(neigh.contains("lladdr"), "ARP resolved: {neigh}");
 
@@ -117,14 +123,8 @@ async fn underlay_carries_only_wireguard_and_never_the_cleartext() {
         return;
     }
     let mut wire = Underlay::new();
-    let a = Node::start("a", &mut wire, "100.64.0.1").await;
-    let b = Node::start("b", &mut wire, "100.64.0.2").await;
-    a.apply(NETS, vec![b.as_peer(PeerGroup::Local, &[BLUE])])
-        .await;
-    b.apply(NETS, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
-        .await;
-    let a1 = a.pod("a1", "blue", &["10.1.0.1/24"]).await;
-    let _b1 = b.pod("b1", "blue", &["10.1.0.11/24"]).await;
+    let (a, b) = two_peered_nodes(&mut wire, &[BLUE]).await;
+    let (a1, _b1) = blue_pod_each(&a, &b).await;
     let dir = tempfile::tempdir().unwrap();
     let pcap = dir.path().join("wire.pcap");
     let cap = wire.ns.spawn(&[
@@ -200,14 +200,10 @@ async fn gateway_forwards_between_groups_with_split_horizon() {
     let _pa2 = a2.pod("pa2", "blue", &["10.1.0.2/24"]).await;
     let pr = r.pod("pr", "blue", &["10.1.0.21/24"]).await;
 
-    assert!(
-        ping_ok(&pa, "10.1.0.21", Duration::from_secs(20)),
-        "A's pod reaches R's pod via G"
-    );
-    assert!(
-        ping_ok(&pr, "10.1.0.2", Duration::from_secs(10)),
-        "R's pod reaches A2's pod via G"
-    );
+    assert_pings(&[
+        (&pa, "10.1.0.21", 20, "A's pod reaches R's pod via G"),
+        (&pr, "10.1.0.2", 10, "R's pod reaches A2's pod via G"),
+    ]);
     let out = pa.try_exec(&["ping", "-c", "5", "-i", "0.2", "10.1.0.21"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
@@ -239,14 +235,8 @@ async fn restart_keeps_key_adopts_bridges_and_keeps_forwarding() {
         return;
     }
     let mut wire = Underlay::new();
-    let mut a = Node::start("a", &mut wire, "100.64.0.1").await;
-    let b = Node::start("b", &mut wire, "100.64.0.2").await;
-    a.apply(NETS, vec![b.as_peer(PeerGroup::Local, &[BLUE])])
-        .await;
-    b.apply(NETS, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
-        .await;
-    let a1 = a.pod("a1", "blue", &["10.1.0.1/24"]).await;
-    let _b1 = b.pod("b1", "blue", &["10.1.0.11/24"]).await;
+    let (mut a, b) = two_peered_nodes(&mut wire, &[BLUE]).await;
+    let (a1, _b1) = blue_pod_each(&a, &b).await;
     assert!(ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)));
     let key = a.public_key.clone();
     let port = a.port;
@@ -279,14 +269,8 @@ async fn runtime_changes_key_rotation_mtu_and_garbage_do_not_break_forwarding() 
         return;
     }
     let mut wire = Underlay::new();
-    let mut a = Node::start("a", &mut wire, "100.64.0.1").await;
-    let b = Node::start("b", &mut wire, "100.64.0.2").await;
-    a.apply(NETS, vec![b.as_peer(PeerGroup::Local, &[BLUE])])
-        .await;
-    b.apply(NETS, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
-        .await;
-    let a1 = a.pod("a1", "blue", &["10.1.0.1/24"]).await;
-    let _b1 = b.pod("b1", "blue", &["10.1.0.11/24"]).await;
+    let (mut a, b) = two_peered_nodes(&mut wire, &[BLUE]).await;
+    let (a1, _b1) = blue_pod_each(&a, &b).await;
     assert!(ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)));
 
     // Random and truncated datagrams at B's port from A's node.
