@@ -331,5 +331,5 @@ for name, g1, c1, d1, g4, c4, d4, rtt, pps, upp, lrtt, fk, fo, fu in rows:
     if wg:
         r = lambda a, b: f"{float(a)/max(float(b),1e-9):.2f}x"
         ratio = f"{r(g1, wg[1])}/{r(g4, wg[4])}/{r(pps, wg[8])}/{r(fk, wg[11])}"
-    print(f"{name:<26}{g1+' Gb/s':>12}{g4+' Gb/s':>13}{c1+' / '+d1:>15}{c4+' / '+d4:>15}{rtt+' / '+lrtt:>14}{pps:>10}{upp:>8}{fk+' / '+fo+' / '+fu:>18}{ratio:>28}")
+    print(f"{name:<26}{g1+' Gb/s':>12}{g4+' Gb/s':>13} {c1+' / '+d1:>14} {c4+' / '+d4:>14} {rtt+' / '+lrtt:>13} {pps:>9} {upp:>7} {fk+' / '+fo+' / '+fu:>17} {ratio:>27}")
 EOF
