@@ -68,9 +68,7 @@ fn main() -> ExitCode {
             seconds,
             batch,
         } => send(to, size, seconds, batch).map(|(packets, secs, refused)| {
-            println!(
-                "{{\"packets\":{packets},\"seconds\":{secs:.6},\"refused_calls\":{refused}}}"
-            );
+            println!("{{\"packets\":{packets},\"seconds\":{secs:.6},\"refused_calls\":{refused}}}");
         }),
         Cmd::Recv {
             bind,
@@ -92,7 +90,12 @@ fn main() -> ExitCode {
 
 /// Sends for `seconds`; returns datagrams sent, seconds taken and the calls
 /// the kernel refused (full queues).
-fn send(to: SocketAddr, size: usize, seconds: f64, batch: usize) -> anyhow::Result<(u64, f64, u64)> {
+fn send(
+    to: SocketAddr,
+    size: usize,
+    seconds: f64,
+    batch: usize,
+) -> anyhow::Result<(u64, f64, u64)> {
     anyhow::ensure!(
         (1..=1024).contains(&batch),
         "--batch {batch} is out of range: use 1 to 1024"
