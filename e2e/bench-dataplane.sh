@@ -190,6 +190,7 @@ bench_l2mesh() { # [binary] [name] [namespace tag]
     ip netns exec "$n" "$BIN" run --socket "$WORK/$n.sock" --state-dir "$WORK/$n" --listen-port 0 \
       >"$WORK/$n.log" 2>&1 &
     PIDS+=($!)
+    disown "$!" # torn down with kill -9: no job-status noise
     DAEMONS="${DAEMONS:-} $!"
   done
   for n in "$A" "$B"; do
@@ -232,6 +233,7 @@ bench_wggo() {
     ifs+=("$ifn")
     ip netns exec "$n" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$ifn" >/dev/null 2>&1 &
     PIDS+=($!)
+    disown "$!" # torn down with kill -9: no job-status noise
     DAEMONS="${DAEMONS:-} $!"
     (umask 077; wg genkey >"$WORK/wg$i.key")
     pubs+=("$(wg pubkey <"$WORK/wg$i.key")")
