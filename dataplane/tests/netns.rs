@@ -263,6 +263,98 @@ async fn restart_keeps_key_adopts_bridges_and_keeps_forwarding() {
     assert_eq!(s.networks.len(), 2);
 }
 
+/// The state saved in `node`'s state directory, changed by `edit`.
+fn edit_saved_state(node: &Node, edit: impl FnOnce(&mut l2mesh_proto::node::DesiredState)) {
+    use prost::Message as _;
+    let path = node.dir.path().join("state").join("desired.pb");
+    let mut saved =
+        l2mesh_proto::node::DesiredState::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
+    edit(&mut saved);
+    std::fs::write(&path, saved.encode_to_vec()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_state_is_repaired_or_its_bridges_kept_when_it_cannot_be_restored() {
+    if !can_run(&["ping"]) {
+        return;
+    }
+    let mut wire = Underlay::new();
+    let (mut a, b) = two_peered_nodes(&mut wire, &[BLUE]).await;
+    let (a1, _b1) = blue_pod_each(&a, &b).await;
+    assert!(ping_ok(&a1, "10.1.0.11", Duration::from_secs(15)));
+
+    // A saved state naming the node's own key as a peer (an older version
+    // accepted one) is restored without that peer, not dropped whole.
+    a.proc.take().unwrap().finish();
+    let own = a.public_key.clone();
+    edit_saved_state(&a, |s| {
+        let mut me = s.peers[0].clone();
+        me.public_key = own;
+        me.name = "itself".into();
+        me.tunnel_ip = "100.64.0.9".into();
+        s.peers.push(me);
+    });
+    a.launch().await;
+    let s = a.status().await;
+    assert_eq!(s.networks.len(), 2, "networks restored: {s:?}");
+    let names: Vec<&str> = s.peers.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        vec![b.ns.name.as_str()],
+        "only the own-key peer is gone"
+    );
+    b.apply(NETS, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
+        .await;
+    assert!(
+        ping_ok(&a1, "10.1.0.11", Duration::from_secs(20)),
+        "forwarding after the repaired restore"
+    );
+
+    // A saved state that cannot be applied (a device squats on a new
+    // network's bridge name) leaves the saved bridges, and the pods on them,
+    // in place until the next apply.
+    a.proc.take().unwrap().finish();
+    edit_saved_state(&a, |s| {
+        let mut green = s.networks[0].clone();
+        green.name = "green".into();
+        green.vni = 300;
+        s.networks.push(green);
+    });
+    a.ns.exec(&[
+        "ip",
+        "link",
+        "add",
+        "l2mb-00012c",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "squat",
+    ]);
+    a.launch().await;
+    assert!(a.status().await.networks.is_empty(), "nothing restored");
+    let links = a.ns.exec(&["ip", "-br", "link"]);
+    assert!(
+        links.contains("l2mb-000064") && links.contains("l2mb-0000c8"),
+        "saved bridges kept: {links}"
+    );
+    let blue_ports =
+        a.ns.exec(&["ip", "-br", "link", "show", "master", "l2mb-000064"]);
+    assert!(
+        !blue_ports.trim().is_empty(),
+        "the pod's port is still on blue"
+    );
+    // The agent's next apply brings forwarding back.
+    a.apply(NETS, vec![b.as_peer(PeerGroup::Local, &[BLUE])])
+        .await;
+    b.apply(NETS, vec![a.as_peer(PeerGroup::Local, &[BLUE])])
+        .await;
+    assert!(
+        ping_ok(&a1, "10.1.0.11", Duration::from_secs(20)),
+        "forwarding after the next apply"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_changes_key_rotation_mtu_and_garbage_do_not_break_forwarding() {
     if !can_run(&["ping", "bash"]) {

@@ -113,22 +113,34 @@ impl Daemon {
         daemon.spawn_udp(&udp);
         let d = Arc::clone(&daemon);
         lock(&daemon.tasks).push(tokio::spawn(async move { d.timer().await }));
-        if let Some(saved) = daemon.load_saved()? {
+        let mut keep: Vec<u32> = Vec::new();
+        if let Some(mut saved) = daemon.load_saved()? {
+            for name in drop_peers_with_key(&mut saved, &daemon.engine.public_key()) {
+                tracing::warn!(
+                    peer = %name,
+                    "the saved state lists this node's own key as a peer (written before such \
+                     states were refused, or the key file was replaced); restoring without it"
+                );
+            }
+            let saved_vnis: Vec<u32> = saved.networks.iter().map(|n| n.vni).collect();
             match daemon.apply(saved).await {
                 Ok(r) => tracing::info!(
                     revision = r.applied_revision,
                     "restored the last applied state"
                 ),
-                Err(e) => tracing::warn!(error = %e, "could not restore the last applied state"),
+                Err(e) => {
+                    // The saved networks' bridges stay: the pods on them keep
+                    // talking to each other until the agent applies a state.
+                    keep = saved_vnis;
+                    tracing::warn!(
+                        error = %e,
+                        "could not restore the last applied state; its bridges are kept until \
+                         the next apply"
+                    );
+                }
             }
         }
-        let keep: Vec<u32> = daemon
-            .engine
-            .config()
-            .networks
-            .values()
-            .map(|n| n.vni)
-            .collect();
+        keep.extend(daemon.engine.config().networks.values().map(|n| n.vni));
         for name in daemon.netlink.remove_stale(&keep).await? {
             tracing::info!(device = %name, "removed stale device");
         }
@@ -357,6 +369,25 @@ impl Daemon {
     }
 }
 
+/// Removes from `state` every peer whose key is `own` and returns their
+/// names. A live apply refuses such a state; a saved one is repaired
+/// instead, so that a restart does not lose everything else in it.
+fn drop_peers_with_key(state: &mut DesiredState, own: &[u8; 32]) -> Vec<String> {
+    let mut dropped = Vec::new();
+    state.peers.retain(|p| {
+        let is_own = p.public_key.as_slice() == own.as_slice();
+        if is_own {
+            dropped.push(if p.name.is_empty() {
+                "(unnamed)".to_string()
+            } else {
+                p.name.clone()
+            });
+        }
+        !is_own
+    });
+    dropped
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,5 +399,26 @@ mod tests {
         assert_eq!(worker_count(0, 64), MAX_WORKERS);
         assert_eq!(worker_count(3, 2), 3);
         assert_eq!(worker_count(1, 8), 1);
+    }
+
+    #[test]
+    fn a_saved_state_loses_only_peers_with_the_nodes_own_key() {
+        use l2mesh_proto::node::PeerSpec;
+        let peer = |key: u8, name: &str| PeerSpec {
+            public_key: vec![key; 32],
+            name: name.to_string(),
+            ..PeerSpec::default()
+        };
+        let mut state = DesiredState {
+            revision: 7,
+            peers: vec![peer(1, "self"), peer(2, "b"), peer(1, ""), peer(3, "c")],
+            ..DesiredState::default()
+        };
+        let dropped = drop_peers_with_key(&mut state, &[1; 32]);
+        assert_eq!(dropped, vec!["self".to_string(), "(unnamed)".to_string()]);
+        let left: Vec<&str> = state.peers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(left, vec!["b", "c"]);
+        assert_eq!(state.revision, 7);
+        assert!(drop_peers_with_key(&mut state, &[1; 32]).is_empty());
     }
 }
