@@ -43,6 +43,11 @@ enum Cmd {
         /// Datagrams per `sendmmsg` call (1-1024).
         #[arg(long, env = "L2MESH_UDPFLOOD_BATCH", default_value_t = 64)]
         batch: usize,
+        /// Datagrams per second to offer (0: as fast as the machine goes).
+        /// A rate the path carries without loss leaves the sender's spare
+        /// CPU to the path, as RFC 2544's throughput search does.
+        #[arg(long, env = "L2MESH_UDPFLOOD_RATE", default_value_t = 0)]
+        rate: u64,
     },
     /// Count datagrams arriving at `--bind` until none came for `--idle`
     /// seconds after the first, or `--max-seconds` passed.
@@ -67,7 +72,8 @@ fn main() -> ExitCode {
             size,
             seconds,
             batch,
-        } => send(to, size, seconds, batch).map(|(packets, secs, refused)| {
+            rate,
+        } => send(to, size, seconds, batch, rate).map(|(packets, secs, refused)| {
             println!("{{\"packets\":{packets},\"seconds\":{secs:.6},\"refused_calls\":{refused}}}");
         }),
         Cmd::Recv {
@@ -88,13 +94,25 @@ fn main() -> ExitCode {
     }
 }
 
-/// Sends for `seconds`; returns datagrams sent, seconds taken and the calls
-/// the kernel refused (full queues).
+/// How long to wait before sending more, having sent `sent` datagrams
+/// `elapsed` into a run paced at `rate` per second (0: no pacing).
+fn pace(sent: u64, rate: u64, elapsed: Duration) -> Option<Duration> {
+    if rate == 0 {
+        return None;
+    }
+    let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+    due.checked_sub(elapsed).filter(|d| !d.is_zero())
+}
+
+/// Sends for `seconds` (at `rate` datagrams per second, 0: flat out);
+/// returns datagrams sent, seconds taken and the calls the kernel refused
+/// (full queues).
 fn send(
     to: SocketAddr,
     size: usize,
     seconds: f64,
     batch: usize,
+    rate: u64,
 ) -> anyhow::Result<(u64, f64, u64)> {
     anyhow::ensure!(
         (1..=1024).contains(&batch),
@@ -130,6 +148,9 @@ fn send(
     let mut sent: u64 = 0;
     let mut refused: u64 = 0;
     while start.elapsed() < run {
+        if let Some(wait) = pace(sent, rate, start.elapsed()) {
+            std::thread::sleep(wait);
+        }
         // SAFETY: every header points at `iovs`, which point at `payload`;
         // all outlive the call and are not moved while it runs. The kernel
         // only reads the payload.
@@ -258,7 +279,7 @@ mod tests {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = rx.local_addr().unwrap();
         let counter = std::thread::spawn(move || count(&rx, 0.3, 5.0));
-        let (sent, _, _) = send(to, 64, 0.2, 8).unwrap();
+        let (sent, _, _) = send(to, 64, 0.2, 8, 0).unwrap();
         let (got, _) = counter.join().unwrap().unwrap();
         assert!(sent > 0);
         // Loopback may drop when the counter falls behind, never invent.
@@ -266,11 +287,32 @@ mod tests {
     }
 
     #[test]
+    fn pacing_holds_the_sender_to_its_rate() {
+        assert_eq!(pace(1000, 0, Duration::ZERO), None, "0: flat out");
+        assert_eq!(
+            pace(1000, 10_000, Duration::from_millis(40)),
+            Some(Duration::from_millis(60))
+        );
+        assert_eq!(pace(1000, 10_000, Duration::from_millis(100)), None);
+        assert_eq!(pace(1000, 10_000, Duration::from_millis(150)), None);
+    }
+
+    #[test]
+    fn a_paced_send_offers_about_its_rate() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let (sent, secs, _) = send(to, 64, 0.3, 10, 2_000).unwrap();
+        // 2000/s for 0.3 s: 600, give or take a batch and a descheduled
+        // moment at the end; flat out it would be tens of thousands.
+        assert!((450..=650).contains(&sent), "sent {sent} in {secs} s");
+    }
+
+    #[test]
     fn bad_flags_are_refused_with_their_name() {
         let to: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let e = send(to, 64, 1.0, 0).unwrap_err().to_string();
+        let e = send(to, 64, 1.0, 0, 0).unwrap_err().to_string();
         assert!(e.contains("--batch"), "{e}");
-        let e = send(to, 0, 1.0, 8).unwrap_err().to_string();
+        let e = send(to, 0, 1.0, 8, 0).unwrap_err().to_string();
         assert!(e.contains("--size"), "{e}");
     }
 }
