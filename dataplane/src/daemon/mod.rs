@@ -83,16 +83,18 @@ pub fn worker_count(requested: usize, cores: usize) -> usize {
 impl Daemon {
     /// Loads the key, binds the socket, restores the last applied state from
     /// `state_dir` (adopting its bridges) and removes stale devices of ours.
-    /// `workers` packet workers (0: one per core).
+    /// `workers` packet workers (0: one per core), each with scheduler slice
+    /// `worker_slice` if given.
     pub async fn start(
         state_dir: &Path,
         listen_port: u16,
         workers: usize,
+        worker_slice: Option<std::time::Duration>,
     ) -> Result<Arc<Self>, Error> {
         let secret = keys::load_or_create(state_dir)?;
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let workers = worker_count(workers, cores);
-        let workers = workers::Workers::start(workers)?;
+        let workers = workers::Workers::start(workers, worker_slice)?;
         let udp = io::bind_udp_group(listen_port, &workers)?;
         let daemon = Arc::new(Self {
             engine: Engine::new(secret),
