@@ -84,7 +84,7 @@ cpu_daemons() {
 HZ=$(getconf CLK_TCK)
 
 # flood_run RATE SECONDS: l2mesh-udpflood from PA to PB at RATE datagrams
-# per second (0: flat out); leaves its JSON in $WORK/flood-{send,recv}.
+# per second (0: flat out); prints "received-kpps offered-kpps received".
 flood_run() {
   ip netns exec "$PB" "$FLOOD" recv --bind 10.9.0.2:5300 --idle 1 --max-seconds $(($2 + 15)) \
     >"$WORK/flood-recv" &
@@ -92,6 +92,10 @@ flood_run() {
   sleep 0.3
   ip netns exec "$PA" "$FLOOD" send --to 10.9.0.2:5300 --seconds "$2" --rate "$1" >"$WORK/flood-send" || true
   wait "$counter" || true
+  python3 -c "
+import json
+s=json.load(open('$WORK/flood-send')); r=json.load(open('$WORK/flood-recv')); t=max(s['seconds'],1e-9)
+print('%.0f %.0f %d' % (r['packets']/t/1e3, s['packets']/t/1e3, r['packets']))" 2>/dev/null || echo "nan nan 0"
 }
 
 # measure NAME: iperf3 from PA to PB, prints a result line into $WORK/results
@@ -171,32 +175,25 @@ print('%.0f' % (got/max(s['seconds'],1e-9)/1e3), '%.1f' % (($u1-$u0)/$HZ/got*1e6
   # The same with l2mesh-udpflood, whose sender batches with sendmmsg and
   # so offers far more than iperf3's one datagram per system call: what
   # arrives then says what the path carries, not what the sender manages.
-  local flood
+  local fk fo fgot fu="-"
   u0=$(cpu_daemons)
-  flood_run 0 "$DURATION"
+  read -r fk fo fgot < <(flood_run 0 "$DURATION")
   u1=$(cpu_daemons)
-  flood=$(python3 -c "
-import json
-s=json.load(open('$WORK/flood-send')); r=json.load(open('$WORK/flood-recv'))
-got=max(r['packets'],1)
-print('%.0f' % (got/max(s['seconds'],1e-9)/1e3), '%.0f' % (s['packets']/max(s['seconds'],1e-9)/1e3),
-      '%.1f' % (($u1-$u0)/$HZ/got*1e6) if '$DAEMONS'.strip() else '-')" 2>/dev/null || echo "nan nan nan")
+  if [[ -n "${DAEMONS// /}" ]]; then
+    fu=$(python3 -c "print('%.1f' % (($u1-$u0)/$HZ/max($fgot,1)*1e6))" 2>/dev/null || echo nan)
+  fi
   # Flat out, the sender takes a whole core from the path. Offered at 1.0,
   # 1.2 and 1.4 times what arrived, it leaves the rest to the path; the most
   # that arrives at any of the four rates is the path's maximum forwarding
   # rate (RFC 2889), the figure to compare.
-  local base=${flood%% *} best=${flood%% *} f rate got
+  local best=$fk f rate got
   for f in 1.0 1.2 1.4; do
-    rate=$(python3 -c "print(int(float('$base') * 1000 * $f))" 2>/dev/null || echo 0)
+    rate=$(python3 -c "print(int(float('$fk') * 1000 * $f))" 2>/dev/null || echo 0)
     [[ $rate -gt 0 ]] || continue
-    flood_run "$rate" "$(((DURATION + 1) / 2))"
-    got=$(python3 -c "
-import json
-s=json.load(open('$WORK/flood-send')); r=json.load(open('$WORK/flood-recv'))
-print('%.0f' % (r['packets']/max(s['seconds'],1e-9)/1e3))" 2>/dev/null || echo 0)
-    best=$(python3 -c "print(max(float('$best'), float('$got')))" 2>/dev/null || echo "$best")
+    read -r got _ _ < <(flood_run "$rate" "$(((DURATION + 1) / 2))")
+    best=$(python3 -c "print('%.0f' % max(float('$best'), float('$got')))" 2>/dev/null || echo "$best")
   done
-  flood="$flood ${best%.*}"
+  local flood="$fk $fo $fu $best"
   local lrtt
   lrtt=$(cat "$WORK/loaded-rtt" 2>/dev/null)
   echo "$name ${res[*]} ${rtt:-nan} $pps ${lrtt:-nan} $flood" >> "$WORK/results"

@@ -107,7 +107,6 @@ enum Command {
     RotateKey,
 }
 
-/// Ports as `ifname` or `ifname(namespace/pod)`.
 /// `--worker-slice-us`: 0, or what the kernel accepts for a custom slice.
 fn parse_slice_us(s: &str) -> Result<u64, String> {
     let v: u64 = s
@@ -122,6 +121,7 @@ fn parse_slice_us(s: &str) -> Result<u64, String> {
     }
 }
 
+/// Ports as `ifname` or `ifname(namespace/pod)`.
 fn port_list(n: &l2mesh_proto::node::NetworkStatus) -> String {
     if n.port_status.is_empty() {
         return n.ports.join(",");

@@ -139,11 +139,7 @@ fn send(
         };
         batch
     ];
-    let mut hdrs: Vec<libc::mmsghdr> = (0..batch).map(|_| zeroed_mmsghdr()).collect();
-    for (h, iov) in hdrs.iter_mut().zip(&mut iovs) {
-        h.msg_hdr.msg_iov = std::ptr::from_mut(iov);
-        h.msg_hdr.msg_iovlen = 1;
-    }
+    let mut hdrs = mmsg_headers(&mut iovs);
     let start = Instant::now();
     let mut sent: u64 = 0;
     let mut refused: u64 = 0;
@@ -197,11 +193,7 @@ fn count(sock: &UdpSocket, idle: f64, max_seconds: f64) -> anyhow::Result<(u64, 
             iov_len: ROOM,
         })
         .collect();
-    let mut hdrs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| zeroed_mmsghdr()).collect();
-    for (h, iov) in hdrs.iter_mut().zip(&mut iovs) {
-        h.msg_hdr.msg_iov = std::ptr::from_mut(iov);
-        h.msg_hdr.msg_iovlen = 1;
-    }
+    let mut hdrs = mmsg_headers(&mut iovs);
     let began = Instant::now();
     let mut first: Option<Instant> = None;
     let mut last = Instant::now();
@@ -248,6 +240,19 @@ fn duration(secs: f64, flag: &str) -> anyhow::Result<Duration> {
         .ok()
         .filter(|d| !d.is_zero())
         .with_context(|| format!("{flag} {secs} is not a positive number of seconds"))
+}
+
+/// One `sendmmsg`/`recvmmsg` header per iovec, each pointing at its own;
+/// `iovs` must stay where it is while the headers are in use.
+fn mmsg_headers(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iovs.iter_mut()
+        .map(|iov| {
+            let mut h = zeroed_mmsghdr();
+            h.msg_hdr.msg_iov = std::ptr::from_mut(iov);
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect()
 }
 
 fn zeroed_mmsghdr() -> libc::mmsghdr {
