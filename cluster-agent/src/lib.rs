@@ -11,10 +11,11 @@
 //! - [`engine`]: shared state and the reconcile step both modes run.
 //! - edges: [`identity`] (join, stored identity), [`tls`] (pinned broker CA,
 //!   node-sync PKI), [`broker_link`], [`nodesync`], [`standalone`], [`k8s`],
-//!   [`metrics`], [`cni`] (the `l2mesh-cni` plugin), [`uds`].
+//!   [`metrics`], [`cni`] (the `l2mesh-cni` plugin), [`cni_install`], [`uds`].
 
 pub mod broker_link;
 pub mod cni;
+pub mod cni_install;
 pub mod crd;
 pub mod desired;
 pub mod engine;
