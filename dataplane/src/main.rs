@@ -75,9 +75,10 @@ enum Command {
         /// Underlay endpoint(s) peers can reach this node at, IP:PORT (repeat or comma-separate).
         #[arg(long = "endpoint", env = "L2MESH_ENDPOINTS", value_delimiter = ',')]
         endpoints: Vec<String>,
-        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9431); off by default.
-        #[arg(long, env = "L2MESH_METRICS_LISTEN")]
-        metrics_listen: Option<std::net::SocketAddr>,
+        /// Address of the HTTP endpoint with Prometheus `/metrics` and
+        /// `/healthz` (answers while the daemon answers its own API); "" disables it.
+        #[arg(long, env = "L2MESH_METRICS_LISTEN", default_value = "127.0.0.1:9431")]
+        metrics_listen: String,
     },
     /// Print peers and networks of a running daemon as tables.
     Status {
@@ -205,13 +206,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => None,
             };
             // Bind the listeners before touching devices so a bad address changes nothing.
-            let metrics_listener = match metrics_listen {
-                Some(addr) => Some(
+            let metrics_listener = match metrics_listen.trim() {
+                "" => None,
+                addr => Some(
                     tokio::net::TcpListener::bind(addr)
                         .await
                         .with_context(|| format!("binding --metrics-listen {addr}"))?,
                 ),
-                None => None,
             };
             let listener =
                 api::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;

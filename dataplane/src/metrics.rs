@@ -121,7 +121,7 @@ pub fn render(s: &NodeStatus) -> String {
     out
 }
 
-/// Serves `GET /metrics` until `shutdown` completes.
+/// Serves `GET /metrics` (OpenMetrics) and `GET /healthz` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     daemon: Arc<Daemon>,
@@ -129,26 +129,40 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     use axum::http::{StatusCode, header};
     use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let d = Arc::clone(&daemon);
-            async move {
-                match d.status().await {
-                    Ok(s) => (
-                        StatusCode::OK,
-                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        render(&s),
-                    ),
-                    Err(e) => (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        [(header::CONTENT_TYPE, "text/plain")],
-                        e.to_string(),
-                    ),
+    let health = Arc::clone(&daemon);
+    let app = axum::Router::new()
+        .route(
+            "/healthz",
+            get(move || {
+                let d = Arc::clone(&health);
+                async move {
+                    match d.status().await {
+                        Ok(_) => (StatusCode::OK, "ok\n".to_owned()),
+                        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+                    }
                 }
-            }
-        }),
-    );
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let d = Arc::clone(&daemon);
+                async move {
+                    match d.status().await {
+                        Ok(s) => (
+                            StatusCode::OK,
+                            [(header::CONTENT_TYPE, l2mesh_telemetry::OPENMETRICS_CONTENT_TYPE)],
+                            render(&s),
+                        ),
+                        Err(e) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            [(header::CONTENT_TYPE, "text/plain")],
+                            e.to_string(),
+                        ),
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

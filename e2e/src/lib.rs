@@ -11,6 +11,9 @@
 //!   [`process::Processes::wait_until`] whose timeout error carries every log tail.
 //! - [`binaries`]: builds the workspace binaries once per test process.
 //! - [`lab::Lab`]: a topology plus its processes and logs, torn down in order.
+//! - [`containers`]: the image from `deploy/image`, built once per test
+//!   process, and l2mesh run from it as podman containers with the
+//!   privileges of the manifests in `deploy/`.
 //!
 //! Nothing is ever created in the root namespace: every veth has both ends in
 //! namespaces of ours, so deleting the namespaces removes every device.
@@ -18,6 +21,7 @@
 pub mod binaries;
 pub mod capture;
 pub mod cni;
+pub mod containers;
 pub mod error;
 pub mod lab;
 pub mod mesh;

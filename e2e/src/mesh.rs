@@ -82,7 +82,8 @@ pub fn parse_broker_listen(log: &str) -> Option<String> {
         })
 }
 
-fn nodes_manifest(plan: &crate::plan::ClusterPlan) -> String {
+/// The standalone agent's `Nodes` manifest for a cluster.
+pub fn nodes_manifest(plan: &crate::plan::ClusterPlan) -> String {
     let mut y = String::from("apiVersion: l2mesh.io/v1alpha1\nkind: Nodes\nnodes:\n");
     for n in &plan.nodes {
         let seg = if n.is_gateway {
