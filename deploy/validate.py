@@ -231,8 +231,37 @@ def broker_chart(plain):
     check(err is not None and "advertise is required" in err, f"the broker chart refuses to render without advertise: {err}")
 
 
+def crd_admission():
+    """What the API server admits, by the CRD's own schema (structural
+    OpenAPI, the same pattern semantics)."""
+    import jsonschema
+    crd = docs_of((DEPLOY / "crds/l2network.yaml").read_text())[0]
+    version = crd["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    for ip_range, ok in [("10.10.0.0/16", True), ("192.168.7.0/28", True), ("fd00:10::/64", True),
+                         ("::/0", True), ("not-a-cidr", False), ("10.1.0.0/33", False),
+                         ("10.1.0.0/29", False), ("300.1.0.0/16", False), ("fd00::/125", False),
+                         ("10.1.0.0", False), (" 10.1.0.0/16", False)]:
+        try:
+            jsonschema.validate({"scope": "local", "ipRange": ip_range}, schema)
+            admitted = True
+        except jsonschema.ValidationError:
+            admitted = False
+        check(admitted == ok, f"CRD admission of ipRange {ip_range!r}: admitted={admitted}, want {ok}")
+    names = crd["spec"]["names"]
+    check(names.get("categories") == ["l2mesh"], "CRD categories [l2mesh]")
+    columns = [c["name"] for c in version.get("additionalPrinterColumns", [])]
+    check("Age" in columns, f"CRD Age column: {columns}")
+    check("Auto-generated" not in str(crd), "CRD descriptions are written, not generated stubs")
+    conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
+    check(conditions.get("x-kubernetes-list-type") == "map"
+          and conditions.get("x-kubernetes-list-map-keys") == ["type"], "conditions are a list map keyed by type")
+    check("type" in conditions["items"].get("required", []), "a list-map key must be required")
+
+
 def main():
     plain = plain_manifests()
+    crd_admission()
     cluster_chart(plain)
     broker_chart(plain)
     for p in problems:

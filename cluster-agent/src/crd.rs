@@ -19,6 +19,11 @@ pub const DEFAULT_MTU: u32 = 1390;
 pub const MIN_MTU: u32 = 576;
 /// Largest MTU accepted (jumbo underlay minus overhead).
 pub const MAX_MTU: u32 = 8890;
+/// What the API server checks of `spec.ipRange` at admission: an IPv4 CIDR
+/// of /28 or larger, or an IPv6 CIDR of /124 or larger (at least 16
+/// addresses, as [`L2Network::ip_range`] requires). The agent still parses
+/// it fully; this keeps `not-a-cidr` and `10.1.0.0/33` out of the API.
+pub const IP_RANGE_PATTERN: &str = r"^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])/([0-9]|1[0-9]|2[0-8])$|^[0-9a-fA-F]{0,4}(:[0-9a-fA-F]{0,4}){2,7}/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-4])$";
 
 /// Whether a network stays inside this cluster or spans clusters through the broker.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -39,11 +44,14 @@ pub enum Scope {
     kind = "L2Network",
     plural = "l2networks",
     shortname = "l2net",
+    category = "l2mesh",
     namespaced,
     status = "L2NetworkStatus",
+    doc = "An isolated layer-2 network (one broadcast domain) that pods attach to as a secondary interface through Multus; local to this cluster or joined with other clusters through the l2mesh broker.",
     printcolumn = r#"{"name":"Scope","type":"string","jsonPath":".spec.scope"}"#,
     printcolumn = r#"{"name":"VNI","type":"integer","jsonPath":".status.vni"}"#,
-    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct L2NetworkSpec {
@@ -58,6 +66,7 @@ pub struct L2NetworkSpec {
     /// One family per network. For multi-cluster networks the broker's range
     /// wins; this one must match it if set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = IP_RANGE_PATTERN), length(max = 43))]
     pub ip_range: Option<String>,
     /// Prefix length of each node's slice of the range (this cluster's share
     /// of it for multiCluster), e.g. 24 gives every node a /24. Default: 16
@@ -76,6 +85,7 @@ pub struct L2NetworkSpec {
 pub struct L2NetworkStatus {
     /// `Ready`, `Admitted` (multi-cluster: the broker's answer) and `PeersConnected`.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// VXLAN network identifier in use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
