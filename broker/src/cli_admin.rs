@@ -266,7 +266,11 @@ pub async fn token(data_dir: &Path, a: AdminArgs<TokenCmd>) -> Result<()> {
             match a.output {
                 Output::Json => println!(
                     "{}",
-                    json!({"token": token_json(&info), "join_string": r.join_string})
+                    json!({
+                        "token": token_json(&info),
+                        "join_string": r.join_string,
+                        "helm_install": helm_install_line(&r.join_string),
+                    })
                 ),
                 Output::Table => {
                     eprintln!(
@@ -277,6 +281,11 @@ pub async fn token(data_dir: &Path, a: AdminArgs<TokenCmd>) -> Result<()> {
                         time(info.expires_unix)
                     );
                     println!("{}", r.join_string);
+                    // stdout stays the join string alone, for scripts.
+                    eprintln!(
+                        "in that cluster, from a checkout of l2mesh:\n  {}",
+                        helm_install_line(&r.join_string)
+                    );
                 }
             }
         }
@@ -459,9 +468,25 @@ pub async fn cluster(data_dir: &Path, a: AdminArgs<ClusterCmd>) -> Result<()> {
     Ok(())
 }
 
+/// The command that installs the cluster side with this join string (the
+/// chart in `deploy/helm/l2mesh`, in its own namespace).
+pub fn helm_install_line(join_string: &str) -> String {
+    format!(
+        "helm install l2mesh deploy/helm/l2mesh --namespace l2mesh-system --create-namespace --set-string joinString='{join_string}'"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_create_names_the_helm_install_of_the_cluster_side() {
+        let line = helm_install_line("l2mesh1.abc");
+        assert!(line.starts_with("helm install l2mesh deploy/helm/l2mesh "), "{line}");
+        assert!(line.contains("--namespace l2mesh-system --create-namespace"), "{line}");
+        assert!(line.ends_with("--set-string joinString='l2mesh1.abc'"), "{line}");
+    }
 
     #[test]
     fn durations_parse() {
