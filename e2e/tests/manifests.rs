@@ -57,3 +57,24 @@ fn manifests_and_charts_validate_against_kubernetes_schemas() {
     assert!(out.status.success(), "deploy/validate.py failed:\n{text}");
     assert!(text.contains(" passed, 0 failed"), "{text}");
 }
+
+/// The license Cargo.toml declares is the one the repository ships, and no
+/// crate points at a placeholder repository.
+#[test]
+fn the_declared_license_ships_and_no_placeholder_repository_remains() {
+    let root = workspace_root();
+    let license = std::fs::read_to_string(root.join("LICENSE")).expect("LICENSE at the root");
+    assert!(
+        license.contains("Apache License") && license.contains("Version 2.0, January 2004"),
+        "LICENSE is not the Apache-2.0 text"
+    );
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    assert!(manifest.contains("license = \"Apache-2.0\""));
+    for member in ["", "proto/", "broker/", "cluster-agent/", "dataplane/", "e2e/", "telemetry/"] {
+        let text = std::fs::read_to_string(root.join(format!("{member}Cargo.toml"))).unwrap();
+        assert!(
+            !text.contains("example.invalid"),
+            "{member}Cargo.toml names a placeholder repository"
+        );
+    }
+}
