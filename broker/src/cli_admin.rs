@@ -483,9 +483,18 @@ mod tests {
     #[test]
     fn token_create_names_the_helm_install_of_the_cluster_side() {
         let line = helm_install_line("l2mesh1.abc");
-        assert!(line.starts_with("helm install l2mesh deploy/helm/l2mesh "), "{line}");
-        assert!(line.contains("--namespace l2mesh-system --create-namespace"), "{line}");
-        assert!(line.ends_with("--set-string joinString='l2mesh1.abc'"), "{line}");
+        assert!(
+            line.starts_with("helm install l2mesh deploy/helm/l2mesh "),
+            "{line}"
+        );
+        assert!(
+            line.contains("--namespace l2mesh-system --create-namespace"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("--set-string joinString='l2mesh1.abc'"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -73,13 +73,7 @@ async fn connect_one(addr: &str, config: Arc<ClientConfig>) -> Result<Channel> {
         .connect_with_connector(connector)
         .await
         .map_err(|e| {
-            use std::error::Error as _;
-            let mut msg = e.to_string();
-            let mut src = e.source();
-            while let Some(s) = src {
-                msg = format!("{msg}: {s}");
-                src = s.source();
-            }
+            let msg = l2mesh_telemetry::error_chain(&e);
             Error::Transport(format!("cannot reach the broker at {addr}: {msg}"))
         })
 }

@@ -22,6 +22,11 @@ pub enum Error {
     /// A pool (VNIs, subnets, slices) or a rate limit is exhausted.
     #[error("{0}")]
     Exhausted(String),
+    /// Another process holds the store's lock (a second broker on one data dir).
+    #[error(
+        "the store {0} is locked by another l2mesh-broker: stop that broker, or give this one its own --data-dir"
+    )]
+    StoreInUse(String),
     /// The persistent store failed; nothing was acknowledged.
     #[error("store failure: {0}")]
     Store(#[from] sled::Error),

@@ -46,9 +46,15 @@ fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
 impl Store {
     /// Open (or create) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        Ok(Self {
-            db: sled::open(path)?,
-        })
+        match sled::open(path) {
+            Ok(db) => Ok(Self { db }),
+            // sled reports the lock conflict as an `Other` I/O error whose
+            // text embeds a Debug dump; name the situation instead.
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                Err(Error::StoreInUse(path.display().to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Read everything into a [`State`].
@@ -101,6 +107,18 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_opener_of_one_store_is_told_it_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let _first = Store::open(&path).unwrap();
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(err, Error::StoreInUse(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("locked by another l2mesh-broker"), "{text}");
+        assert!(!text.contains("Os {"), "no Debug dump: {text}");
+    }
 
     #[tokio::test]
     async fn state_round_trips_and_deletes_are_persisted() {

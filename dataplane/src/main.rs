@@ -156,7 +156,10 @@ fn main() -> ExitCode {
             // The daemon's own message says what is wrong and what to do.
             match e.downcast_ref::<tonic::Status>() {
                 Some(s) => eprintln!("l2mesh-dataplane: {}", s.message()),
-                None => eprintln!("l2mesh-dataplane: {e:#}"),
+                None => eprintln!(
+                    "l2mesh-dataplane: {}",
+                    l2mesh_telemetry::error_chain(e.as_ref())
+                ),
             }
             ExitCode::FAILURE
         }

@@ -151,7 +151,10 @@ pub async fn serve(
                     match d.status().await {
                         Ok(s) => (
                             StatusCode::OK,
-                            [(header::CONTENT_TYPE, l2mesh_telemetry::OPENMETRICS_CONTENT_TYPE)],
+                            [(
+                                header::CONTENT_TYPE,
+                                l2mesh_telemetry::OPENMETRICS_CONTENT_TYPE,
+                            )],
                             render(&s),
                         ),
                         Err(e) => (

@@ -2,7 +2,7 @@
 //! an environment variable, how a failed run is reported, and the HTTP
 //! endpoint with Prometheus `/metrics` and `/healthz`.
 
-use std::fmt::Display;
+use std::error::Error;
 use std::process::ExitCode;
 
 use axum::Router;
@@ -30,13 +30,36 @@ fn filter(env_var: &str, default_filter: &str) -> EnvFilter {
     EnvFilter::try_from_env(env_var).unwrap_or_else(|_| EnvFilter::new(default_filter))
 }
 
+/// An error and its causes on one line, `what: why: root cause`, each text
+/// once: many errors already put their source into their own message
+/// (`"connecting: {source}"`), and printing the chain as well would repeat
+/// it ("refused (os error 111): refused (os error 111)").
+#[must_use]
+pub fn error_chain(err: &(dyn Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !cause_text.is_empty() && !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// The exit code of a run; a failure is printed as `program: error` with
-/// its whole chain of causes (`{:#}`, as `anyhow` shows it).
-pub fn exit_code<E: Display>(program: &str, result: Result<(), E>) -> ExitCode {
+/// its chain of causes, each once ([`error_chain`]). Takes `anyhow::Error`
+/// as well as boxed errors.
+pub fn exit_code<E>(program: &str, result: Result<(), E>) -> ExitCode
+where
+    E: AsRef<dyn Error + Send + Sync + 'static>,
+{
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{program}: {e:#}");
+            eprintln!("{program}: {}", error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -94,10 +117,60 @@ mod tests {
         assert_eq!(f.to_string(), "warn");
     }
 
+    type Boxed = Box<dyn Error + Send + Sync>;
+
     #[test]
     fn exit_codes_follow_the_result() {
-        assert_eq!(exit_code::<String>("x", Ok(())), ExitCode::SUCCESS);
-        assert_eq!(exit_code("x", Err("broken")), ExitCode::FAILURE);
+        assert_eq!(exit_code::<Boxed>("x", Ok(())), ExitCode::SUCCESS);
+        assert_eq!(
+            exit_code::<Boxed>("x", Err("broken".into())),
+            ExitCode::FAILURE
+        );
+    }
+
+    /// An error that embeds its source in its own message, as
+    /// `#[error("connecting: {0}")]` with `#[source]` does.
+    #[derive(Debug)]
+    struct Wrapping(std::io::Error);
+
+    impl std::fmt::Display for Wrapping {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "transport error: {}", self.0)
+        }
+    }
+
+    impl Error for Wrapping {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[derive(Debug)]
+    struct Context(&'static str, Wrapping);
+
+    impl std::fmt::Display for Context {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl Error for Context {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&self.1)
+        }
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_printed_once() {
+        let refused = std::io::Error::from_raw_os_error(111);
+        let once = refused.to_string();
+        let err = Context("connecting to /run/x.sock", Wrapping(refused));
+        let text = error_chain(&err);
+        assert_eq!(
+            text,
+            format!("connecting to /run/x.sock: transport error: {once}")
+        );
+        assert_eq!(text.matches(&once).count(), 1, "{text}");
     }
 
     async fn get(app: Router, path: &str) -> (u16, String, String) {
