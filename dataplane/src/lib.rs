@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod netdev;
 pub mod offload;
 pub mod port;
+pub mod status_json;
 pub mod switch;
 pub mod sync;
 pub mod udp;

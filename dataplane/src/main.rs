@@ -80,11 +80,14 @@ enum Command {
         #[arg(long, env = "L2MESH_METRICS_LISTEN", default_value = "127.0.0.1:9431")]
         metrics_listen: String,
     },
-    /// Print peers and networks of a running daemon as tables.
+    /// Print peers and networks of a running daemon as tables (or JSON).
     Status {
         /// Print the raw status as JSON-like debug output instead of tables.
-        #[arg(long, env = "L2MESH_STATUS_RAW")]
+        #[arg(long, env = "L2MESH_STATUS_RAW", conflicts_with = "output")]
         raw: bool,
+        /// `table` (default) or `json` (a stable document for scripts).
+        #[arg(short, long, env = "L2MESH_STATUS_OUTPUT", default_value = "table", value_parser = ["table", "json"])]
+        output: String,
     },
     /// Apply a desired state from a JSON file (see the README of the crate).
     Apply {
@@ -253,13 +256,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("dataplane stopped; bridges are kept for the next start");
             Ok(())
         }
-        Command::Status { raw } => {
+        Command::Status { raw, output } => {
             let mut c = client::connect(&socket)
                 .await
                 .with_context(|| connect_hint(&socket))?;
             let s = c.get_status(StatusRequest {}).await?.into_inner();
             if raw {
                 println!("{s:#?}");
+            } else if output == "json" {
+                println!("{}", l2mesh_dataplane::status_json::status_json(&s));
             } else {
                 print!("{}", render_status(&s));
             }

@@ -129,6 +129,29 @@ fn containers_pods_ping_across_clusters_with_the_manifests_privileges() {
         lab.procs().report(40)
     );
 
+    // `status -o json` inside a gateway's dataplane container, as
+    // `kubectl exec` would run it: the network and a remote gateway peer.
+    let gw = &mesh.nodes[0].role;
+    let status = mesh
+        .exec(
+            &lab,
+            &format!("{gw}-dp"),
+            &["l2mesh-dataplane", "status", "-o", "json"],
+        )
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status)
+        .unwrap_or_else(|e| panic!("status -o json is not JSON ({e}): {status}"));
+    assert_eq!(status["node"], gw.as_str(), "{status}");
+    assert_eq!(status["networks"][0]["name"], "blue", "{status}");
+    assert!(
+        status["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["group"] == "remote"),
+        "a gateway peers with the other cluster's gateway: {status}"
+    );
+
     // Every readiness probe of the manifests answers 200 where the kubelet
     // would ask: the broker's, the agents' (health, so standbys are Ready
     // too) and the dataplanes'.

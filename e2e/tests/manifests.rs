@@ -70,7 +70,15 @@ fn the_declared_license_ships_and_no_placeholder_repository_remains() {
     );
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
     assert!(manifest.contains("license = \"Apache-2.0\""));
-    for member in ["", "proto/", "broker/", "cluster-agent/", "dataplane/", "e2e/", "telemetry/"] {
+    for member in [
+        "",
+        "proto/",
+        "broker/",
+        "cluster-agent/",
+        "dataplane/",
+        "e2e/",
+        "telemetry/",
+    ] {
         let text = std::fs::read_to_string(root.join(format!("{member}Cargo.toml"))).unwrap();
         assert!(
             !text.contains("example.invalid"),

@@ -212,6 +212,14 @@ impl ContainerMesh {
         self.runner.podman.run(all)
     }
 
+    /// `podman exec` of a command in the container of `role` (e.g. `c1-gw-dp`).
+    pub fn exec(&self, lab: &Lab, role: &str, command: &[&str]) -> Result<String> {
+        let name = container_name(lab, role);
+        let mut all = vec!["exec", name.as_str()];
+        all.extend(command);
+        self.runner.podman.run(all)
+    }
+
     /// Starts the whole mesh and attaches every pod of the lab.
     pub fn start(lab: &Lab, image: &BuiltImage, progress: &mut dyn FnMut(&str)) -> Result<Self> {
         let topo = lab.topology();
