@@ -11,7 +11,7 @@ use std::time::Duration;
 /// The l2mesh broker: holds clusters, networks, onboarding tokens and the CA,
 /// and streams to each cluster agent the view it needs.
 #[derive(Debug, Parser)]
-#[command(name = "l2mesh-broker", version, about, long_about = None)]
+#[command(name = "l2mesh-broker", version = l2mesh_telemetry::VERSION, about, long_about = None)]
 struct Cli {
     /// Directory holding the store, the CA and the admin credential.
     #[arg(

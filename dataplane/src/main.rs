@@ -14,7 +14,7 @@ use l2mesh_proto::node::{
 /// The l2mesh node dataplane: Linux bridges and TAPs per network, WireGuard
 /// tunnels (boringtun) to peers, and the MAC-learning switch between them.
 #[derive(Debug, Parser)]
-#[command(name = "l2mesh-dataplane", version, about, long_about = None)]
+#[command(name = "l2mesh-dataplane", version = l2mesh_telemetry::VERSION, about, long_about = None)]
 struct Cli {
     /// Unix socket of the local control API.
     #[arg(

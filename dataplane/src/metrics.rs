@@ -4,7 +4,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use l2mesh_proto::node::NodeStatus;
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -115,13 +114,10 @@ pub fn render(s: &NodeStatus) -> String {
         macs.get_or_create(&l).set(clamp(n.macs.len() as u64));
         ports.get_or_create(&l).set(clamp(n.ports.len() as u64));
     }
-    let mut out = String::new();
-    // Writing into a String cannot fail.
-    let _ = encode(&mut out, &reg);
-    out
+    l2mesh_telemetry::encode(&reg)
 }
 
-/// Serves `GET /metrics` (OpenMetrics) and `GET /healthz` until `shutdown` completes.
+/// Serves `GET /metrics` (content negotiated, see `l2mesh_telemetry::negotiate`) and `GET /healthz` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     daemon: Arc<Daemon>,
@@ -145,18 +141,15 @@ pub async fn serve(
         )
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: axum::http::HeaderMap| {
                 let d = Arc::clone(&daemon);
                 async move {
+                    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
                     match d.status().await {
-                        Ok(s) => (
-                            StatusCode::OK,
-                            [(
-                                header::CONTENT_TYPE,
-                                l2mesh_telemetry::OPENMETRICS_CONTENT_TYPE,
-                            )],
-                            render(&s),
-                        ),
+                        Ok(s) => {
+                            let (kind, body) = l2mesh_telemetry::negotiate(accept, render(&s));
+                            (StatusCode::OK, [(header::CONTENT_TYPE, kind)], body)
+                        }
                         Err(e) => (
                             StatusCode::INTERNAL_SERVER_ERROR,
                             [(header::CONTENT_TYPE, "text/plain")],

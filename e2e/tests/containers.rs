@@ -21,7 +21,7 @@ use l2mesh_e2e::plan::TopologySpec;
 use l2mesh_e2e::{Lab, Netns, should_run};
 
 fn tools() -> Vec<&'static str> {
-    let mut t = vec!["ip", "ping"];
+    let mut t = vec!["ip", "ping", "promtool"];
     t.extend(CONTAINER_TOOLS);
     t
 }
@@ -35,28 +35,79 @@ fn image() -> &'static BuiltImage {
         .unwrap_or_else(|e| panic!("building the image failed: {e}"))
 }
 
-/// `GET path` over plain HTTP from inside `ns`; the status code.
-fn http_status(ns: &Netns, addr: SocketAddr, path: &str) -> Option<u16> {
-    // A connect from the namespace: run a tiny client there with the
-    // harness's own `ip netns exec`, as the kubelet's probe would connect.
+/// `GET path` over plain HTTP/1.0 from inside `ns` (as the kubelet's probe
+/// or a scraper connects), with an optional `Accept`; the raw response.
+fn http_get(ns: &Netns, addr: SocketAddr, path: &str, accept: Option<&str>) -> Option<String> {
+    let accept = accept
+        .map(|a| format!("Accept: {a}\\r\\n"))
+        .unwrap_or_default();
     let out = ns
         .exec(
             "bash",
             [
                 "-c",
                 &format!(
-                    "exec 3<>/dev/tcp/{}/{} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 && head -n1 <&3",
+                    "exec 3<>/dev/tcp/{}/{} && printf 'GET {path} HTTP/1.0\\r\\n{accept}\\r\\n' >&3 && cat <&3",
                     addr.ip(),
                     addr.port()
                 ),
             ],
         )
         .ok()?;
-    String::from_utf8_lossy(&out.stdout)
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The status code of `GET path`.
+fn http_status(ns: &Netns, addr: SocketAddr, path: &str) -> Option<u16> {
+    http_get(ns, addr, path, None)?
         .split_whitespace()
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// `(content type, body)` of a response.
+fn split_response(resp: &str) -> (String, String) {
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((resp, ""));
+    let kind = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (kind, body.to_owned())
+}
+
+/// `promtool check metrics` on a body; its complaints, if any.
+fn promtool_check(body: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("promtool: {e}"))?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }
 
 #[test]
@@ -180,6 +231,50 @@ fn containers_pods_ping_across_clusters_with_the_manifests_privileges() {
             || http_status(ns, SocketAddr::from(([127, 0, 0, 1], port)), &path) == Some(200),
         )
         .unwrap();
+    }
+    // /metrics of all three: Prometheus text unless OpenMetrics is asked
+    // for, accepted by promtool, with process metrics and the build info.
+    let gw_ns = topo.netns(&plan.clusters[0].nodes[0].host.role).unwrap();
+    let endpoints = [
+        ("broker", topo.broker().unwrap(), 9443),
+        ("agent", gw_ns, 9444),
+        (
+            "dataplane",
+            gw_ns,
+            readiness_http(&dp_doc, "dataplane").unwrap().1,
+        ),
+    ];
+    for (what, ns, port) in endpoints {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let (kind, body) = split_response(&http_get(ns, addr, "/metrics", None).unwrap());
+        assert!(
+            kind.starts_with("text/plain; version=0.0.4"),
+            "{what}: {kind}"
+        );
+        assert!(!body.contains("# EOF"), "{what}: {body}");
+        assert!(
+            body.contains("process_resident_memory_bytes "),
+            "{what}: {body}"
+        );
+        assert!(
+            body.contains("l2mesh_build_info{version="),
+            "{what}: {body}"
+        );
+        if let Err(e) = promtool_check(&body) {
+            panic!("{what}: promtool check metrics: {e}\n{body}");
+        }
+        let om = http_get(
+            ns,
+            addr,
+            "/metrics",
+            Some("application/openmetrics-text; version=1.0.0"),
+        );
+        let (kind, body) = split_response(&om.unwrap());
+        assert!(
+            kind.starts_with("application/openmetrics-text"),
+            "{what}: {kind}"
+        );
+        assert!(body.ends_with("# EOF\n"), "{what}: {body}");
     }
     eprintln!("container mesh up and pinging in {:?}", started.elapsed());
 }

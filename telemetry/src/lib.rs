@@ -1,19 +1,39 @@
-//! What every l2mesh binary sets up the same way: logs on stderr filtered by
-//! an environment variable, how a failed run is reported, and the HTTP
-//! endpoint with Prometheus `/metrics` and `/healthz`.
+//! What every l2mesh binary sets up the same way: its version (with the
+//! commit), logs on stderr filtered by an environment variable, how a failed
+//! run is reported, and the HTTP endpoint with Prometheus `/metrics` (content
+//! negotiated, with `process_*` and `l2mesh_build_info`) and `/healthz`.
+
+pub mod exposition;
+pub mod process;
+
+pub use exposition::{OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, negotiate};
 
 use std::error::Error;
 use std::process::ExitCode;
 
 use axum::Router;
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
 
-/// Content type of [`encode`]'s output.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The git commit the binaries were built from ("unknown" outside git).
+pub const COMMIT: &str = env!("L2MESH_COMMIT");
+/// `--version` of every l2mesh binary: `0.1.0 (commit 1a2b3c4d5e6f)`.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("L2MESH_COMMIT"),
+    ")"
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    commit: String,
+}
 
 /// Logs to stderr (stdout may be a protocol, as for the CNI plugin), with
 /// the filter from `env_var` (`RUST_LOG` syntax) or else `default_filter`;
@@ -65,19 +85,39 @@ where
     }
 }
 
-/// The OpenMetrics text of a registry (empty if encoding fails, which only
-/// a broken metric type can cause).
+/// The OpenMetrics text of a registry, followed by this process's
+/// `process_*` metrics and `l2mesh_build_info{version,commit}` (empty if
+/// encoding fails, which only a broken metric type can cause).
 #[must_use]
 pub fn encode(registry: &Registry) -> String {
+    let mut standard = Registry::default();
+    process::register(&mut standard, &process::current());
+    standard.register(
+        "l2mesh_build",
+        "Version and commit of this l2mesh binary",
+        Info::new(BuildLabels {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            commit: COMMIT.to_owned(),
+        }),
+    );
     let mut out = String::new();
-    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
-        out.clear();
+    let mut extra = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, registry).is_err()
+        || prometheus_client::encoding::text::encode(&mut extra, &standard).is_err()
+    {
+        return String::new();
     }
+    // One `# EOF`, at the end.
+    if let Some(body) = out.strip_suffix("# EOF\n") {
+        out.truncate(body.len());
+    }
+    out.push_str(&extra);
     out
 }
 
-/// `/healthz` ("ok") and `/metrics` (what `render` returns, as
-/// [`OPENMETRICS_CONTENT_TYPE`]).
+/// `/healthz` ("ok") and `/metrics` (what `render` returns, OpenMetrics
+/// text, sent as such to scrapers that accept it and as Prometheus text
+/// 0.0.4 otherwise: see [`negotiate`]).
 pub fn router<F>(render: F) -> Router
 where
     F: Fn() -> String + Clone + Send + Sync + 'static,
@@ -86,9 +126,13 @@ where
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: HeaderMap| {
                 let text = render();
-                async move { ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text) }
+                async move {
+                    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+                    let (kind, body) = negotiate(accept, text);
+                    ([(header::CONTENT_TYPE, kind)], body)
+                }
             }),
         )
 }
@@ -174,8 +218,13 @@ mod tests {
     }
 
     async fn get(app: Router, path: &str) -> (u16, String, String) {
+        get_accepting(app, path, "application/openmetrics-text; version=1.0.0").await
+    }
+
+    async fn get_accepting(app: Router, path: &str, accept: &str) -> (u16, String, String) {
         use tower::ServiceExt as _;
         let req = axum::http::Request::get(path)
+            .header(header::ACCEPT, accept)
             .body(axum::body::Body::empty())
             .unwrap();
         let resp = app.oneshot(req).await.unwrap();
@@ -205,6 +254,32 @@ mod tests {
         assert!(body.contains("total 2"), "rendered per request: {body}");
         let (status, _, body) = get(app.clone(), "/healthz").await;
         assert_eq!((status, body.as_str()), (200, "ok\n"));
+        let (_, kind, body) = get_accepting(app.clone(), "/metrics", "*/*").await;
+        assert_eq!(kind, PROMETHEUS_CONTENT_TYPE);
+        assert_eq!(body, "l2mesh_test_seen_total 2\n");
         assert_eq!(get(app, "/nope").await.0, 404);
+    }
+
+    #[test]
+    fn encode_adds_process_metrics_and_build_info_before_one_eof() {
+        let reg = Registry::with_prefix("l2mesh_test");
+        let text = encode(&reg);
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(text.contains("process_resident_memory_bytes "), "{text}");
+        assert!(text.contains("process_cpu_seconds_total "), "{text}");
+        assert!(
+            text.contains(&format!(
+                "l2mesh_build_info{{version=\"{}\",commit=\"{COMMIT}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_version_names_the_commit() {
+        assert!(VERSION.starts_with(env!("CARGO_PKG_VERSION")), "{VERSION}");
+        assert!(VERSION.contains(COMMIT) && !COMMIT.is_empty(), "{VERSION}");
     }
 }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 /// L2Network intent (Kubernetes or a manifest directory) and serves each
 /// node's desired dataplane state.
 #[derive(Debug, Parser)]
-#[command(name = "l2mesh-agent", version, about, long_about = None)]
+#[command(name = "l2mesh-agent", version = l2mesh_telemetry::VERSION, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "l2mesh-cni",
-    version,
+    version = l2mesh_telemetry::VERSION,
     about = "The l2mesh CNI plugin. The container runtime (Multus) calls it with CNI_COMMAND set; \
              without it, `install` copies it onto a host."
 )]
