@@ -25,6 +25,8 @@ pub struct Metrics {
     pub clusters: Gauge,
     /// Declared networks.
     pub networks: Gauge,
+    /// Call latency by method; layered onto the gRPC server.
+    pub grpc: l2mesh_telemetry::latency::GrpcLatencyLayer,
 }
 
 impl Default for Metrics {
@@ -50,8 +52,10 @@ impl Default for Metrics {
             "Declared multi-cluster networks",
             networks.clone(),
         );
+        let grpc = l2mesh_telemetry::latency::GrpcLatencyLayer::register(&mut registry);
         Self {
             registry,
+            grpc,
             joins,
             calls,
             views_sent,

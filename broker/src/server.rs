@@ -345,6 +345,7 @@ impl Broker {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .layer(self.metrics.grpc.clone())
             .add_service(
                 BrokerServer::new(self.clone())
                     .max_decoding_message_size(max)

@@ -426,6 +426,10 @@ async fn metrics_and_health_are_served() {
     );
     assert!(body.contains("l2mesh_broker_clusters 1"), "{body}");
     assert!(
+        body.contains("l2mesh_broker_grpc_server_handling_seconds_count{method=\"/l2mesh.broker.v1.Broker/Join\"} 1"),
+        "{body}"
+    );
+    assert!(
         http_get(&b.metrics_addr, "/healthz")
             .await
             .ends_with("ok\n")

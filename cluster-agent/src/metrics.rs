@@ -3,6 +3,7 @@
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
@@ -11,6 +12,8 @@ use std::sync::Arc;
 pub struct Metrics {
     registry: Arc<Registry>,
     pub reconciles: Counter,
+    /// Seconds one recomputation of the desired state took.
+    pub reconcile_seconds: Histogram,
     pub desired_revision: Gauge,
     pub nodes_known: Gauge,
     pub nodes_with_hello: Gauge,
@@ -28,6 +31,7 @@ impl Default for Metrics {
         let m = Self {
             registry: Arc::new(Registry::default()),
             reconciles: Counter::default(),
+            reconcile_seconds: l2mesh_telemetry::latency::latency_histogram(),
             desired_revision: Gauge::default(),
             nodes_known: Gauge::default(),
             nodes_with_hello: Gauge::default(),
@@ -47,6 +51,11 @@ impl Default for Metrics {
             "reconciles",
             "Recomputations of the desired state",
             m.reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_seconds",
+            "Time one recomputation of the desired state took",
+            m.reconcile_seconds.clone(),
         );
         registry.register(
             "desired_revision",
@@ -116,9 +125,14 @@ mod tests {
     fn metrics_are_encoded_with_prefix() {
         let m = Metrics::default();
         m.reconciles.inc();
+        m.reconcile_seconds.observe(0.002);
         m.broker_connected.set(1);
         let text = m.encode();
         assert!(text.contains("l2mesh_agent_reconciles_total 1"), "{text}");
+        assert!(
+            text.contains("l2mesh_agent_reconcile_seconds_count 1"),
+            "{text}"
+        );
         assert!(text.contains("l2mesh_agent_broker_connected 1"), "{text}");
     }
 

@@ -4,6 +4,7 @@
 //! negotiated, with `process_*` and `l2mesh_build_info`) and `/healthz`.
 
 pub mod exposition;
+pub mod latency;
 pub mod process;
 
 pub use exposition::{OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, negotiate};

@@ -362,6 +362,7 @@ impl Shared {
 
     /// Recompute and publish. Returns problems worth logging.
     pub fn reconcile(&self) -> Vec<String> {
+        let started = std::time::Instant::now();
         let mut guard = self.lock();
         let s = &mut *guard;
         let Some(nodes) = s.nodes.clone() else {
@@ -481,6 +482,7 @@ impl Shared {
         let m = &self.metrics;
         let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         m.reconciles.inc();
+        m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
         m.desired_revision
             .set(i64::try_from(s.revision).unwrap_or(i64::MAX));
         m.nodes_known.set(count(nodes.len()));

@@ -226,6 +226,12 @@ fn multi_cluster_networks_wait_without_a_broker() {
             .encode()
             .contains("l2mesh_agent_networks_inactive 1")
     );
+    // Each recomputation is timed.
+    assert!(
+        s.metrics
+            .encode()
+            .contains("l2mesh_agent_reconcile_seconds_count 1")
+    );
 }
 
 fn gateway(name: &str) -> NodeEntry {
