@@ -150,6 +150,11 @@ def cluster_chart(plain):
     for kind, name in [("Deployment", "l2mesh-agent"), ("DaemonSet", "l2mesh-dataplane")]:
         check(privileges(by_kind[(kind, name)]) == privileges(plain[(kind, name)]),
               f"chart {kind} {name}: privileges differ from deploy/{name.split('-')[1]}.yaml")
+    # The chart's RBAC is the plain one, which a test holds against the
+    # agent's real API calls.
+    for kind in ("ClusterRole", "Role"):
+        check(by_kind[(kind, "l2mesh-agent")]["rules"] == plain[(kind, "l2mesh-agent")]["rules"],
+              f"chart {kind} rules differ from deploy/agent-rbac.yaml")
     ds = by_kind[("DaemonSet", "l2mesh-dataplane")]
     check(ds["spec"]["template"]["spec"].get("priorityClassName") == "system-node-critical", "priority class")
     check(("ResourceQuota", "l2mesh-critical-pods") in by_kind, "the priority quota ships by default")

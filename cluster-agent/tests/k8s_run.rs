@@ -363,6 +363,8 @@ async fn run_end_to_end_against_the_fake_api_and_a_real_broker() {
         "unhandled requests: {:?}",
         api.unhandled()
     );
+    // Everything the agent asked stays within deploy/agent-rbac.yaml.
+    support::rbac::assert_allowed_by_shipped_rbac(&api.requests(), "agent-", NS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,6 +430,8 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over_on_release() {
         "unhandled requests: {:?}",
         api.unhandled()
     );
+    // Leader and standby alike stay within deploy/agent-rbac.yaml.
+    support::rbac::assert_allowed_by_shipped_rbac(&api.requests(), "agent-", NS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

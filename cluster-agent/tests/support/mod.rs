@@ -1,4 +1,5 @@
 //! Shared test support.
 pub mod broker;
 pub mod fake_apiserver;
+pub mod rbac;
 pub mod standalone_agent;
