@@ -38,8 +38,16 @@ case "$profile" in
   *) echo "build.sh: --profile must be release or dev, not $profile" >&2; exit 2 ;;
 esac
 for tool in cargo buildah strip readelf ldd; do
-  command -v "$tool" >/dev/null || {
-    echo "build.sh: $tool not found (apt-get install buildah binutils)" >&2; exit 1; }
+  if ! command -v "$tool" >/dev/null; then
+    case "$tool" in
+      cargo) hint="install Rust (rustup) or put cargo on PATH" ;;
+      buildah) hint="apt-get install buildah" ;;
+      ldd) hint="apt-get install libc-bin" ;;
+      *) hint="apt-get install binutils" ;;
+    esac
+    echo "build.sh: $tool not found: $hint" >&2
+    exit 1
+  fi
 done
 
 if [ -z "$context" ]; then

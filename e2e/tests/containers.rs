@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use l2mesh_e2e::containers::mesh::{ContainerMesh, readiness_http, workload};
 use l2mesh_e2e::containers::{self, BuiltImage, CONTAINER_TOOLS, RUNTIME};
 use l2mesh_e2e::plan::TopologySpec;
-use l2mesh_e2e::{Lab, Netns, should_run};
+use l2mesh_e2e::{Lab, Netns};
 
 fn tools() -> Vec<&'static str> {
     let mut t = vec!["ip", "ping", "promtool"];
@@ -26,11 +26,28 @@ fn tools() -> Vec<&'static str> {
     t
 }
 
+/// Whether `test` can run: the tools, root and runc; otherwise skipped, or
+/// under CI a failure that names what is missing.
+fn can_run(test: &str) -> bool {
+    use l2mesh_e2e::preflight::{Decision, decide, in_ci, missing};
+    let mut reasons = missing(&tools());
+    if !Path::new(RUNTIME).exists() {
+        reasons.push(format!(
+            "{RUNTIME} is missing: podman runs the containers with runc here, crun fails on hybrid cgroups (apt-get install runc)"
+        ));
+    }
+    match decide(test, &reasons, in_ci()) {
+        Decision::Run => true,
+        Decision::Skip(why) => {
+            eprintln!("{why}");
+            false
+        }
+        Decision::Fail(why) => panic!("{why}"),
+    }
+}
+
 /// The image of this test process, or a panic naming the part that failed.
 fn image() -> &'static BuiltImage {
-    if !Path::new(RUNTIME).exists() {
-        panic!("{RUNTIME} is missing: podman needs runc here (apt-get install runc)");
-    }
     containers::shared_image(Path::new(env!("CARGO_TARGET_TMPDIR")))
         .unwrap_or_else(|e| panic!("building the image failed: {e}"))
 }
@@ -112,7 +129,7 @@ fn promtool_check(body: &str) -> Result<(), String> {
 
 #[test]
 fn containers_image_static_cni_and_privileges() {
-    if !should_run("containers_image_static_cni_and_privileges", &tools()) {
+    if !can_run("containers_image_static_cni_and_privileges") {
         return;
     }
     let image = image();
@@ -136,10 +153,7 @@ fn containers_image_static_cni_and_privileges() {
 
 #[test]
 fn containers_pods_ping_across_clusters_with_the_manifests_privileges() {
-    if !should_run(
-        "containers_pods_ping_across_clusters_with_the_manifests_privileges",
-        &tools(),
-    ) {
+    if !can_run("containers_pods_ping_across_clusters_with_the_manifests_privileges") {
         return;
     }
     let image = image();

@@ -189,8 +189,8 @@ fn build_image(dir: &Path) -> Result<BuiltImage> {
         .arg(&context)
         .stdin(Stdio::null());
     let out = output_of(cmd).map_err(|e| {
-        Error::Build(format!(
-            "deploy/image/build.sh (buildah, vfs storage in {}) failed: {e}",
+        Error::Check(format!(
+            "the image build (deploy/image/build.sh: cargo, then buildah with vfs storage in {}) failed: {e}",
             dir.display()
         ))
     })?;
