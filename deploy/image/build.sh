@@ -93,6 +93,9 @@ done | sort -u | while read -r lib; do
   mkdir -p "$rootfs$(dirname "$lib")"
   cp -L "$lib" "$rootfs$lib"
 done
+# The license the binaries are distributed under.
+mkdir -p "$rootfs/usr/share/doc/l2mesh"
+cp "$workspace/LICENSE" "$rootfs/usr/share/doc/l2mesh/LICENSE"
 # Names for the two users the manifests run as.
 printf 'root:x:0:0:root:/:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/:/sbin/nologin\n' \
   > "$rootfs/etc/passwd"

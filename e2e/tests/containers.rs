@@ -148,6 +148,11 @@ fn containers_image_static_cni_and_privileges() {
         size >> 20,
         image.profile
     );
+    let license = std::fs::read_to_string(image.file("/usr/share/doc/l2mesh/LICENSE")).unwrap();
+    assert!(
+        license.contains("Apache License"),
+        "the image ships the license"
+    );
     eprintln!("image built in {:?} ({})", image.took, image.profile);
 }
 
