@@ -10,9 +10,9 @@ impl AllocStore for Mem {
     fn load(&self) -> Result<Allocations, String> {
         Ok(Allocations::default())
     }
-    fn save(&self, a: &Allocations) -> Result<(), String> {
+    fn save(&self, a: &Allocations, _: Option<&str>) -> SaveFuture {
         *self.0.lock().unwrap() = Some(a.clone());
-        Ok(())
+        Box::pin(std::future::ready(Ok(())))
     }
 }
 
@@ -48,15 +48,15 @@ fn blue() -> L2Network {
     .unwrap()
 }
 
-#[test]
-fn revisions_change_only_with_the_state() {
+#[tokio::test]
+async fn revisions_change_only_with_the_state() {
     let s = shared();
     let rx = s.subscribe("a");
     s.set_intent(vec![node("a"), node("b")], vec![blue()]);
-    s.reconcile();
+    s.reconcile().await;
     let first = rx.borrow().clone().unwrap();
     assert_eq!(first.networks[0].vni, 1);
-    s.reconcile();
+    s.reconcile().await;
     assert_eq!(
         rx.borrow().as_ref().unwrap().revision,
         first.revision,
@@ -70,7 +70,7 @@ fn revisions_change_only_with_the_state() {
             endpoints: vec!["127.0.0.1:1".into()],
         },
     );
-    s.reconcile();
+    s.reconcile().await;
     let second = rx.borrow().clone().unwrap();
     assert!(second.revision > first.revision);
     assert_eq!(second.peers.len(), 1);
@@ -78,8 +78,8 @@ fn revisions_change_only_with_the_state() {
     assert!(!s.is_known_node("c"));
 }
 
-#[test]
-fn a_status_with_a_new_key_is_a_rotation_that_reaches_the_peers() {
+#[tokio::test]
+async fn a_status_with_a_new_key_is_a_rotation_that_reaches_the_peers() {
     let s = shared();
     let rx_a = s.subscribe("a");
     s.set_intent(vec![node("a"), node("b")], vec![blue()]);
@@ -89,7 +89,7 @@ fn a_status_with_a_new_key_is_a_rotation_that_reaches_the_peers() {
         endpoints: vec!["127.0.0.1:1".into()],
     };
     s.set_hello("b", hello(2));
-    s.reconcile();
+    s.reconcile().await;
     let before = rx_a.borrow().clone().unwrap();
     assert_eq!(before.peers[0].public_key, vec![2; 32]);
 
@@ -99,7 +99,7 @@ fn a_status_with_a_new_key_is_a_rotation_that_reaches_the_peers() {
         public_key: vec![2; 32],
         ..Default::default()
     });
-    s.reconcile();
+    s.reconcile().await;
     assert_eq!(rx_a.borrow().as_ref().unwrap().revision, before.revision);
 
     s.set_node_status(NodeStatus {
@@ -107,7 +107,7 @@ fn a_status_with_a_new_key_is_a_rotation_that_reaches_the_peers() {
         public_key: vec![3; 32],
         ..Default::default()
     });
-    s.reconcile();
+    s.reconcile().await;
     let after = rx_a.borrow().clone().unwrap();
     assert!(after.revision > before.revision);
     assert_eq!(
@@ -126,7 +126,7 @@ fn a_status_with_a_new_key_is_a_rotation_that_reaches_the_peers() {
         public_key: vec![4; 5],
         ..Default::default()
     });
-    s.reconcile();
+    s.reconcile().await;
     assert_eq!(
         rx_a.borrow().as_ref().unwrap().peers[0].public_key,
         vec![3; 32]
@@ -140,14 +140,14 @@ impl AllocStore for SharedMem {
     fn load(&self) -> Result<Allocations, String> {
         Ok(self.0.lock().unwrap().clone().unwrap_or_default())
     }
-    fn save(&self, a: &Allocations) -> Result<(), String> {
+    fn save(&self, a: &Allocations, _: Option<&str>) -> SaveFuture {
         *self.0.lock().unwrap() = Some(a.clone());
-        Ok(())
+        Box::pin(std::future::ready(Ok(())))
     }
 }
 
-#[test]
-fn after_a_restart_the_first_node_back_still_gets_every_peer() {
+#[tokio::test]
+async fn after_a_restart_the_first_node_back_still_gets_every_peer() {
     let store = SharedMem::default();
     let make = || {
         Shared::new(
@@ -169,19 +169,19 @@ fn after_a_restart_the_first_node_back_still_gets_every_peer() {
             },
         );
     }
-    s.reconcile();
+    s.reconcile().await;
     drop(s);
     let restarted = make();
     restarted.set_intent(vec![node("a"), node("b")], vec![blue()]);
     let rx = restarted.subscribe("a");
-    restarted.reconcile();
+    restarted.reconcile().await;
     let d = rx.borrow().clone().unwrap();
     assert_eq!(d.peers.len(), 1, "b is known from before the restart");
     assert_eq!(d.peers[0].public_key, vec![2; 32]);
 }
 
-#[test]
-fn a_removed_node_loses_its_watch_and_its_peers_forget_it() {
+#[tokio::test]
+async fn a_removed_node_loses_its_watch_and_its_peers_forget_it() {
     let s = shared();
     s.set_intent(vec![node("a"), node("b")], vec![blue()]);
     let rx_b = s.subscribe("b");
@@ -193,24 +193,24 @@ fn a_removed_node_loses_its_watch_and_its_peers_forget_it() {
             ..Hello::default()
         },
     );
-    s.reconcile();
+    s.reconcile().await;
     assert_eq!(rx_a.borrow().as_ref().unwrap().peers.len(), 1);
     s.set_nodes(vec![node("a")]);
-    s.reconcile();
+    s.reconcile().await;
     assert!(rx_b.has_changed().is_err(), "b's watch is closed");
     assert!(rx_a.borrow().as_ref().unwrap().peers.is_empty());
     assert!(!s.is_known_node("b"));
 }
 
-#[test]
-fn multi_cluster_networks_wait_without_a_broker() {
+#[tokio::test]
+async fn multi_cluster_networks_wait_without_a_broker() {
     let s = shared();
     let net: L2Network = serde_yaml::from_str(
         "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: red, namespace: default}\nspec: {scope: multiCluster}\n",
     )
     .unwrap();
     s.set_intent(vec![node("a")], vec![net]);
-    s.reconcile();
+    s.reconcile().await;
     let st = s.status_of("default/red").unwrap();
     let admitted = st
         .conditions
@@ -238,14 +238,16 @@ fn gateway(name: &str) -> NodeEntry {
 fn reported_gateways(s: &Shared) -> Vec<String> {
     s.reports()
         .borrow()
+        .clone()
+        .unwrap_or_default()
         .gateways
         .iter()
         .map(|g| g.node.clone())
         .collect()
 }
 
-#[test]
-fn a_gateway_whose_stream_closes_hands_over_to_the_standby_without_hand_back() {
+#[tokio::test]
+async fn a_gateway_whose_stream_closes_hands_over_to_the_standby_without_hand_back() {
     let s = Arc::new(shared());
     s.set_intent(vec![gateway("gw-b"), gateway("gw-a")], vec![blue()]);
     let hello = |k: u8| Hello {
@@ -256,13 +258,13 @@ fn a_gateway_whose_stream_closes_hands_over_to_the_standby_without_hand_back() {
     s.set_hello("gw-a", hello(1));
     let _b = s.node_connected("gw-b");
     s.set_hello("gw-b", hello(2));
-    s.reconcile();
+    s.reconcile().await;
     assert_eq!(reported_gateways(&s), vec!["gw-a"]);
     assert!(!s.gateway_change_due());
 
     drop(a);
     assert!(s.gateway_change_due(), "the closed stream is noticed");
-    s.reconcile();
+    s.reconcile().await;
     assert_eq!(reported_gateways(&s), vec!["gw-b"]);
     assert!(
         s.metrics
@@ -273,7 +275,7 @@ fn a_gateway_whose_stream_closes_hands_over_to_the_standby_without_hand_back() {
     // gw-a is back: gw-b keeps the role.
     let _a = s.node_connected("gw-a");
     assert!(!s.gateway_change_due());
-    s.reconcile();
+    s.reconcile().await;
     assert_eq!(reported_gateways(&s), vec!["gw-b"]);
 }
 
@@ -284,20 +286,17 @@ impl AllocStore for KeepsGateway {
     fn load(&self) -> Result<Allocations, String> {
         self.1.load()
     }
-    fn save(&self, a: &Allocations) -> Result<(), String> {
-        self.1.save(a)
+    fn save(&self, a: &Allocations, g: Option<&str>) -> SaveFuture {
+        *self.0.lock().unwrap() = g.map(str::to_owned);
+        self.1.save(a, g)
     }
     fn load_gateway(&self) -> Option<String> {
         self.0.lock().unwrap().clone()
     }
-    fn save_gateway(&self, g: Option<&str>) -> Result<(), String> {
-        *self.0.lock().unwrap() = g.map(str::to_owned);
-        Ok(())
-    }
 }
 
-#[test]
-fn a_restarted_engine_keeps_the_stored_gateway() {
+#[tokio::test]
+async fn a_restarted_engine_keeps_the_stored_gateway() {
     let store = KeepsGateway::default();
     let make = || {
         Arc::new(
@@ -318,11 +317,11 @@ fn a_restarted_engine_keeps_the_stored_gateway() {
     s.set_intent(vec![gateway("gw-a"), gateway("gw-b")], vec![blue()]);
     let _b = s.node_connected("gw-b");
     s.set_hello("gw-b", hello(2));
-    s.reconcile();
+    s.reconcile().await;
     assert_eq!(reported_gateways(&s), vec!["gw-b"]);
     let a = s.node_connected("gw-a");
     s.set_hello("gw-a", hello(1));
-    s.reconcile();
+    s.reconcile().await;
     assert_eq!(reported_gateways(&s), vec!["gw-b"], "sticky");
     assert_eq!(store.load_gateway().as_deref(), Some("gw-b"));
     drop((a, _b, s));
@@ -331,7 +330,7 @@ fn a_restarted_engine_keeps_the_stored_gateway() {
     s.set_intent(vec![gateway("gw-a"), gateway("gw-b")], vec![blue()]);
     let _a = s.node_connected("gw-a");
     s.set_hello("gw-a", hello(1));
-    s.reconcile();
+    s.reconcile().await;
     assert_eq!(
         reported_gateways(&s),
         vec!["gw-b"],

@@ -197,7 +197,9 @@ async fn lead(
         ))
     })?;
     let pki = secrets::load_or_create_pki(&secrets_api).await?;
-    let (allocs, allocs_task) = secrets::SecretAllocStore::new(secrets_api.clone()).await?;
+    // The Secrets are read in full before the engine starts: it never
+    // works from allocations it has not loaded.
+    let allocs = secrets::SecretAllocStore::new(secrets_api.clone()).await?;
     let (sink, sink_task) = controller::K8sStatusSink::new(client.clone());
     let shared = Arc::new(
         Shared::new(subnet, Box::new(allocs), Box::new(sink), true)
@@ -211,11 +213,30 @@ async fn lead(
             shared.metrics.clone(),
         ));
     }
-    tasks.spawn(allocs_task);
     tasks.spawn(sink_task);
     tasks.spawn(crate::broker_link::run(id, shared.clone()));
-    tasks.spawn(reconcile_loop(shared.clone()));
-    tasks.spawn(watch_nodes(client.clone(), shared.clone()));
+    tasks.spawn(shared.clone().run());
+    let engine = shared.clone();
+    tasks.spawn(mirror(Api::<Node>::all(client.clone()), "Node", move |nodes| {
+        let mut nodes: Vec<NodeEntry> = nodes.iter().map(|n| node_entry(n)).collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        engine.set_nodes(nodes);
+    }));
+    let engine = shared.clone();
+    tasks.spawn(mirror(
+        Api::<L2Network>::all(client.clone()),
+        "L2Network",
+        move |nets| {
+            // A network being deleted is gone for the engine: it leaves the
+            // nodes and the broker request, then the finalizer lets it go.
+            engine.set_networks(
+                nets.iter()
+                    .filter(|n| n.metadata.deletion_timestamp.is_none())
+                    .map(|n| (**n).clone())
+                    .collect(),
+            );
+        },
+    ));
     let ctx = Arc::new(controller::Context::new(client.clone(), shared.clone()));
     let nets: Api<L2Network> = Api::all(client.clone());
     let nads: Api<nad::NetworkAttachmentDefinition> = Api::all(client.clone());
@@ -229,11 +250,12 @@ async fn lead(
                 }
             }),
     );
+    let engine_of_lead = shared.clone();
     let (shutdown, stop) = crate::nodesync::stopping_watches(shutdown);
     let server = tonic::transport::Server::builder()
         .tls_config(pki.server_tls())?
         .add_service(
-            NodeSyncService::new(shared)
+            NodeSyncService::new(shared.clone())
                 .stop_on(stop)
                 .into_server(pki.token.clone()),
         )
@@ -243,34 +265,48 @@ async fn lead(
         );
     let result = server.await.map_err(KubeError::from);
     tasks.abort_all();
+    warn_unsaved(&engine_of_lead);
     result
 }
 
-async fn reconcile_loop(shared: Arc<Shared>) {
-    loop {
-        for p in shared.reconcile() {
-            tracing::debug!(problem = %p, "reconcile");
-        }
-        shared.next_change().await;
+/// Said when leading ends: allocations made but not saved were never
+/// published, so the next leader starts from what the Secret holds and
+/// the nodes use.
+fn warn_unsaved(shared: &Shared) {
+    if shared.pending_save() {
+        tracing::warn!(
+            "allocations changed since the last save were not published and are dropped; the next leader recomputes them"
+        );
     }
 }
 
-async fn watch_nodes(client: Client, shared: Arc<Shared>) {
-    let api: Api<Node> = Api::all(client);
+/// Mirror a kind into the engine: `set` gets the complete list once the
+/// initial list is in (and again after a relist when a watch dropped), then
+/// after every change; never a partial list.
+async fn mirror<K>(api: Api<K>, kind: &'static str, mut set: impl FnMut(Vec<Arc<K>>) + Send)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
     let (reader, writer) = reflector::store();
     let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
     futures::pin_mut!(stream);
+    let mut last_error = String::new();
     while let Some(item) = stream.next().await {
         match item {
             // During a (re)list the store only changes at InitDone.
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
             Ok(_) => {
-                let mut nodes: Vec<NodeEntry> =
-                    reader.state().iter().map(|n| node_entry(n)).collect();
-                nodes.sort_by(|a, b| a.name.cmp(&b.name));
-                shared.set_nodes(nodes);
+                last_error.clear();
+                set(reader.state());
             }
-            Err(e) => tracing::warn!(error = %e, "node watch"),
+            Err(e) => {
+                let text = e.to_string();
+                if text != last_error {
+                    tracing::warn!(kind, error = %text, "watch failed; retrying");
+                    last_error = text;
+                }
+            }
         }
     }
 }
