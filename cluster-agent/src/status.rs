@@ -175,9 +175,12 @@ pub fn network_status(
     };
     status.conditions = vec![ready, admitted, peers];
     if let Some(why) = &o.attach_problem {
-        status
-            .conditions
-            .push(condition("Attachable", "False", "NadCrdMissing", why.clone()));
+        status.conditions.push(condition(
+            "Attachable",
+            "False",
+            "NadCrdMissing",
+            why.clone(),
+        ));
     }
     for c in &mut status.conditions {
         c.last_transition_time = prev
@@ -310,7 +313,10 @@ mod tests {
         let o = outcome(Scope::Local, Some(3));
         let none = network_status(&o, &BTreeMap::new(), &[], None, "t");
         assert_eq!(
-            (get(&none, "Ready").status.as_str(), get(&none, "Ready").reason.as_str()),
+            (
+                get(&none, "Ready").status.as_str(),
+                get(&none, "Ready").reason.as_str()
+            ),
             ("False", "NoDataplane"),
             "no dataplane connected: not Ready"
         );
@@ -320,7 +326,10 @@ mod tests {
         nodes.extend(applied("n2", "red"));
         let half = network_status(&o, &nodes, &expected, None, "t");
         let ready = get(&half, "Ready");
-        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Applying"));
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "Applying")
+        );
         assert!(ready.message.contains("n2"), "{}", ready.message);
         nodes.extend(applied("n2", "blue"));
         let all = network_status(&o, &nodes, &expected, Some(&half), "t");
@@ -349,7 +358,11 @@ mod tests {
             ..Default::default()
         };
         let s = network_status(&o, &[("n1".to_owned(), node)].into(), &[], None, "t");
-        let ifaces: Vec<&str> = s.attached_pods.iter().map(|p| p.interface.as_str()).collect();
+        let ifaces: Vec<&str> = s
+            .attached_pods
+            .iter()
+            .map(|p| p.interface.as_str())
+            .collect();
         assert_eq!(ifaces, ["l2a"]);
     }
 
@@ -359,7 +372,10 @@ mod tests {
         o.attach_problem = Some("the NetworkAttachmentDefinition CRD is not installed".into());
         let s = network_status(&o, &BTreeMap::new(), &[], None, "t");
         let c = get(&s, "Attachable");
-        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "NadCrdMissing"));
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "NadCrdMissing")
+        );
         assert!(c.message.contains("NetworkAttachmentDefinition"));
     }
 

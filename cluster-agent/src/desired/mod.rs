@@ -180,12 +180,7 @@ pub fn resolve_networks(
 #[must_use]
 pub fn node_name_owners(networks: &[L2Network]) -> BTreeMap<String, String> {
     let mut sorted: Vec<&L2Network> = networks.iter().filter(|n| n.validate().is_ok()).collect();
-    sorted.sort_by_key(|n| {
-        (
-            n.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            n.key(),
-        )
-    });
+    sorted.sort_by_key(|n| (n.metadata.creation_timestamp.as_ref().map(|t| t.0), n.key()));
     let mut owners = BTreeMap::new();
     for n in sorted {
         owners.entry(n.dataplane_name()).or_insert_with(|| n.key());

@@ -337,3 +337,139 @@ async fn a_restarted_engine_keeps_the_stored_gateway() {
         "gw-b is still expected back after the restart"
     );
 }
+
+/// A store whose saves fail while `failing` is set.
+#[derive(Debug, Default, Clone)]
+struct Flaky {
+    mem: SharedMem,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AllocStore for Flaky {
+    fn load(&self) -> Result<Allocations, String> {
+        self.mem.load()
+    }
+    fn save(&self, a: &Allocations, g: Option<&str>) -> SaveFuture {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(std::future::ready(Err("injected".to_owned())));
+        }
+        self.mem.save(a, g)
+    }
+}
+
+fn local(name: &str) -> L2Network {
+    serde_yaml::from_str(&format!(
+        "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {{name: {name}, namespace: default}}\nspec: {{}}\n"
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn nothing_is_published_or_freed_before_both_lists_are_complete() {
+    let store = SharedMem::default();
+    let make = || {
+        Shared::new(
+            "100.64.0.0/24".parse().unwrap(),
+            Box::new(store.clone()),
+            Box::new(Sink),
+            true,
+        )
+        .unwrap()
+    };
+    let s = make();
+    s.set_intent(vec![node("a")], vec![local("x"), local("y"), blue()]);
+    s.reconcile().await;
+    let vnis = store.load().unwrap().vnis.owners;
+    drop(s);
+
+    // Restarted: the nodes are in, the networks are not yet.
+    let s = make();
+    let rx = s.subscribe("a");
+    let reports = s.reports();
+    s.set_nodes(vec![node("a")]);
+    s.reconcile().await;
+    assert!(rx.borrow().is_none(), "no state for the nodes yet");
+    assert!(reports.borrow().is_none(), "nothing for the broker yet");
+    assert_eq!(store.load().unwrap().vnis.owners, vnis, "nothing freed");
+    s.set_networks(vec![blue(), local("y"), local("x")]);
+    s.reconcile().await;
+    let d = rx.borrow().clone().unwrap();
+    let got: BTreeMap<String, u32> = d.networks.iter().map(|n| (n.name.clone(), n.vni)).collect();
+    assert_eq!(got, vnis.into_iter().collect());
+}
+
+#[tokio::test]
+async fn an_invalid_network_keeps_its_vni_and_only_a_deleted_one_frees_it() {
+    let s = shared();
+    s.set_intent(vec![node("a")], vec![local("x"), blue()]);
+    s.reconcile().await;
+    let vni = s.status_of("default/blue").unwrap().vni.unwrap();
+    let mut bad = blue();
+    bad.spec.mtu = Some(10);
+    s.set_networks(vec![local("x"), bad]);
+    s.reconcile().await;
+    let st = s.status_of("default/blue").unwrap();
+    assert_eq!(st.vni, None, "an invalid network shows no VNI");
+    assert_eq!(st.ip_range, None);
+    s.set_networks(vec![local("x"), blue()]);
+    s.reconcile().await;
+    assert_eq!(
+        s.status_of("default/blue").unwrap().vni,
+        Some(vni),
+        "same VNI back"
+    );
+    s.set_networks(vec![local("x")]);
+    s.reconcile().await;
+    s.set_networks(vec![local("x"), local("z")]);
+    s.reconcile().await;
+    assert_ne!(
+        s.status_of("default/z").unwrap().vni,
+        Some(vni),
+        "a freed VNI is not handed out again at once"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_save_publishes_nothing_until_a_save_succeeds() {
+    let store = Flaky::default();
+    let s = Shared::new(
+        "100.64.0.0/24".parse().unwrap(),
+        Box::new(store.clone()),
+        Box::new(Sink),
+        false,
+    )
+    .unwrap();
+    let rx = s.subscribe("a");
+    s.set_intent(vec![node("a")], vec![blue()]);
+    s.reconcile().await;
+    let before = rx.borrow().clone().unwrap();
+    store
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    s.set_intent(vec![node("a")], vec![blue(), local("x")]);
+    let problems = s.reconcile().await;
+    assert!(problems[0].contains("not saved"), "{problems:?}");
+    assert!(s.unsaved().is_some());
+    assert_eq!(*rx.borrow(), Some(before), "x is not handed out unsaved");
+    assert!(s.status_of("default/x").is_none());
+    assert!(
+        s.metrics
+            .encode()
+            .contains("l2mesh_agent_allocation_save_failures_total 1")
+    );
+    store
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    s.reconcile().await;
+    assert!(s.unsaved().is_none());
+    assert!(has(&rx.borrow(), "x"));
+    assert!(
+        store.load().unwrap().vnis.owners.contains_key("x"),
+        "saved first"
+    );
+}
+
+fn has(d: &Option<DesiredState>, net: &str) -> bool {
+    d.as_ref()
+        .is_some_and(|d| d.networks.iter().any(|n| n.name == net))
+}

@@ -25,6 +25,8 @@ pub enum ControllerError {
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    #[error("the network is not removed from the nodes yet; the finalizer stays until it is")]
+    StillOnNodes,
 }
 
 /// What reconcile needs.
@@ -110,6 +112,8 @@ fn nad_inputs(net: &L2Network) -> (Option<ipnet::IpNet>, u32) {
 
 /// Until the engine has the complete L2Network list, nothing is written.
 const WAIT_FOR_LIST: Duration = Duration::from_secs(1);
+/// How long a deletion waits in line for the engine to drop the network.
+const CLEANUP_WAIT: Duration = Duration::from_secs(5);
 /// Without the NAD CRD the NAD is tried again this often.
 const NAD_CRD_RETRY: Duration = Duration::from_secs(60);
 
@@ -120,8 +124,7 @@ pub const NAD_CRD_MISSING: &str = "the NetworkAttachmentDefinition CRD (network-
 /// nodes is its own (an older L2Network with the same name keeps it).
 fn may_attach(net: &L2Network, networks: &[L2Network]) -> bool {
     net.validate().is_ok()
-        && crate::desired::node_name_owners(networks).get(&net.dataplane_name())
-            == Some(&net.key())
+        && crate::desired::node_name_owners(networks).get(&net.dataplane_name()) == Some(&net.key())
 }
 
 #[tracing::instrument(skip_all, fields(network = %net.key()))]
@@ -136,7 +139,9 @@ async fn apply(net: &L2Network, ctx: &Context) -> Result<Action, ControllerError
         // network's bridge (or on none). The status says why.
         return match nads.delete(&name, &DeleteParams::default()).await {
             Ok(_) => Ok(Action::requeue(Duration::from_secs(300))),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(Action::requeue(Duration::from_secs(300))),
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                Ok(Action::requeue(Duration::from_secs(300)))
+            }
             Err(e) => Err(e.into()),
         };
     }
@@ -169,8 +174,12 @@ async fn apply(net: &L2Network, ctx: &Context) -> Result<Action, ControllerError
 async fn cleanup(net: &L2Network, ctx: &Context) -> Result<Action, ControllerError> {
     // The engine drops a network being deleted from the nodes and the
     // broker request; the finalizer goes only once it has.
-    if ctx.shared.status_of(&net.key()).is_some() {
-        return Ok(Action::requeue(WAIT_FOR_LIST));
+    let deadline = tokio::time::Instant::now() + CLEANUP_WAIT;
+    while ctx.shared.status_of(&net.key()).is_some() {
+        if tokio::time::Instant::now() > deadline {
+            return Err(ControllerError::StillOnNodes);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let nads: Api<NetworkAttachmentDefinition> = api(&ctx.client, net);
     let name = net.metadata.name.clone().unwrap_or_default();
@@ -263,13 +272,28 @@ fn condition_events(net: &L2Network, before: &[Condition], after: &[Condition]) 
         && let Some(c) = changed("Admitted")
     {
         match c.status.as_str() {
-            "True" => out.push(event(EventType::Normal, "Admitted", "RequestNetwork", &c.message)),
-            "False" => out.push(event(EventType::Warning, "NotAdmitted", "RequestNetwork", &c.message)),
+            "True" => out.push(event(
+                EventType::Normal,
+                "Admitted",
+                "RequestNetwork",
+                &c.message,
+            )),
+            "False" => out.push(event(
+                EventType::Warning,
+                "NotAdmitted",
+                "RequestNetwork",
+                &c.message,
+            )),
             _ => {}
         }
     }
     if let Some(c) = changed("Attachable").filter(|c| c.status == "False") {
-        out.push(event(EventType::Warning, &c.reason, "CreateNAD", &c.message));
+        out.push(event(
+            EventType::Warning,
+            &c.reason,
+            "CreateNAD",
+            &c.message,
+        ));
     }
     out
 }

@@ -180,11 +180,19 @@ async fn an_invalid_or_name_clashing_network_has_its_nad_removed() {
     bad.spec.mtu = Some(100);
     ctx.shared.set_networks(vec![bad.clone()]);
     let task = tokio::spawn(controller::reconcile(Arc::new(bad), ctx.clone()));
-    expect(&mut api, Method::DELETE, NADS, StatusCode::OK, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"})).await;
+    expect(
+        &mut api,
+        Method::DELETE,
+        NADS,
+        StatusCode::OK,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+    )
+    .await;
     task.await.unwrap().unwrap();
 
     // A newer network with the same name on the nodes: no NAD for it.
-    let older = net(json!({"finalizers": [FINALIZER], "creationTimestamp": "2026-01-01T00:00:00Z"}));
+    let older =
+        net(json!({"finalizers": [FINALIZER], "creationTimestamp": "2026-01-01T00:00:00Z"}));
     let newer: L2Network = serde_json::from_value(json!({
         "apiVersion": "l2mesh.io/v1alpha1", "kind": "L2Network",
         "metadata": {"name": "blue", "namespace": "team", "uid": "uid-2",
@@ -227,7 +235,10 @@ async fn a_missing_nad_crd_is_reported_once_and_not_an_error() {
         kube::runtime::controller::Action::requeue(Duration::from_secs(60))
     );
     let why = ctx.shared.nad_missing().expect("the engine knows");
-    assert!(why.contains("NetworkAttachmentDefinition") && why.contains("Multus"), "{why}");
+    assert!(
+        why.contains("NetworkAttachmentDefinition") && why.contains("Multus"),
+        "{why}"
+    );
 }
 
 #[tokio::test]

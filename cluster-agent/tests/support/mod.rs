@@ -1,4 +1,5 @@
 //! Shared test support.
 pub mod broker;
 pub mod fake_apiserver;
+pub mod k8s_agent;
 pub mod standalone_agent;
