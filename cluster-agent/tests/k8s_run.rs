@@ -189,6 +189,15 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over_on_release() {
     );
     let lease = api.get(LEASES, NS, "l2mesh-agent").unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "agent-a");
+    wait_for("a labelled as the node-sync leader", 10, || {
+        (leader_label(&api, "agent-a").as_deref() == Some("leader")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        leader_label(&api, "agent-b"),
+        None,
+        "the standby is not selected"
+    );
     let by_b: Vec<String> = api
         .requests()
         .into_iter()
@@ -205,9 +214,18 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over_on_release() {
     a.stop().await;
     let lease = api.get(LEASES, NS, "l2mesh-agent").unwrap();
     assert!(lease["spec"]["holderIdentity"].is_null(), "{lease}");
+    assert_eq!(
+        leader_label(&api, "agent-a"),
+        None,
+        "a stopped serving and dropped the label"
+    );
     b.listening(Duration::from_secs(12))
         .await
         .expect("b leads once a released the lease");
+    wait_for("b labelled as the node-sync leader", 10, || {
+        (leader_label(&api, "agent-b").as_deref() == Some("leader")).then_some(())
+    })
+    .await;
     assert_eq!(
         api.get(LEASES, NS, "l2mesh-agent").unwrap()["spec"]["holderIdentity"],
         "agent-b"
@@ -230,6 +248,52 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over_on_release() {
         "unhandled requests: {:?}",
         api.unhandled()
     );
+}
+
+fn leader_label(api: &FakeApi, pod: &str) -> Option<String> {
+    api.get("api/v1/pods", NS, pod)?["metadata"]["labels"]["l2mesh.io/node-sync"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_renew_stops_serving_before_the_lease_runs_out() {
+    init();
+    let broker = TestBroker::start().await;
+    let api = FakeApi::new();
+    seed_nodes(&api).await;
+    create_net(&api, "blue", json!({})).await;
+    let mut agent = Agent::start(&api, "agent-a", Some(broker.token("edge").await));
+    let addr = agent.listening(Duration::from_secs(20)).await.unwrap();
+    let mut w1 = node_watch(&api, addr, "w1").await;
+    next_matching(&mut w1, "blue", |d| has_net(d, "blue")).await;
+    wait_for("labelled leader", 10, || leader_label(&api, "agent-a")).await;
+    // The API server refuses lease writes from now on.
+    api.fail_writes(LEASES, true);
+    let cut = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(14), async {
+        while let Ok(Some(_)) = w1.message().await {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the node watch ends within the renew deadline"
+    );
+    let after = cut.elapsed();
+    assert!(
+        after < k8s::LEASE_DURATION,
+        "stopped serving after {after:?}, before the lease ran out"
+    );
+    let result = tokio::time::timeout(Duration::from_secs(10), agent.task)
+        .await
+        .expect("run ends")
+        .unwrap();
+    assert!(
+        matches!(result, Err(k8s::KubeError::LostLease)),
+        "{result:?}"
+    );
+    assert_eq!(leader_label(&api, "agent-a"), None, "the label is gone");
+    api.fail_writes(LEASES, false);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

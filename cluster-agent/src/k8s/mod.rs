@@ -343,7 +343,9 @@ async fn lead(
     )
     .await
     {
-        Ok(Ok(())) | Ok(Err(kube::Error::Api(_))) => {}
+        // The pod is gone: so is its label.
+        Ok(Ok(())) => {}
+        Ok(Err(kube::Error::Api(s))) if s.code == 404 => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot remove the leader label"),
         Err(_) => tracing::warn!("cannot remove the leader label: the API server did not answer"),
     }
