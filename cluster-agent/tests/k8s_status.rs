@@ -117,7 +117,9 @@ async fn status_fields_that_no_longer_hold_are_removed_and_invalid_networks_lose
     })
     .await;
     wait_for("the shared NAD without a subnet", 20, || {
-        (nad_subnet(&api, "default", "shared")? == None).then_some(())
+        nad_subnet(&api, "default", "shared")?
+            .is_none()
+            .then_some(())
     })
     .await;
     agent.stop().await;
