@@ -154,9 +154,9 @@ pub enum ValidationError {
     #[error("L2Network {0}: metadata.name is missing: give the network a name")]
     MissingName(String),
     #[error(
-        "L2Network {name}: name {name:?} is not a DNS-1123 label (lowercase letters, digits and '-', at most 63 characters, starting and ending with a letter or digit): rename it"
+        "L2Network {key}: name {name:?} is not a DNS-1123 label (lowercase letters, digits and '-', at most 63 characters, starting and ending with a letter or digit): rename it"
     )]
-    BadName { name: String },
+    BadName { key: String, name: String },
     #[error(
         "L2Network {name}: mtu {mtu} is outside {MIN_MTU}..={MAX_MTU}: pick an MTU in that range or leave it out for {DEFAULT_MTU}"
     )]
@@ -291,6 +291,7 @@ impl L2Network {
             .ok_or_else(|| ValidationError::MissingName(key.clone()))?;
         if !is_dns_label(name) {
             return Err(ValidationError::BadName {
+                key: key.clone(),
                 name: name.to_owned(),
             });
         }
@@ -392,6 +393,11 @@ mod tests {
             make("Blue_1", "{}").validate(),
             Err(ValidationError::BadName { .. })
         ));
+        let e = make("Blue_1", "{}").validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("L2Network default/Blue_1:"),
+            "names the namespace: {e}"
+        );
         assert!(matches!(
             make("b", "{mtu: 100}").validate(),
             Err(ValidationError::BadMtu { mtu: 100, .. })

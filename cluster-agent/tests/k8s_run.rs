@@ -469,3 +469,48 @@ async fn kubernetes_mode_fails_over_to_a_standby_gateway_and_stores_it() {
     }
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_mode_runs_without_a_broker_on_a_tunnel_subnet() {
+    init();
+    let api = FakeApi::new();
+    seed_nodes(&api).await;
+    create_net(&api, "blue", json!({"ipRange": "10.1.0.0/16"})).await;
+    create_net(&api, "shared", json!({"scope": "multiCluster"})).await;
+    // Neither identity nor join string nor subnet: a clear error.
+    let lost = Agent::start(&api, "agent-0", None);
+    let err = tokio::time::timeout(Duration::from_secs(20), lost.task)
+        .await
+        .expect("ends")
+        .unwrap()
+        .expect_err("nothing to run with")
+        .to_string();
+    assert!(err.contains("--tunnel-subnet"), "{err}");
+
+    let mut agent = Agent::start_with(&api, "agent-0", None, Some("100.127.0.0/24"));
+    let addr = agent.listening(Duration::from_secs(20)).await.unwrap();
+    let mut w1 = node_watch(&api, addr, "w1").await;
+    let d = next_matching(&mut w1, "blue", |d| has_net(d, "blue")).await;
+    assert!(!has_net(&d, "shared"), "multi-cluster networks wait");
+    let ip = d.identity.unwrap().tunnel_ip;
+    assert!(ip.starts_with("100.127.0."), "{ip}");
+    let shared = wait_for("shared pending without a broker", 20, || {
+        api.get(NETS, "default", "shared").filter(|o| {
+            o["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c["type"] == "Admitted"
+                        && c["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("without a broker"))
+                })
+            })
+        })
+    })
+    .await;
+    assert!(shared["status"].get("vni").is_none());
+    assert!(
+        secret_value(&api, "l2mesh-agent-identity", "identity.json").is_none(),
+        "no identity is made up"
+    );
+    agent.stop().await;
+}

@@ -46,6 +46,9 @@ pub struct KubeConfig {
     /// A gateway silent this long (or whose watch closed) hands the remote
     /// tunnels to a standby gateway.
     pub gateway_timeout: Duration,
+    /// Without a stored identity or a join string: run without a broker,
+    /// with node tunnel IPs from this subnet.
+    pub tunnel_subnet: Option<ipnet::Ipv4Net>,
 }
 
 /// Why Kubernetes mode stopped.
@@ -249,23 +252,41 @@ async fn lead(
         let _ = tx.send(addr);
     }
     let secrets_api: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
-    let id = tokio::select! {
-        r = identity(&secrets_api, config.join_string.as_ref()) => r?,
-        () = shutdown.clone() => return Ok(()),
+    // A stored identity or a join string: with the broker. Neither, but a
+    // tunnel subnet: a local-only cluster (multi-cluster networks wait).
+    let id = if config.join_string.is_none()
+        && config.tunnel_subnet.is_some()
+        && secrets::load_identity(&secrets_api).await?.is_none()
+    {
+        tracing::info!("no identity and no join string: running without a broker");
+        None
+    } else {
+        tokio::select! {
+            r = identity(&secrets_api, config.join_string.as_ref()) => Some(r?),
+            () = shutdown.clone() => return Ok(()),
+        }
     };
-    let subnet = id.tunnel_subnet.parse().map_err(|_| {
-        KubeError::State(format!(
-            "stored tunnel subnet {:?} is invalid",
-            id.tunnel_subnet
-        ))
-    })?;
+    let subnet = match (&id, config.tunnel_subnet) {
+        (Some(id), _) => id.tunnel_subnet.parse().map_err(|_| {
+            KubeError::State(format!(
+                "stored tunnel subnet {:?} is invalid",
+                id.tunnel_subnet
+            ))
+        })?,
+        (None, Some(subnet)) => subnet,
+        (None, None) => {
+            return Err(KubeError::State(
+                "no tunnel subnet: join a broker or pass --tunnel-subnet".into(),
+            ));
+        }
+    };
     let pki = secrets::load_or_create_pki(&secrets_api).await?;
     // The Secrets are read in full before the engine starts: it never
     // works from allocations it has not loaded.
     let allocs = secrets::SecretAllocStore::new(secrets_api.clone()).await?;
     let (sink, sink_task) = controller::K8sStatusSink::new(client.clone());
     let shared = Arc::new(
-        Shared::new(subnet, Box::new(allocs), Box::new(sink), true)
+        Shared::new(subnet, Box::new(allocs), Box::new(sink), id.is_some())
             .map_err(KubeError::State)?
             .with_gateway_timeout(config.gateway_timeout),
     );
@@ -277,7 +298,9 @@ async fn lead(
         ));
     }
     tasks.spawn(sink_task);
-    tasks.spawn(crate::broker_link::run(id, shared.clone()));
+    if let Some(id) = id {
+        tasks.spawn(crate::broker_link::run(id, shared.clone()));
+    }
     tasks.spawn(shared.clone().run());
     let engine = shared.clone();
     tasks.spawn(mirror(

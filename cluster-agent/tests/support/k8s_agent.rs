@@ -43,6 +43,16 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(api: &FakeApi, pod: &str, js: Option<JoinString>) -> Self {
+        Self::start_with(api, pod, js, None)
+    }
+
+    /// `tunnel_subnet`: run without a broker when there is no identity.
+    pub fn start_with(
+        api: &FakeApi,
+        pod: &str,
+        js: Option<JoinString>,
+        tunnel_subnet: Option<&str>,
+    ) -> Self {
         let (tx, listening) = tokio::sync::oneshot::channel();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let config = KubeConfig {
@@ -52,6 +62,7 @@ impl Agent {
             metrics_listen: None,
             on_listening: Some(tx),
             gateway_timeout: Duration::from_secs(10),
+            tunnel_subnet: tunnel_subnet.map(|s| s.parse().unwrap()),
         };
         let client = api.client_as(pod);
         let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(api.client(), NS);
