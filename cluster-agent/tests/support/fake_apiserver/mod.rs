@@ -398,6 +398,27 @@ fn conflict(name: &str) -> Response<FakeBody> {
     )
 }
 
+impl FakeApi {
+    /// Serve this API over plain HTTP on `listener`, for real binaries
+    /// (a kubeconfig with `server: http://ADDR`). Runs until dropped.
+    pub async fn serve_http(self, listener: tokio::net::TcpListener) {
+        let app = axum::Router::new().fallback(move |req: Request<axum::body::Body>| {
+            let api = self.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = axum::body::to_bytes(body, usize::MAX)
+                    .await
+                    .unwrap_or_default();
+                let req = Request::from_parts(parts, kube::client::Body::from(bytes));
+                let (parts, body) = api.handle(req).await.into_parts();
+                let stream = futures::StreamExt::map(body.0, Ok::<_, Infallible>);
+                http::Response::from_parts(parts, axum::body::Body::from_stream(stream))
+            }
+        });
+        let _ = axum::serve(listener, app).await;
+    }
+}
+
 impl tower::Service<Request<kube::client::Body>> for FakeApi {
     type Response = Response<FakeBody>;
     type Error = Infallible;
