@@ -34,6 +34,11 @@ struct Stable {
     vni: BTreeMap<String, u32>,
     tunnel_ip: BTreeMap<String, String>,
     slice: BTreeMap<(String, String), String>,
+    /// The lowest revision each network was seen in. Revisions grow across
+    /// the states of one agent and across agent starts, so a state newer
+    /// than that which lacks the network took it away (an older state may
+    /// arrive late at a slow node: that is no violation).
+    first_seen: BTreeMap<String, u64>,
     /// Problems found, with the state that showed them.
     violations: Vec<String>,
 }
@@ -53,8 +58,12 @@ impl Stable {
             self.violations
                 .push(format!("{node}: tunnel IP {was} became {ip}"));
         }
-        for net in self.vni.keys() {
-            if !d.networks.iter().any(|n| n.name == *net) {
+        for n in &d.networks {
+            let first = self.first_seen.entry(n.name.clone()).or_insert(d.revision);
+            *first = (*first).min(d.revision);
+        }
+        for (net, first) in &self.first_seen {
+            if *first < d.revision && !d.networks.iter().any(|n| n.name == *net) {
                 self.violations.push(format!(
                     "{node}: revision {} lacks network {net}",
                     d.revision

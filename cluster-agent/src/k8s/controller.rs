@@ -198,8 +198,13 @@ async fn cleanup(net: &L2Network, ctx: &Context) -> Result<Action, ControllerErr
     Ok(Action::await_change())
 }
 
-/// On errors: log and retry with a delay.
+/// On errors: log and retry with a delay. A deletion that waits for the
+/// engine is no failure: it is checked again soon, quietly.
 pub fn error_policy(net: Arc<L2Network>, error: &ControllerError, _: Arc<Context>) -> Action {
+    if matches!(error, ControllerError::StillOnNodes) {
+        tracing::debug!(network = %net.key(), %error, "deletion waits");
+        return Action::requeue(WAIT_FOR_LIST);
+    }
     tracing::warn!(network = %net.key(), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(10))
 }
