@@ -41,7 +41,7 @@ async fn run_end_to_end_against_the_fake_api_and_a_real_broker() {
     .await;
     assert_eq!(blue["metadata"]["finalizers"], json!(["l2mesh.io/cleanup"]));
     assert_eq!(blue["status"]["observedGeneration"], json!(1));
-    let nad = api.get(NADS, "default", "blue").expect("a NAD for blue");
+    let nad = wait_for("a NAD for blue", 20, || api.get(NADS, "default", "blue")).await;
     let conf: Value = serde_json::from_str(nad["spec"]["config"].as_str().unwrap()).unwrap();
     assert_eq!(conf["type"], "l2mesh-cni");
     assert_eq!(conf["ipam"]["subnet"], "10.1.0.0/16");
