@@ -74,7 +74,9 @@ pub struct L2NetworkSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct L2NetworkStatus {
-    /// `Ready`, `Admitted` (multi-cluster: the broker's answer) and `PeersConnected`.
+    /// `Ready` (every node with a dataplane applied the network), `Admitted`
+    /// (multi-cluster: the broker's answer), `PeersConnected`, and
+    /// `Attachable` while the NetworkAttachmentDefinition CRD is missing.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// VXLAN network identifier in use.
@@ -106,7 +108,7 @@ pub struct L2NetworkStatus {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Ready`, `Admitted` or `PeersConnected`.
+    /// `Ready`, `Admitted`, `PeersConnected` or `Attachable`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
