@@ -129,9 +129,13 @@ fn may_attach(net: &L2Network, networks: &[L2Network]) -> bool {
 
 #[tracing::instrument(skip_all, fields(network = %net.key()))]
 async fn apply(net: &L2Network, ctx: &Context) -> Result<Action, ControllerError> {
-    let Some(networks) = ctx.shared.networks() else {
+    let Some(mut networks) = ctx.shared.networks() else {
         return Ok(Action::requeue(WAIT_FOR_LIST));
     };
+    // The engine's list may not have this (new) network yet.
+    if !networks.iter().any(|n| n.key() == net.key()) {
+        networks.push(net.clone());
+    }
     let nads: Api<NetworkAttachmentDefinition> = api(&ctx.client, net);
     let name = net.metadata.name.clone().unwrap_or_default();
     if !may_attach(net, &networks) {
