@@ -102,7 +102,12 @@ async fn session_loop(
                 if changed.is_err() {
                     return Ok(());
                 }
-                let r = reports.borrow_and_update().clone();
+                // Nothing is reported before the intent is complete: a
+                // request made from half of it would drop this cluster from
+                // networks it is in.
+                let Some(r) = reports.borrow_and_update().clone() else {
+                    continue;
+                };
                 // A report the broker refuses is logged, not retried in a
                 // loop: the session (and the view) stays up.
                 match client.report_gateways(GatewayReport { gateways: r.gateways }).await {

@@ -83,7 +83,9 @@ pub struct L2NetworkSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct L2NetworkStatus {
-    /// `Ready`, `Admitted` (multi-cluster: the broker's answer) and `PeersConnected`.
+    /// `Ready` (every node with a dataplane applied the network), `Admitted`
+    /// (multi-cluster: the broker's answer), `PeersConnected`, and
+    /// `Attachable` while the NetworkAttachmentDefinition CRD is missing.
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -116,7 +118,7 @@ pub struct L2NetworkStatus {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Ready`, `Admitted` or `PeersConnected`.
+    /// `Ready`, `Admitted`, `PeersConnected` or `Attachable`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
@@ -164,9 +166,9 @@ pub enum ValidationError {
     #[error("L2Network {0}: metadata.name is missing: give the network a name")]
     MissingName(String),
     #[error(
-        "L2Network {name}: name {name:?} is not a DNS-1123 label (lowercase letters, digits and '-', at most 63 characters, starting and ending with a letter or digit): rename it"
+        "L2Network {key}: name {name:?} is not a DNS-1123 label (lowercase letters, digits and '-', at most 63 characters, starting and ending with a letter or digit): rename it"
     )]
-    BadName { name: String },
+    BadName { key: String, name: String },
     #[error(
         "L2Network {name}: mtu {mtu} is outside {MIN_MTU}..={MAX_MTU}: pick an MTU in that range or leave it out for {DEFAULT_MTU}"
     )]
@@ -301,6 +303,7 @@ impl L2Network {
             .ok_or_else(|| ValidationError::MissingName(key.clone()))?;
         if !is_dns_label(name) {
             return Err(ValidationError::BadName {
+                key: key.clone(),
                 name: name.to_owned(),
             });
         }
@@ -402,6 +405,11 @@ mod tests {
             make("Blue_1", "{}").validate(),
             Err(ValidationError::BadName { .. })
         ));
+        let e = make("Blue_1", "{}").validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("L2Network default/Blue_1:"),
+            "names the namespace: {e}"
+        );
         assert!(matches!(
             make("b", "{mtu: 100}").validate(),
             Err(ValidationError::BadMtu { mtu: 100, .. })

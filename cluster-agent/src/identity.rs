@@ -46,10 +46,9 @@ impl fmt::Debug for Identity {
 pub enum JoinError {
     #[error(transparent)]
     JoinString(#[from] JoinStringError),
-    /// The broker said no: retrying with the same token cannot help.
-    #[error(
-        "the broker rejected the join: {0}; ask the broker admin for a new token (`l2mesh-broker token create --cluster NAME`)"
-    )]
+    /// The broker said no: retrying with the same token cannot help. Made
+    /// with [`JoinError::rejected`], which gives the advice once.
+    #[error("the broker rejected the join: {0}")]
     Rejected(String),
     /// The broker is not the one the join string pins: final.
     #[error("{0}")]
@@ -62,12 +61,30 @@ pub enum JoinError {
     #[error("cannot store the identity: {0}")]
     Store(String),
     #[error(
-        "no identity in {0} and no join string: pass --join-string or --join-string-file (or L2MESH_JOIN_STRING) for the first start"
+        "no identity in {0} and no join string: pass --join-string or --join-string-file (or L2MESH_JOIN_STRING) for the first start, or --tunnel-subnet to run without a broker"
     )]
     NoJoinString(String),
 }
 
+/// What to do after a rejected join.
+const REJOIN_ADVICE: &str =
+    "ask the broker admin for a new join string (`l2mesh-broker token create --cluster NAME`)";
+
 impl JoinError {
+    /// A rejection with the broker's words, and the advice unless the
+    /// broker already gave it.
+    #[must_use]
+    pub fn rejected(broker_says: &str) -> Self {
+        let advised = ["new join string", "new token"]
+            .iter()
+            .any(|w| broker_says.contains(w));
+        if advised {
+            Self::Rejected(broker_says.to_owned())
+        } else {
+            Self::Rejected(format!("{broker_says}: {REJOIN_ADVICE}"))
+        }
+    }
+
     /// Whether trying again later may succeed.
     #[must_use]
     pub fn retryable(&self) -> bool {
@@ -162,12 +179,12 @@ pub async fn join_once(js: &JoinString) -> Result<Identity, JoinError> {
                 let resp = resp.into_inner();
                 let ca = tls::certs_from_pem(&resp.ca_cert_pem)?;
                 if ca.iter().all(|c| tls::sha256(c.as_ref()) != pin) {
-                    return Err(JoinError::Rejected(
-                        "the broker returned a CA that does not match the pin".into(),
+                    return Err(JoinError::rejected(
+                        "the broker returned a CA that does not match the pin",
                     ));
                 }
                 if resp.tunnel_subnet.parse::<ipnet::Ipv4Net>().is_err() {
-                    return Err(JoinError::Rejected(format!(
+                    return Err(JoinError::rejected(&format!(
                         "the broker gave an invalid tunnel subnet {:?}",
                         resp.tunnel_subnet
                     )));
@@ -183,7 +200,7 @@ pub async fn join_once(js: &JoinString) -> Result<Identity, JoinError> {
                 });
             }
             Err(s) if retryable_status(&s) => last_error = format!("{addr}: {}", s.message()),
-            Err(s) => return Err(JoinError::Rejected(s.message().to_owned())),
+            Err(s) => return Err(JoinError::rejected(s.message())),
         }
     }
     // One address with the wrong CA is enough: the pin is the same for all,
@@ -264,6 +281,22 @@ pub async fn onboard(state_dir: &Path, js: Option<&JoinString>) -> Result<Identi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rejection_gives_the_advice_once() {
+        let broker_advised = JoinError::rejected(
+            "token \"t\" has no uses left: ask the broker admin for a new join string",
+        )
+        .to_string();
+        assert_eq!(
+            broker_advised.matches("ask the broker admin").count(),
+            1,
+            "{broker_advised}"
+        );
+        let bare = JoinError::rejected("permission denied").to_string();
+        assert_eq!(bare.matches("ask the broker admin").count(), 1, "{bare}");
+        assert!(bare.contains("permission denied"));
+    }
 
     #[test]
     fn backoff_doubles_to_a_cap() {

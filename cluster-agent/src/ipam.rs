@@ -130,6 +130,11 @@ pub struct Allocations {
     /// would otherwise drop the tunnels of nodes that have not reconnected yet).
     #[serde(default)]
     pub known_nodes: BTreeMap<String, KnownNode>,
+    /// The broker's last view of this cluster (protobuf, base64), so that
+    /// after a restart multi-cluster networks stay on the nodes with the
+    /// same VNI and peers until the broker answers again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_view: Option<String>,
 }
 
 /// A node's last hello, as persisted.
@@ -141,6 +146,26 @@ pub struct KnownNode {
 }
 
 impl Allocations {
+    /// The stored broker view; a corrupt one counts as none (the broker
+    /// sends a fresh one on connect).
+    #[must_use]
+    pub fn broker_view(&self) -> Option<l2mesh_proto::broker::ClusterView> {
+        use base64::Engine as _;
+        use prost::Message as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(self.broker_view.as_deref()?)
+            .ok()?;
+        l2mesh_proto::broker::ClusterView::decode(bytes.as_slice()).ok()
+    }
+
+    /// Store the broker's view (see [`Allocations::broker_view`]).
+    pub fn set_broker_view(&mut self, view: &l2mesh_proto::broker::ClusterView) {
+        use base64::Engine as _;
+        use prost::Message as _;
+        self.broker_view =
+            Some(base64::engine::general_purpose::STANDARD.encode(view.encode_to_vec()));
+    }
+
     /// VNI of a local-scope network.
     pub fn local_vni(&mut self, network: &str) -> Result<u32, AllocError> {
         self.vnis.get_or_allocate(

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub broker_connected: Gauge,
     pub broker_views: Counter,
     pub gateway_failovers: Counter,
+    pub save_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -41,7 +42,13 @@ impl Default for Metrics {
             broker_connected: Gauge::default(),
             broker_views: Counter::default(),
             gateway_failovers: Counter::default(),
+            save_failures: Counter::default(),
         };
+        registry.register(
+            "allocation_save_failures",
+            "Failed saves of the allocations (nothing new is published until one succeeds)",
+            m.save_failures.clone(),
+        );
         registry.register(
             "gateway_failovers",
             "Times the remote tunnels moved to a standby gateway",

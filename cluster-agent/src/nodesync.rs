@@ -88,6 +88,11 @@ fn known_node(shared: &Shared, name: &str) -> Result<(), Status> {
     if name.is_empty() {
         return Err(Status::invalid_argument("node_name is empty"));
     }
+    if !shared.nodes_listed() {
+        return Err(Status::unavailable(
+            "the agent has not read the node list yet: retry shortly",
+        ));
+    }
     if shared.is_known_node(name) {
         Ok(())
     } else {

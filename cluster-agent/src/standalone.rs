@@ -95,7 +95,7 @@ pub async fn run(
         config.poll_interval,
         shared.clone(),
     ));
-    tasks.spawn(reconcile_loop(shared.clone()));
+    tasks.spawn(shared.clone().run());
     if let Some(id) = identity {
         tasks.spawn(crate::broker_link::run(id, shared.clone()));
     }
@@ -140,20 +140,6 @@ pub async fn serve_metrics(addr: String, metrics: crate::metrics::Metrics) {
             }
         }
         Err(e) => tracing::error!(%addr, error = %e, "cannot serve metrics"),
-    }
-}
-
-async fn reconcile_loop(shared: Arc<Shared>) {
-    let mut last: Vec<String> = Vec::new();
-    loop {
-        let problems = shared.reconcile();
-        if problems != last {
-            for p in &problems {
-                tracing::warn!(problem = %p, "reconcile");
-            }
-            last = problems;
-        }
-        shared.next_change().await;
     }
 }
 

@@ -27,11 +27,15 @@ pub fn link_up(last_handshake_age_ms: Option<u64>) -> bool {
     last_handshake_age_ms.is_some_and(|age| age < LINK_DOWN_AFTER_MS)
 }
 
-/// Compute the status. `prev` keeps transition times of unchanged conditions.
+/// Compute the status. `expected` are the nodes that should apply the
+/// network (those whose dataplane said hello); `prev` keeps transition times
+/// of unchanged conditions. Fields that do not hold are left out (`None` or
+/// empty), so a writer can remove them.
 #[must_use]
 pub fn network_status(
     o: &NetworkOutcome,
     nodes: &BTreeMap<String, NodeStatus>,
+    expected: &[String],
     prev: Option<&L2NetworkStatus>,
     now: &str,
 ) -> L2NetworkStatus {
@@ -76,15 +80,38 @@ pub fn network_status(
                 .map_or_else(|| "waiting for the broker".to_owned(), |(_, w)| w.clone()),
         ),
     };
+    let prev_ready = prev
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True");
     let ready = match (&o.problem, o.active()) {
-        (None, true) => condition(
-            "Ready",
-            "True",
-            "Active",
-            "the network is configured on the nodes",
-        ),
-        (Some(p), true) => condition("Ready", "True", "ActiveWithWarning", p.clone()),
-        (Some(p), false) => condition("Ready", "False", "Invalid", p.clone()),
+        (problem, true) => {
+            let missing = not_applied(&o.name, nodes, expected, prev_ready);
+            if expected.is_empty() {
+                condition(
+                    "Ready",
+                    "False",
+                    "NoDataplane",
+                    "no node's dataplane has connected yet",
+                )
+            } else if !missing.is_empty() {
+                condition(
+                    "Ready",
+                    "False",
+                    "Applying",
+                    format!("not yet applied on: {}", missing.join(", ")),
+                )
+            } else if let Some(p) = problem {
+                condition("Ready", "True", "ActiveWithWarning", p.clone())
+            } else {
+                condition(
+                    "Ready",
+                    "True",
+                    "Active",
+                    format!("applied on {} nodes", expected.len()),
+                )
+            }
+        }
+        (Some(p), false) => condition("Ready", "False", o.problem_reason(), p.clone()),
         (None, false) => condition(
             "Ready",
             "False",
@@ -127,9 +154,9 @@ pub fn network_status(
     } else if status.link_health.is_empty() {
         condition(
             "PeersConnected",
-            "True",
+            "Unknown",
             "NoPeers",
-            "no tunnel carries this network yet",
+            "no node reports a tunnel for this network",
         )
     } else if down.is_empty() {
         condition(
@@ -147,6 +174,14 @@ pub fn network_status(
         )
     };
     status.conditions = vec![ready, admitted, peers];
+    if let Some(why) = &o.attach_problem {
+        status.conditions.push(condition(
+            "Attachable",
+            "False",
+            "NadCrdMissing",
+            why.clone(),
+        ));
+    }
     for c in &mut status.conditions {
         c.last_transition_time = prev
             .and_then(|p| p.conditions.iter().find(|x| x.type_ == c.type_))
@@ -160,9 +195,13 @@ pub fn network_status(
 /// dataplane knows it (from the CNI's `AttachPort`), else by its interface.
 fn attached_pods(node: &str, net: &NetworkStatus) -> Vec<AttachedPod> {
     let mut ifnames: Vec<&str> = net.ports.iter().map(String::as_str).collect();
+    // The dataplane's own TAP is a port of every bridge, not a pod.
+    ifnames.retain(|i| !i.starts_with(l2mesh_proto::DATAPLANE_TAP_PREFIX));
     // A dataplane that fills only `port_status` still has its ports listed.
     for p in &net.port_status {
-        if !ifnames.contains(&p.ifname.as_str()) {
+        if !ifnames.contains(&p.ifname.as_str())
+            && !p.ifname.starts_with(l2mesh_proto::DATAPLANE_TAP_PREFIX)
+        {
             ifnames.push(&p.ifname);
         }
     }
@@ -190,6 +229,25 @@ fn attached_pods(node: &str, net: &NetworkStatus) -> Vec<AttachedPod> {
                 interface: ifname.to_owned(),
             }
         })
+        .collect()
+}
+
+/// Expected nodes that have not applied network `name`: their last report
+/// lacks it. A node not heard from since the agent started is taken at the
+/// previous status's word (`prev_ready`), so a restart does not flap Ready.
+fn not_applied(
+    name: &str,
+    nodes: &BTreeMap<String, NodeStatus>,
+    expected: &[String],
+    prev_ready: bool,
+) -> Vec<String> {
+    expected
+        .iter()
+        .filter(|node| match nodes.get(*node) {
+            Some(ns) => !ns.networks.iter().any(|n| n.name == name),
+            None => !prev_ready,
+        })
+        .cloned()
         .collect()
 }
 
@@ -230,9 +288,95 @@ mod tests {
             admission: None,
             broker_refusal: None,
             problem: None,
+            problem_kind: crate::desired::ProblemKind::Invalid,
+            attach_problem: None,
             members: vec![],
             remote_peers: vec![],
         }
+    }
+
+    /// A node that reports network `net` applied.
+    fn applied(node: &str, net: &str) -> BTreeMap<String, NodeStatus> {
+        let ns = NodeStatus {
+            node_name: node.into(),
+            networks: vec![NetworkStatus {
+                name: net.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        [(node.to_owned(), ns)].into()
+    }
+
+    #[test]
+    fn ready_only_once_every_expected_node_applied_the_network() {
+        let o = outcome(Scope::Local, Some(3));
+        let none = network_status(&o, &BTreeMap::new(), &[], None, "t");
+        assert_eq!(
+            (
+                get(&none, "Ready").status.as_str(),
+                get(&none, "Ready").reason.as_str()
+            ),
+            ("False", "NoDataplane"),
+            "no dataplane connected: not Ready"
+        );
+        assert_eq!(get(&none, "PeersConnected").status, "Unknown");
+        let expected = ["n1".to_owned(), "n2".to_owned()];
+        let mut nodes = applied("n1", "blue");
+        nodes.extend(applied("n2", "red"));
+        let half = network_status(&o, &nodes, &expected, None, "t");
+        let ready = get(&half, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "Applying")
+        );
+        assert!(ready.message.contains("n2"), "{}", ready.message);
+        nodes.extend(applied("n2", "blue"));
+        let all = network_status(&o, &nodes, &expected, Some(&half), "t");
+        assert_eq!(get(&all, "Ready").status, "True");
+        // After an agent restart a node not heard from yet does not flip a
+        // Ready network, nor make a not-ready one Ready.
+        let quiet = network_status(&o, &applied("n1", "blue"), &expected, Some(&all), "t");
+        assert_eq!(get(&quiet, "Ready").status, "True");
+        let quiet = network_status(&o, &applied("n1", "blue"), &expected, Some(&half), "t");
+        assert_eq!(get(&quiet, "Ready").status, "False");
+    }
+
+    #[test]
+    fn the_dataplanes_own_tap_is_no_attached_pod() {
+        let o = outcome(Scope::Local, Some(3));
+        let node = NodeStatus {
+            networks: vec![NetworkStatus {
+                name: "blue".into(),
+                ports: vec!["l2mt-000003".into(), "l2a".into()],
+                port_status: vec![PortStatus {
+                    ifname: "l2mt-000003".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let s = network_status(&o, &[("n1".to_owned(), node)].into(), &[], None, "t");
+        let ifaces: Vec<&str> = s
+            .attached_pods
+            .iter()
+            .map(|p| p.interface.as_str())
+            .collect();
+        assert_eq!(ifaces, ["l2a"]);
+    }
+
+    #[test]
+    fn a_missing_nad_crd_is_a_condition_naming_it() {
+        let mut o = outcome(Scope::Local, Some(3));
+        o.attach_problem = Some("the NetworkAttachmentDefinition CRD is not installed".into());
+        let s = network_status(&o, &BTreeMap::new(), &[], None, "t");
+        let c = get(&s, "Attachable");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "NadCrdMissing")
+        );
+        assert!(c.message.contains("NetworkAttachmentDefinition"));
     }
 
     fn get<'a>(s: &'a L2NetworkStatus, t: &str) -> &'a Condition {
@@ -244,7 +388,7 @@ mod tests {
         let mut o = outcome(Scope::MultiCluster, Some(7));
         o.admission = Some((AdmissionState::Admitted, String::new()));
         o.broker_refusal = Some("the broker refuses this cluster".into());
-        let s = network_status(&o, &BTreeMap::new(), None, "t0");
+        let s = network_status(&o, &applied("n1", "blue"), &["n1".into()], None, "t0");
         let a = get(&s, "Admitted");
         assert_eq!(
             (a.status.as_str(), a.reason.as_str()),
@@ -257,7 +401,7 @@ mod tests {
         );
         let mut local = outcome(Scope::Local, Some(3));
         local.broker_refusal = o.broker_refusal.clone();
-        let s = network_status(&local, &BTreeMap::new(), None, "t0");
+        let s = network_status(&local, &BTreeMap::new(), &[], None, "t0");
         assert_eq!(get(&s, "Admitted").reason, "LocalScope");
     }
 
@@ -265,7 +409,7 @@ mod tests {
     fn denied_network_shows_the_brokers_reason() {
         let mut o = outcome(Scope::MultiCluster, None);
         o.admission = Some((AdmissionState::Denied, "edge may not join red".into()));
-        let s = network_status(&o, &BTreeMap::new(), None, "t0");
+        let s = network_status(&o, &BTreeMap::new(), &[], None, "t0");
         let a = get(&s, "Admitted");
         assert_eq!((a.status.as_str(), a.reason.as_str()), ("False", "Denied"));
         assert_eq!(a.message, "edge may not join red");
@@ -305,7 +449,7 @@ mod tests {
             ..Default::default()
         };
         let nodes: BTreeMap<String, NodeStatus> = [("n1".to_owned(), node)].into();
-        let s1 = network_status(&o, &nodes, None, "t1");
+        let s1 = network_status(&o, &nodes, &["n1".into()], None, "t1");
         assert_eq!(
             s1.attached_pods,
             vec![AttachedPod {
@@ -319,13 +463,13 @@ mod tests {
         assert_eq!(pc.status, "False");
         assert!(pc.message.contains("n1->n3"));
         assert_eq!(get(&s1, "Ready").status, "True");
-        let s2 = network_status(&o, &nodes, Some(&s1), "t2");
+        let s2 = network_status(&o, &nodes, &["n1".into()], Some(&s1), "t2");
         assert_eq!(
             get(&s2, "Ready").last_transition_time,
             "t1",
             "unchanged keeps its time"
         );
-        let quiet = network_status(&o, &BTreeMap::new(), Some(&s1), "t3");
+        let quiet = network_status(&o, &BTreeMap::new(), &["n1".into()], Some(&s1), "t3");
         assert_eq!(get(&quiet, "PeersConnected").last_transition_time, "t3");
     }
 
@@ -358,7 +502,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let s = network_status(&o, &[("n1".to_owned(), node)].into(), None, "t");
+        let s = network_status(&o, &[("n1".to_owned(), node)].into(), &[], None, "t");
         let got: Vec<(&str, &str, &str)> = s
             .attached_pods
             .iter()

@@ -9,210 +9,13 @@ mod support;
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
-use l2mesh_cluster_agent::crd::L2Network;
-use l2mesh_cluster_agent::k8s::{self, KubeConfig};
+use l2mesh_cluster_agent::k8s;
 use l2mesh_proto::join::JoinString;
-use l2mesh_proto::node::node_sync_client::NodeSyncClient;
-use l2mesh_proto::node::{DesiredState, NodeHello};
 use serde_json::{Value, json};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use support::broker::TestBroker;
 use support::fake_apiserver::FakeApi;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
-
-const NS: &str = "l2mesh-system";
-const NETS: &str = "apis/l2mesh.io/v1alpha1/l2networks";
-const NADS: &str = "apis/k8s.cni.cncf.io/v1/network-attachment-definitions";
-const SECRETS: &str = "api/v1/secrets";
-const EVENTS: &str = "apis/events.k8s.io/v1/events";
-const LEASES: &str = "apis/coordination.k8s.io/v1/leases";
-
-fn init() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("L2MESH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-/// A running `k8s::run`.
-struct Agent {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), k8s::KubeError>>,
-    listening: tokio::sync::oneshot::Receiver<SocketAddr>,
-}
-
-impl Agent {
-    fn start(api: &FakeApi, pod: &str, js: Option<JoinString>) -> Self {
-        let (tx, listening) = tokio::sync::oneshot::channel();
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let config = KubeConfig {
-            namespace: NS.into(),
-            pod_name: pod.into(),
-            join_string: js,
-            metrics_listen: None,
-            on_listening: Some(tx),
-            gateway_timeout: Duration::from_secs(10),
-        };
-        let client = api.client_as(pod);
-        let task = tokio::spawn(async move {
-            k8s::run(client, config, "127.0.0.1:0", async move {
-                let _ = rx.await;
-            })
-            .await
-        });
-        Self {
-            stop: Some(stop),
-            task,
-            listening,
-        }
-    }
-
-    async fn listening(&mut self, within: Duration) -> Option<SocketAddr> {
-        tokio::time::timeout(within, &mut self.listening)
-            .await
-            .ok()
-            .and_then(Result::ok)
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("the agent did not stop within 10 s")
-            .unwrap()
-            .expect("the agent stopped with an error");
-    }
-}
-
-async fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn seed_nodes(api: &FakeApi) {
-    let nodes: Api<Node> = Api::all(api.client());
-    for n in [
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "gw",
-            "labels": {"l2mesh.io/gateway": "true"},
-            "annotations": {"l2mesh.io/endpoint": "127.0.0.1:51820"}}}),
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "w1"}}),
-    ] {
-        let node: Node = serde_json::from_value(n).unwrap();
-        nodes.create(&PostParams::default(), &node).await.unwrap();
-    }
-}
-
-async fn create_net(api: &FakeApi, name: &str, spec: Value) {
-    let nets: Api<L2Network> = Api::namespaced(api.client(), "default");
-    let net: L2Network = serde_json::from_value(json!({
-        "apiVersion": "l2mesh.io/v1alpha1", "kind": "L2Network",
-        "metadata": {"name": name, "namespace": "default"}, "spec": spec,
-    }))
-    .unwrap();
-    nets.create(&PostParams::default(), &net).await.unwrap();
-}
-
-async fn delete_net(api: &FakeApi, name: &str) {
-    let nets: Api<L2Network> = Api::namespaced(api.client(), "default");
-    nets.delete(name, &DeleteParams::default()).await.unwrap();
-}
-
-fn condition(obj: &Value, type_: &str) -> Option<String> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .and_then(|c| c["status"].as_str().map(str::to_owned))
-}
-
-fn secret_value(api: &FakeApi, name: &str, key: &str) -> Option<String> {
-    use base64::Engine as _;
-    let s = api.get(SECRETS, NS, name)?;
-    let b64 = s["data"][key].as_str()?;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap();
-    Some(String::from_utf8(bytes).unwrap())
-}
-
-#[derive(Clone)]
-struct Auth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
-/// Watch desired state as node `node`, with what the node-sync Secret holds.
-async fn node_watch(api: &FakeApi, addr: SocketAddr, node: &str) -> tonic::Streaming<DesiredState> {
-    let ca = wait_for("node-sync ca.crt", 20, || {
-        secret_value(api, "l2mesh-node-sync", "ca.crt")
-    })
-    .await;
-    let token = secret_value(api, "l2mesh-node-sync", "token").expect("node-sync token");
-    let channel = Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca))
-                .domain_name("l2mesh-agent"),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = NodeSyncClient::with_interceptor(
-        channel,
-        Auth(format!("Bearer {}", token.trim()).parse().unwrap()),
-    );
-    client
-        .watch_desired(NodeHello {
-            node_name: node.into(),
-            public_key: vec![7; 32],
-            listen_port: 51820,
-            endpoints: vec!["127.0.0.1:51821".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn next_matching(
-    stream: &mut tonic::Streaming<DesiredState>,
-    what: &str,
-    pred: impl Fn(&DesiredState) -> bool,
-) -> DesiredState {
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let d = stream.message().await.unwrap().expect("stream ended");
-            if pred(&d) {
-                return d;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for a desired state with {what}"))
-}
-
-fn has_net(d: &DesiredState, name: &str) -> bool {
-    d.networks.iter().any(|n| n.name == name)
-}
+use support::k8s_agent::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_end_to_end_against_the_fake_api_and_a_real_broker() {
@@ -231,15 +34,14 @@ async fn run_end_to_end_against_the_fake_api_and_a_real_broker() {
         .expect("the only replica leads and serves node sync");
 
     // Finalizer, NAD, status and events for the local network.
-    let blue = wait_for("blue Ready with a VNI", 20, || {
+    let blue = wait_for("blue with a VNI", 20, || {
         api.get(NETS, "default", "blue")
-            .filter(|o| condition(o, "Ready").as_deref() == Some("True"))
             .filter(|o| o["status"]["vni"].as_u64().is_some())
     })
     .await;
     assert_eq!(blue["metadata"]["finalizers"], json!(["l2mesh.io/cleanup"]));
     assert_eq!(blue["status"]["observedGeneration"], json!(1));
-    let nad = api.get(NADS, "default", "blue").expect("a NAD for blue");
+    let nad = wait_for("a NAD for blue", 20, || api.get(NADS, "default", "blue")).await;
     let conf: Value = serde_json::from_str(nad["spec"]["config"].as_str().unwrap()).unwrap();
     assert_eq!(conf["type"], "l2mesh-cni");
     assert_eq!(conf["ipam"]["subnet"], "10.1.0.0/16");
@@ -271,13 +73,13 @@ async fn run_end_to_end_against_the_fake_api_and_a_real_broker() {
     })
     .await;
 
-    let events = wait_for("Configured and Admitted events", 10, || {
+    let events = wait_for("the Admitted event", 10, || {
         let evs = api.all(EVENTS);
         let has = |reason: &str, name: &str| {
             evs.iter()
                 .any(|e| e["reason"] == reason && e["regarding"]["name"] == name)
         };
-        (has("Configured", "blue") && has("Admitted", "shared")).then_some(evs)
+        has("Admitted", "shared").then_some(evs)
     })
     .await;
     assert!(
@@ -347,9 +149,9 @@ async fn run_end_to_end_against_the_fake_api_and_a_real_broker() {
         .await
         .expect("the restarted agent leads again");
     create_net(&api, "green", json!({})).await;
-    wait_for("green Ready after the restart", 20, || {
+    wait_for("green configured after the restart", 20, || {
         api.get(NETS, "default", "green")
-            .filter(|o| condition(o, "Ready").as_deref() == Some("True"))
+            .filter(|o| o["status"]["vni"].as_u64().is_some())
     })
     .await;
     assert_eq!(
@@ -378,9 +180,9 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over_on_release() {
     a.listening(Duration::from_secs(20)).await.expect("a leads");
     let mut b = Agent::start(&api, "agent-b", Some(js));
     create_net(&api, "blue", json!({})).await;
-    wait_for("blue Ready", 20, || {
+    wait_for("blue configured", 20, || {
         api.get(NETS, "default", "blue")
-            .filter(|o| condition(o, "Ready").as_deref() == Some("True"))
+            .filter(|o| o["status"]["vni"].as_u64().is_some())
     })
     .await;
     assert!(
@@ -389,6 +191,15 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over_on_release() {
     );
     let lease = api.get(LEASES, NS, "l2mesh-agent").unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "agent-a");
+    wait_for("a labelled as the node-sync leader", 10, || {
+        (leader_label(&api, "agent-a").as_deref() == Some("leader")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        leader_label(&api, "agent-b"),
+        None,
+        "the standby is not selected"
+    );
     let by_b: Vec<String> = api
         .requests()
         .into_iter()
@@ -405,17 +216,26 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over_on_release() {
     a.stop().await;
     let lease = api.get(LEASES, NS, "l2mesh-agent").unwrap();
     assert!(lease["spec"]["holderIdentity"].is_null(), "{lease}");
+    assert_eq!(
+        leader_label(&api, "agent-a"),
+        None,
+        "a stopped serving and dropped the label"
+    );
     b.listening(Duration::from_secs(12))
         .await
         .expect("b leads once a released the lease");
+    wait_for("b labelled as the node-sync leader", 10, || {
+        (leader_label(&api, "agent-b").as_deref() == Some("leader")).then_some(())
+    })
+    .await;
     assert_eq!(
         api.get(LEASES, NS, "l2mesh-agent").unwrap()["spec"]["holderIdentity"],
         "agent-b"
     );
     create_net(&api, "red", json!({})).await;
-    wait_for("red Ready under b", 20, || {
+    wait_for("red configured under b", 20, || {
         api.get(NETS, "default", "red")
-            .filter(|o| condition(o, "Ready").as_deref() == Some("True"))
+            .filter(|o| o["status"]["vni"].as_u64().is_some())
     })
     .await;
     assert!(
@@ -432,6 +252,52 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over_on_release() {
     );
     // Leader and standby alike stay within deploy/agent-rbac.yaml.
     support::rbac::assert_allowed_by_shipped_rbac(&api.requests(), "agent-", NS);
+}
+
+fn leader_label(api: &FakeApi, pod: &str) -> Option<String> {
+    api.get("api/v1/pods", NS, pod)?["metadata"]["labels"]["l2mesh.io/node-sync"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_renew_stops_serving_before_the_lease_runs_out() {
+    init();
+    let broker = TestBroker::start().await;
+    let api = FakeApi::new();
+    seed_nodes(&api).await;
+    create_net(&api, "blue", json!({})).await;
+    let mut agent = Agent::start(&api, "agent-a", Some(broker.token("edge").await));
+    let addr = agent.listening(Duration::from_secs(20)).await.unwrap();
+    let mut w1 = node_watch(&api, addr, "w1").await;
+    next_matching(&mut w1, "blue", |d| has_net(d, "blue")).await;
+    wait_for("labelled leader", 10, || leader_label(&api, "agent-a")).await;
+    // The API server refuses lease writes from now on.
+    api.fail_writes(LEASES, true);
+    let cut = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(14), async {
+        while let Ok(Some(_)) = w1.message().await {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the node watch ends within the renew deadline"
+    );
+    let after = cut.elapsed();
+    assert!(
+        after < k8s::LEASE_DURATION,
+        "stopped serving after {after:?}, before the lease ran out"
+    );
+    let result = tokio::time::timeout(Duration::from_secs(10), agent.task)
+        .await
+        .expect("run ends")
+        .unwrap();
+    assert!(
+        matches!(result, Err(k8s::KubeError::LostLease)),
+        "{result:?}"
+    );
+    assert_eq!(leader_label(&api, "agent-a"), None, "the label is gone");
+    api.fail_writes(LEASES, false);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -605,5 +471,50 @@ async fn kubernetes_mode_fails_over_to_a_standby_gateway_and_stores_it() {
         assert!(Instant::now() < deadline, "the broker never heard of gw2");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_mode_runs_without_a_broker_on_a_tunnel_subnet() {
+    init();
+    let api = FakeApi::new();
+    seed_nodes(&api).await;
+    create_net(&api, "blue", json!({"ipRange": "10.1.0.0/16"})).await;
+    create_net(&api, "shared", json!({"scope": "multiCluster"})).await;
+    // Neither identity nor join string nor subnet: a clear error.
+    let lost = Agent::start(&api, "agent-0", None);
+    let err = tokio::time::timeout(Duration::from_secs(20), lost.task)
+        .await
+        .expect("ends")
+        .unwrap()
+        .expect_err("nothing to run with")
+        .to_string();
+    assert!(err.contains("--tunnel-subnet"), "{err}");
+
+    let mut agent = Agent::start_with(&api, "agent-0", None, Some("100.127.0.0/24"));
+    let addr = agent.listening(Duration::from_secs(20)).await.unwrap();
+    let mut w1 = node_watch(&api, addr, "w1").await;
+    let d = next_matching(&mut w1, "blue", |d| has_net(d, "blue")).await;
+    assert!(!has_net(&d, "shared"), "multi-cluster networks wait");
+    let ip = d.identity.unwrap().tunnel_ip;
+    assert!(ip.starts_with("100.127.0."), "{ip}");
+    let shared = wait_for("shared pending without a broker", 20, || {
+        api.get(NETS, "default", "shared").filter(|o| {
+            o["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c["type"] == "Admitted"
+                        && c["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("without a broker"))
+                })
+            })
+        })
+    })
+    .await;
+    assert!(shared["status"].get("vni").is_none());
+    assert!(
+        secret_value(&api, "l2mesh-agent-identity", "identity.json").is_none(),
+        "no identity is made up"
+    );
     agent.stop().await;
 }

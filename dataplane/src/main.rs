@@ -197,18 +197,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_listen,
         } => {
             // Read the agent files first: a bad flag must change nothing.
+            // They are read again on every reconnect (see `sync`).
             let sync_opts = match (agent, agent_ca, agent_token_file) {
-                (Some(agent), Some(ca), Some(token)) => Some(sync::SyncOptions {
-                    agent,
-                    ca_pem: std::fs::read(&ca)
-                        .with_context(|| format!("reading --agent-ca {}", ca.display()))?,
-                    token: std::fs::read_to_string(&token)
-                        .with_context(|| format!("reading --agent-token-file {}", token.display()))?
-                        .trim()
-                        .to_string(),
-                    node_name: node_name.unwrap_or_default(),
-                    endpoints,
-                }),
+                (Some(agent), Some(ca), Some(token)) => {
+                    std::fs::read(&ca)
+                        .with_context(|| format!("reading --agent-ca {}", ca.display()))?;
+                    std::fs::read_to_string(&token).with_context(|| {
+                        format!("reading --agent-token-file {}", token.display())
+                    })?;
+                    Some(sync::SyncOptions {
+                        agent,
+                        ca_file: ca,
+                        token_file: token,
+                        node_name: node_name.unwrap_or_default(),
+                        endpoints,
+                    })
+                }
                 _ => None,
             };
             // Bind the listeners before touching devices so a bad address changes nothing.

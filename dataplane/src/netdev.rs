@@ -14,7 +14,7 @@ const ENODEV: i32 = 19;
 /// Prefix of the bridges this daemon owns ("l2mb-" + 6 hex digits of the VNI).
 pub const BRIDGE_PREFIX: &str = "l2mb-";
 /// Prefix of the TAP devices this daemon owns.
-pub const TAP_PREFIX: &str = "l2mt-";
+pub const TAP_PREFIX: &str = l2mesh_proto::DATAPLANE_TAP_PREFIX;
 
 /// Bridge name of a network: 11 characters, within IFNAMSIZ.
 pub fn bridge_name(vni: u32) -> String {

@@ -1,8 +1,14 @@
 //! The NodeSync client: holds a watch on the cluster agent, applies every
 //! desired state it sends, reports status back, and reconnects forever with
 //! backoff while the last applied state keeps forwarding.
+//!
+//! The CA and token files are read again before every connection attempt:
+//! when the agent's credentials are regenerated, kubelet updates the
+//! mounted Secret and the next reconnect uses the new files. A TLS or token
+//! failure is logged as such, naming the file to check.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,24 +52,47 @@ impl Applier for Arc<Daemon> {
 }
 
 /// How to reach the agent.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct SyncOptions {
     /// "https://host:port".
     pub agent: String,
-    pub ca_pem: Vec<u8>,
-    pub token: String,
+    /// PEM file of the CA that signed the agent's certificate.
+    pub ca_file: PathBuf,
+    /// File holding the bearer token.
+    pub token_file: PathBuf,
     pub node_name: String,
     pub endpoints: Vec<String>,
 }
 
-impl std::fmt::Debug for SyncOptions {
+/// The credentials as the files hold them now.
+#[derive(Clone)]
+pub struct Credentials {
+    pub ca_pem: Vec<u8>,
+    pub token: String,
+}
+
+impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SyncOptions")
-            .field("agent", &self.agent)
+        f.debug_struct("Credentials")
             .field("token", &"<redacted>")
-            .field("node_name", &self.node_name)
-            .field("endpoints", &self.endpoints)
             .finish_non_exhaustive()
+    }
+}
+
+impl SyncOptions {
+    /// Read the CA and token files (on every connection attempt).
+    pub fn credentials(&self) -> Result<Credentials, SyncError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| SyncError::Credentials {
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            })
+        };
+        let ca_pem = read(&self.ca_file)?;
+        let token = String::from_utf8_lossy(&read(&self.token_file)?)
+            .trim()
+            .to_owned();
+        Ok(Credentials { ca_pem, token })
     }
 }
 
@@ -72,6 +101,16 @@ impl std::fmt::Debug for SyncOptions {
 pub enum SyncError {
     #[error("agent address {0:?} is not a valid URL (expected https://HOST:PORT)")]
     BadAddress(String),
+    #[error("cannot read {path}: {detail}")]
+    Credentials { path: String, detail: String },
+    #[error(
+        "TLS with the agent failed ({detail}): the agent's certificate is not signed by the CA in {ca_file}; if the node-sync credentials were regenerated, the file is re-read on the next attempt"
+    )]
+    Tls { detail: String, ca_file: String },
+    #[error(
+        "the agent refused the token from {token_file} ({detail}); if the node-sync credentials were regenerated, the file is re-read on the next attempt"
+    )]
+    Auth { detail: String, token_file: String },
     #[error("connecting to the agent: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("agent: {0}")]
@@ -108,13 +147,78 @@ pub async fn run<A: Applier>(applier: A, opts: SyncOptions) {
     }
 }
 
+/// Every message of an error and its sources, outermost first.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+/// Whether a connection error is the TLS handshake failing (rather than the
+/// agent being unreachable): rustls' errors name the certificate.
+fn is_tls_failure(detail: &str) -> bool {
+    let d = detail.to_ascii_lowercase();
+    [
+        "certificate",
+        "unknownissuer",
+        "handshake",
+        "badsignature",
+        "tls",
+    ]
+    .iter()
+    .any(|w| d.contains(w))
+}
+
+/// Name TLS and token failures as such.
+fn classify(e: SyncError, opts: &SyncOptions) -> SyncError {
+    match e {
+        SyncError::Transport(t) => {
+            let detail = chain(&t);
+            if is_tls_failure(&detail) {
+                SyncError::Tls {
+                    detail,
+                    ca_file: opts.ca_file.display().to_string(),
+                }
+            } else {
+                SyncError::Transport(t)
+            }
+        }
+        SyncError::Rpc(s) if s.code() == tonic::Code::Unauthenticated => SyncError::Auth {
+            detail: s.message().to_owned(),
+            token_file: opts.token_file.display().to_string(),
+        },
+        SyncError::Rpc(s) if s.code() == tonic::Code::Unavailable && is_tls_failure(&chain(&s)) => {
+            SyncError::Tls {
+                detail: chain(&s),
+                ca_file: opts.ca_file.display().to_string(),
+            }
+        }
+        other => other,
+    }
+}
+
 async fn session<A: Applier>(
     applier: &A,
     opts: &SyncOptions,
     last_revision: &mut u64,
 ) -> Result<(), SyncError> {
+    session_with(applier, opts, last_revision)
+        .await
+        .map_err(|e| classify(e, opts))
+}
+
+async fn session_with<A: Applier>(
+    applier: &A,
+    opts: &SyncOptions,
+    last_revision: &mut u64,
+) -> Result<(), SyncError> {
+    let creds = opts.credentials()?;
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&opts.ca_pem))
+        .ca_certificate(Certificate::from_pem(&creds.ca_pem))
         .domain_name(AGENT_SERVER_NAME);
     let channel = Endpoint::from_shared(opts.agent.clone())
         .map_err(|_| SyncError::BadAddress(opts.agent.clone()))?
@@ -122,7 +226,7 @@ async fn session<A: Applier>(
         .tls_config(tls)?
         .connect()
         .await?;
-    let bearer: MetadataValue<_> = format!("Bearer {}", opts.token)
+    let bearer: MetadataValue<_> = format!("Bearer {}", creds.token)
         .parse()
         .map_err(|_| SyncError::BadToken)?;
     let mut client =

@@ -128,14 +128,50 @@ async fn start_agent_with(agent: Agent) -> (Agent, String, Vec<u8>) {
     (agent, format!("https://{addr}"), ck.cert.pem().into_bytes())
 }
 
-fn opts(agent: String, ca: Vec<u8>, token: &str) -> SyncOptions {
+/// Options whose CA and token files live in `dir`.
+fn opts_in(dir: &std::path::Path, agent: String, ca: &[u8], token: &str) -> SyncOptions {
+    std::fs::write(dir.join("ca.crt"), ca).unwrap();
+    std::fs::write(dir.join("token"), format!("{token}\n")).unwrap();
     SyncOptions {
         agent,
-        ca_pem: ca,
-        token: token.into(),
+        ca_file: dir.join("ca.crt"),
+        token_file: dir.join("token"),
         node_name: "node-1".into(),
         endpoints: vec!["192.0.2.1:51820".into()],
     }
+}
+
+/// Options with the files in a fresh directory (kept for the test's life).
+fn opts(agent: String, ca: Vec<u8>, token: &str) -> SyncOptions {
+    let dir = tempfile::tempdir().unwrap().keep();
+    opts_in(&dir, agent, &ca, token)
+}
+
+#[tokio::test]
+async fn credentials_are_read_again_on_every_attempt_and_failures_are_named() {
+    let (agent, url, ca) = start_agent().await;
+    // A CA of other credentials, as after the agent's were regenerated.
+    let (_, _, stale_ca) = start_agent().await;
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts_in(dir.path(), url, &stale_ca, "s3cret");
+    let fake = Fake::default();
+    let mut revision = 0;
+    let e = session(&fake, &o, &mut revision).await.unwrap_err();
+    assert!(matches!(e, SyncError::Tls { .. }), "{e}");
+    assert!(e.to_string().contains("ca.crt"), "names the file: {e}");
+
+    // Kubelet updates the mounted Secret: the CA is right, the token stale.
+    let o = opts_in(dir.path(), o.agent.clone(), &ca, "old-token");
+    let e = session(&fake, &o, &mut revision).await.unwrap_err();
+    assert!(matches!(e, SyncError::Auth { .. }), "{e}");
+    assert!(e.to_string().contains("token"), "{e}");
+
+    std::fs::write(&o.token_file, "s3cret\n").unwrap();
+    session(&fake, &o, &mut revision)
+        .await
+        .expect("the new files are used without a restart");
+    assert_eq!(agent.seen.lock().unwrap().hellos.len(), 1);
+    assert_eq!(revision, 2);
 }
 
 #[tokio::test]

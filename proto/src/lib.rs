@@ -26,6 +26,10 @@ pub mod node {
     tonic::include_proto!("l2mesh.node.v1");
 }
 
+/// Prefix of the TAP device the dataplane puts on each network's bridge: a
+/// bridge port with this prefix is the dataplane's own, never a pod's.
+pub const DATAPLANE_TAP_PREFIX: &str = "l2mt-";
+
 /// Shown in place of a secret in `Debug` output.
 pub const REDACTED: &str = "<redacted>";
 

@@ -110,6 +110,11 @@ struct Kubernetes {
     /// Address of the Prometheus `/metrics` and `/healthz` endpoint ("" disables it).
     #[arg(long, env = "L2MESH_METRICS_LISTEN", default_value = "0.0.0.0:9444")]
     metrics_listen: String,
+    /// Run without a broker (no stored identity and no join string), handing
+    /// node tunnel IPs out of this subnet: local networks work, multi-cluster
+    /// ones stay pending.
+    #[arg(long, env = "L2MESH_TUNNEL_SUBNET")]
+    tunnel_subnet: Option<ipnet::Ipv4Net>,
     #[command(flatten)]
     failover: Failover,
 }
@@ -151,6 +156,7 @@ async fn kubernetes(a: Kubernetes) -> anyhow::Result<()> {
         metrics_listen: Some(a.metrics_listen).filter(|m| !m.is_empty()),
         on_listening: None,
         gateway_timeout: a.failover.timeout(),
+        tunnel_subnet: a.tunnel_subnet,
     };
     l2mesh_cluster_agent::k8s::run(client, config, &a.node_sync_listen, shutdown_signal()).await?;
     Ok(())

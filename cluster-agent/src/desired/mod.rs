@@ -64,11 +64,35 @@ pub struct NetworkOutcome {
     pub broker_refusal: Option<String>,
     /// Problem that keeps the network from being ready.
     pub problem: Option<String>,
+    /// What `problem` is: `Invalid` (the spec), `NameConflict` (another
+    /// L2Network has this name on the nodes) or `Unavailable` (allocation).
+    pub problem_kind: ProblemKind,
+    /// Why pods cannot attach (e.g. the NAD CRD is missing), status only.
+    pub attach_problem: Option<String>,
     pub members: Vec<String>,
     pub remote_peers: Vec<PeerGateway>,
 }
 
+/// What kind of problem keeps a network off the nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProblemKind {
+    #[default]
+    Invalid,
+    NameConflict,
+    Unavailable,
+}
+
 impl NetworkOutcome {
+    /// The `Ready` reason of an inactive network with a problem.
+    #[must_use]
+    pub fn problem_reason(&self) -> &'static str {
+        match self.problem_kind {
+            ProblemKind::Invalid => "Invalid",
+            ProblemKind::NameConflict => "NameConflict",
+            ProblemKind::Unavailable => "Unavailable",
+        }
+    }
+
     /// Whether the network is installed on the nodes.
     #[must_use]
     pub fn active(&self) -> bool {
@@ -85,11 +109,9 @@ pub fn resolve_networks(
     admissions: &[Admission],
     allocs: &mut Allocations,
 ) -> Vec<NetworkOutcome> {
-    let mut seen_names: BTreeMap<String, String> = BTreeMap::new();
+    let owners = node_name_owners(networks);
     let mut out = Vec::new();
     let mut sorted: Vec<&L2Network> = networks.iter().collect();
-    // Oldest first would be nicer, but key order is stable and deterministic
-    // in both modes; a clash is reported on the later key.
     sorted.sort_by_key(|n| n.key());
     for net in sorted {
         let mut o = NetworkOutcome {
@@ -104,6 +126,8 @@ pub fn resolve_networks(
             admission: None,
             broker_refusal: None,
             problem: None,
+            problem_kind: ProblemKind::Invalid,
+            attach_problem: None,
             members: Vec::new(),
             remote_peers: Vec::new(),
         };
@@ -112,15 +136,15 @@ pub fn resolve_networks(
             out.push(o);
             continue;
         }
-        if let Some(other) = seen_names.get(&o.name) {
+        if let Some(other) = owners.get(&o.name).filter(|k| **k != o.key) {
             o.problem = Some(format!(
                 "network name {:?} on the nodes is already used by L2Network {other}: rename one of them",
                 o.name
             ));
+            o.problem_kind = ProblemKind::NameConflict;
             out.push(o);
             continue;
         }
-        seen_names.insert(o.name.clone(), o.key.clone());
         let own_range = net.ip_range().ok().flatten();
         match net.spec.scope {
             Scope::Local => match allocs.local_vni(&o.name) {
@@ -129,21 +153,39 @@ pub fn resolve_networks(
                     o.range = own_range;
                     o.cluster_range = own_range;
                 }
-                Err(e) => o.problem = Some(e.to_string()),
+                Err(e) => {
+                    o.problem = Some(e.to_string());
+                    o.problem_kind = ProblemKind::Unavailable;
+                }
             },
             Scope::MultiCluster => resolve_multi(&mut o, net, own_range, view, admissions),
         }
         out.push(o);
     }
-    // Local VNIs of networks that are gone are released (and reused only
-    // after the rest of the space).
+    // Local VNIs are released only for networks that are gone from the
+    // (complete) list, and reused only after the rest of the space. A
+    // network that is invalid for a while keeps its VNI.
     let keep: BTreeSet<String> = out
         .iter()
-        .filter(|o| o.scope == Scope::Local && o.vni.is_some())
+        .filter(|o| o.scope == Scope::Local)
         .map(|o| o.name.clone())
         .collect();
     allocs.vnis.retain(&keep);
     out
+}
+
+/// Which L2Network (`namespace/name`) owns each name on the nodes: among
+/// valid networks with the same name the oldest (creation time, then key)
+/// keeps it, so a new network can never take a running one's name.
+#[must_use]
+pub fn node_name_owners(networks: &[L2Network]) -> BTreeMap<String, String> {
+    let mut sorted: Vec<&L2Network> = networks.iter().filter(|n| n.validate().is_ok()).collect();
+    sorted.sort_by_key(|n| (n.metadata.creation_timestamp.as_ref().map(|t| t.0), n.key()));
+    let mut owners = BTreeMap::new();
+    for n in sorted {
+        owners.entry(n.dataplane_name()).or_insert_with(|| n.key());
+    }
+    owners
 }
 
 fn resolve_multi(
@@ -272,13 +314,14 @@ pub fn plan(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    // Node slices of each network's range; released when a node leaves.
+    // Node slices of each network's range; released when a node leaves the
+    // list or the network is gone from it (an inactive network keeps them).
     for n in &active {
         if let Some(slices) = allocs.slices.get_mut(&n.name) {
             slices.retain(&names);
         }
     }
-    allocs.retain_slices(&active.iter().map(|n| n.name.clone()).collect());
+    allocs.retain_slices(&networks.iter().map(|n| n.name.clone()).collect());
 
     // One gateway per cluster carries the remote tunnels: with two, a frame
     // from a remote gateway would come back to it through the second one

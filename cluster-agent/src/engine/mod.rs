@@ -2,9 +2,18 @@
 //! broker link and the intent source. Inputs are set through [`Shared`]; each
 //! change wakes [`Shared::reconcile`], which recomputes everything with the
 //! pure core and publishes what changed.
+//!
+//! Two rules keep the state of running networks stable across restarts:
+//! - nothing is computed, freed or published before both the node list and
+//!   the L2Network list have been set once (in Kubernetes mode: after each
+//!   kind's initial list), so a network not seen *yet* never loses its
+//!   allocations; only a network missing from a complete list is gone;
+//! - allocations are made durable ([`AllocStore::save`]) before anything that
+//!   depends on them reaches the nodes, the broker or the status; while a
+//!   save fails nothing new is published and the save is retried.
 
-use crate::crd::{L2Network, L2NetworkStatus, Scope};
-use crate::desired::{self, Hello, NodeEntry};
+use crate::crd::{L2Network, L2NetworkStatus};
+use crate::desired::{Hello, NodeEntry};
 use crate::ipam::Allocations;
 use crate::status;
 use failover::{Election, Liveness};
@@ -17,9 +26,10 @@ use std::time::Instant;
 use tokio::sync::{Notify, watch};
 
 pub mod failover;
+mod reconcile;
 mod stores;
 
-pub use stores::{AllocStore, FileAllocStore, FileStatusSink, StatusSink};
+pub use stores::{AllocStore, FileAllocStore, FileStatusSink, SaveFuture, StatusSink};
 
 /// What the agent tells the broker; sent again whenever it changes.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -30,11 +40,15 @@ pub struct BrokerReports {
 
 #[derive(Debug, Default)]
 struct State {
+    /// `None` until the node list is complete.
     nodes: Option<Vec<NodeEntry>>,
-    networks: Vec<L2Network>,
+    /// `None` until the L2Network list is complete.
+    networks: Option<Vec<L2Network>>,
     hellos: BTreeMap<String, Hello>,
     node_status: BTreeMap<String, NodeStatus>,
     view: Option<ClusterView>,
+    /// Whether `view` came from the broker in this run (not from the store).
+    view_live: bool,
     admissions: Vec<Admission>,
     allocs: Allocations,
     /// What the store holds, to save only changes.
@@ -49,6 +63,10 @@ struct State {
     saved_gateway: Option<String>,
     /// Why the broker refuses this cluster, while it does.
     broker_refusal: Option<String>,
+    /// The last save that failed, while the allocations stay unsaved.
+    unsaved: Option<String>,
+    /// Set when the NetworkAttachmentDefinition CRD is missing (Kubernetes mode).
+    nad_missing: Option<String>,
 }
 
 /// How often the gateway election is re-checked without other changes
@@ -99,7 +117,9 @@ pub struct Shared {
     tunnel_subnet: Ipv4Net,
     allocs_store: Box<dyn AllocStore>,
     sink: Box<dyn StatusSink>,
-    reports: watch::Sender<BrokerReports>,
+    /// `None` until the first complete reconcile: the broker must never see
+    /// a request made from half the intent.
+    reports: watch::Sender<Option<BrokerReports>>,
     /// Set when the cluster has a broker; otherwise multi-cluster networks wait.
     has_broker: bool,
     pub metrics: crate::metrics::Metrics,
@@ -139,11 +159,15 @@ impl Shared {
             })
             .collect();
         let gateway = allocs_store.load_gateway();
+        // The last broker view, so that multi-cluster networks stay on the
+        // nodes while the broker is not (yet) reachable after a restart.
+        let view = allocs.broker_view();
         Ok(Self {
             state: Mutex::new(State {
                 saved: allocs.clone(),
                 allocs,
                 hellos,
+                view,
                 revision,
                 election: Election::default().resume(gateway.clone()),
                 saved_gateway: gateway,
@@ -153,7 +177,7 @@ impl Shared {
             tunnel_subnet,
             allocs_store,
             sink,
-            reports: watch::channel(BrokerReports::default()).0,
+            reports: watch::channel(None).0,
             has_broker,
             metrics: crate::metrics::Metrics::default(),
         })
@@ -225,25 +249,67 @@ impl Shared {
         self.dirty.notify_one();
     }
 
-    /// Replace the intent.
+    /// Replace the intent (both lists complete).
     pub fn set_intent(&self, nodes: Vec<NodeEntry>, networks: Vec<L2Network>) {
         let mut s = self.lock();
         s.nodes = Some(nodes);
-        s.networks = networks;
+        s.networks = Some(networks);
         drop(s);
         self.touch();
     }
 
-    /// Replace the L2Networks only (Kubernetes mode: one controller per kind).
+    /// Replace the L2Networks only, with the complete list (Kubernetes mode:
+    /// called once the initial list is in, then on every change).
     pub fn set_networks(&self, networks: Vec<L2Network>) {
-        self.lock().networks = networks;
+        self.lock().networks = Some(networks);
         self.touch();
     }
 
-    /// Replace the node list only.
+    /// Replace the node list only, with the complete list.
     pub fn set_nodes(&self, nodes: Vec<NodeEntry>) {
         self.lock().nodes = Some(nodes);
         self.touch();
+    }
+
+    /// Whether the node list and the L2Network list are both complete.
+    #[must_use]
+    pub fn intent_complete(&self) -> bool {
+        let s = self.lock();
+        s.nodes.is_some() && s.networks.is_some()
+    }
+
+    /// The complete L2Network list, `None` until it is in.
+    #[must_use]
+    pub fn networks(&self) -> Option<Vec<L2Network>> {
+        self.lock().networks.clone()
+    }
+
+    /// The NetworkAttachmentDefinition CRD is missing (`Some(why)`) or back.
+    pub fn set_nad_missing(&self, why: Option<String>) {
+        let mut s = self.lock();
+        if s.nad_missing != why {
+            s.nad_missing = why;
+            drop(s);
+            self.touch();
+        }
+    }
+
+    /// Why pods cannot attach (the NAD CRD is missing), while so.
+    #[must_use]
+    pub fn nad_missing(&self) -> Option<String> {
+        self.lock().nad_missing.clone()
+    }
+
+    /// Why the allocations are not saved, while they are not.
+    #[must_use]
+    pub fn unsaved(&self) -> Option<String> {
+        self.lock().unsaved.clone()
+    }
+
+    /// Whether the node list is complete (before, no node can be refused).
+    #[must_use]
+    pub fn nodes_listed(&self) -> bool {
+        self.lock().nodes.is_some()
     }
 
     #[must_use]
@@ -309,13 +375,23 @@ impl Shared {
     }
 
     pub fn set_view(&self, view: ClusterView) {
-        self.lock().view = Some(view);
+        let mut s = self.lock();
+        s.allocs.set_broker_view(&view);
+        s.view = Some(view);
+        s.view_live = true;
+        drop(s);
         self.touch();
     }
 
+    /// The revision to resume the broker watch from: 0 (a full snapshot)
+    /// until the broker sent a view in this run.
     #[must_use]
     pub fn view_revision(&self) -> u64 {
-        self.lock().view.as_ref().map_or(0, |v| v.revision)
+        let s = self.lock();
+        s.view
+            .as_ref()
+            .filter(|_| s.view_live)
+            .map_or(0, |v| v.revision)
     }
 
     /// The broker refuses (Some) or accepts again (None) this cluster's
@@ -343,9 +419,10 @@ impl Shared {
             .subscribe()
     }
 
-    /// What to tell the broker, now and after every change.
+    /// What to tell the broker, now and after every change; `None` until
+    /// the intent is complete and its allocations are saved.
     #[must_use]
-    pub fn reports(&self) -> watch::Receiver<BrokerReports> {
+    pub fn reports(&self) -> watch::Receiver<Option<BrokerReports>> {
         self.reports.subscribe()
     }
 
@@ -360,138 +437,34 @@ impl Shared {
         self.dirty.notified().await;
     }
 
-    /// Recompute and publish. Returns problems worth logging.
-    pub fn reconcile(&self) -> Vec<String> {
-        let started = std::time::Instant::now();
-        let mut guard = self.lock();
-        let s = &mut *guard;
-        let Some(nodes) = s.nodes.clone() else {
-            return Vec::new();
-        };
-        let mut outcomes =
-            desired::resolve_networks(&s.networks, s.view.as_ref(), &s.admissions, &mut s.allocs);
-        for o in outcomes
-            .iter_mut()
-            .filter(|o| o.scope == Scope::MultiCluster)
-        {
-            if !self.has_broker {
-                o.admission = Some((
-                    l2mesh_proto::broker::AdmissionState::Unspecified,
-                    "this agent runs without a broker (no join string)".into(),
-                ));
+    /// Whether allocations were changed that are not saved yet (and so
+    /// were never published).
+    #[must_use]
+    pub fn pending_save(&self) -> bool {
+        let s = self.lock();
+        s.allocs != s.saved
+    }
+
+    /// Reconcile on every change, forever; a failed save is retried with
+    /// backoff even without a change.
+    pub async fn run(self: std::sync::Arc<Self>) {
+        let mut backoff = crate::identity::Backoff::default();
+        let mut last: Vec<String> = Vec::new();
+        loop {
+            let problems = self.reconcile().await;
+            if problems != last {
+                for p in &problems {
+                    tracing::warn!(problem = %p, "reconcile");
+                }
+                last = problems;
             }
-            o.broker_refusal.clone_from(&s.broker_refusal);
-        }
-        // Only the elected gateway is handed to the plan as one: the plan
-        // gives remote tunnels to a single gateway and reports it.
-        let before = s.election.active().map(str::to_owned);
-        let gateway = s.election.elect(
-            &gateway_candidates(&nodes, &s.hellos, &s.live),
-            Instant::now(),
-        );
-        if before.is_some() && before != gateway {
-            tracing::warn!(from = ?before, to = ?gateway, "gateway failover");
-            self.metrics.gateway_failovers.inc();
-        }
-        let plan_nodes: Vec<NodeEntry> = nodes
-            .iter()
-            .map(|n| NodeEntry {
-                gateway: n.gateway && gateway.as_deref() == Some(n.name.as_str()),
-                ..n.clone()
-            })
-            .collect();
-        let plan = desired::plan(
-            &plan_nodes,
-            &s.hellos,
-            &outcomes,
-            self.tunnel_subnet,
-            &mut s.allocs,
-        );
-        let mut problems = plan.problems.clone();
-        if gateway != s.saved_gateway {
-            match self.allocs_store.save_gateway(gateway.as_deref()) {
-                Ok(()) => s.saved_gateway.clone_from(&gateway),
-                Err(e) => problems.push(format!("cannot store the active gateway: {e}")),
+            if self.unsaved().is_some() {
+                tokio::time::sleep(backoff.next_delay()).await;
+            } else {
+                backoff.reset();
+                self.next_change().await;
             }
         }
-        // Nodes that left the list: their watch ends (the sender is
-        // dropped) and a reconnect is refused; forget what they said.
-        s.desired.retain(|node, _| plan.nodes.contains_key(node));
-        s.live.retain(|node, _| plan.nodes.contains_key(node));
-        s.hellos.retain(|node, _| plan.nodes.contains_key(node));
-        s.allocs
-            .known_nodes
-            .retain(|node, _| plan.nodes.contains_key(node));
-        s.node_status
-            .retain(|node, _| plan.nodes.contains_key(node));
-        if s.allocs != s.saved {
-            match self.allocs_store.save(&s.allocs) {
-                Ok(()) => s.saved = s.allocs.clone(),
-                Err(e) => problems.push(e),
-            }
-        }
-        for (node, mut state) in plan.nodes {
-            let tx = s
-                .desired
-                .entry(node)
-                .or_insert_with(|| watch::channel(None).0);
-            let same = tx.borrow().as_ref().is_some_and(|cur| {
-                state.revision = cur.revision;
-                *cur == state
-            });
-            if !same {
-                s.revision += 1;
-                state.revision = s.revision;
-                tx.send_replace(Some(state));
-            }
-        }
-        self.reports.send_if_modified(|r| {
-            let next = BrokerReports {
-                gateways: plan.gateways.clone(),
-                networks: plan.requested_networks.clone(),
-            };
-            let changed = *r != next;
-            *r = next;
-            changed
-        });
-        let now = now();
-        let mut seen = BTreeMap::new();
-        for (net, o) in s
-            .networks
-            .iter()
-            .filter_map(|n| outcomes.iter().find(|o| o.key == n.key()).map(|o| (n, o)))
-        {
-            let prev = s.statuses.get(&o.key).map(|(_, st)| st);
-            let new = status::network_status(o, &s.node_status, prev, &now);
-            if prev != Some(&new) {
-                self.sink.write(net, Some(&new));
-            }
-            seen.insert(o.key.clone(), (net.clone(), new));
-        }
-        for (key, (net, _)) in &s.statuses {
-            if !seen.contains_key(key) {
-                self.sink.write(net, None);
-            }
-        }
-        s.statuses = seen;
-        problems.extend(
-            outcomes
-                .iter()
-                .filter_map(|o| o.problem.as_ref().map(|p| format!("{}: {p}", o.key))),
-        );
-        let m = &self.metrics;
-        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        m.reconciles.inc();
-        m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
-        m.desired_revision
-            .set(i64::try_from(s.revision).unwrap_or(i64::MAX));
-        m.nodes_known.set(count(nodes.len()));
-        m.nodes_with_hello.set(count(s.hellos.len()));
-        let active = outcomes.iter().filter(|o| o.active()).count();
-        m.networks_active.set(count(active));
-        m.networks_inactive.set(count(outcomes.len() - active));
-        m.problems.set(count(problems.len()));
-        problems
     }
 
     /// The current status of a network (`namespace/name`).

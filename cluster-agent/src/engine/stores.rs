@@ -3,20 +3,25 @@
 
 use crate::crd::{L2Network, L2NetworkStatus};
 use crate::ipam::Allocations;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 
-/// Where allocations (VNIs, tunnel IPs, pod slices) persist.
+/// What a save resolves to: `Ok` once the values are durable.
+pub type SaveFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>>;
+
+/// Where allocations (VNIs, tunnel IPs, pod slices) and the active gateway
+/// persist. The engine publishes nothing that depends on a value before
+/// [`AllocStore::save`] has resolved `Ok` for it.
 pub trait AllocStore: Send + Sync + std::fmt::Debug {
     fn load(&self) -> Result<Allocations, String>;
-    fn save(&self, allocs: &Allocations) -> Result<(), String>;
     /// The gateway that carried the remote tunnels, so that a restarted
     /// agent keeps it instead of re-electing (which would move the role).
     fn load_gateway(&self) -> Option<String> {
         None
     }
-    fn save_gateway(&self, _gateway: Option<&str>) -> Result<(), String> {
-        Ok(())
-    }
+    /// Make `allocs` and `gateway` durable; the future resolves once they are.
+    fn save(&self, allocs: &Allocations, gateway: Option<&str>) -> SaveFuture;
 }
 
 /// Allocations in a JSON file (standalone mode).
@@ -32,20 +37,23 @@ impl AllocStore for FileAllocStore {
             Err(e) => Err(format!("{}: {e}", self.0.display())),
         }
     }
-    fn save(&self, allocs: &Allocations) -> Result<(), String> {
-        save_json(&self.0, allocs)
-    }
     fn load_gateway(&self) -> Option<String> {
         std::fs::read_to_string(self.0.with_file_name(GATEWAY_FILE))
             .ok()
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty())
     }
-    fn save_gateway(&self, gateway: Option<&str>) -> Result<(), String> {
+    fn save(&self, allocs: &Allocations, gateway: Option<&str>) -> SaveFuture {
+        // Written before the future is returned: a local file write is quick,
+        // and `write_private` renames into place, so a crash leaves the old
+        // or the new file, never half of one.
         let path = self.0.with_file_name(GATEWAY_FILE);
         let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
-        crate::tls::write_private(dir, GATEWAY_FILE, gateway.unwrap_or_default(), 0o644)
-            .map_err(|e| e.to_string())
+        let result = save_json(&self.0, allocs).and_then(|()| {
+            crate::tls::write_private(dir, GATEWAY_FILE, gateway.unwrap_or_default(), 0o644)
+                .map_err(|e| e.to_string())
+        });
+        Box::pin(std::future::ready(result))
     }
 }
 

@@ -1,8 +1,10 @@
-//! The L2Network controller: finalizer, NAD, intent for the shared engine,
-//! events; status patches come from the engine through [`K8sStatusSink`].
+//! The L2Network controller: finalizer and NAD per network. The engine's
+//! intent comes from its own reflectors (see `k8s::mirror`); status patches
+//! and the events that follow status changes come from the engine through
+//! [`K8sStatusSink`].
 
 use super::nad::{MANAGER, NetworkAttachmentDefinition, nad_for};
-use crate::crd::{L2Network, L2NetworkStatus};
+use crate::crd::{Condition, L2Network, L2NetworkStatus};
 use crate::engine::{Shared, StatusSink};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -10,7 +12,7 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Client, Resource as _};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Finalizer that holds an L2Network until the nodes and the broker forgot it.
@@ -23,6 +25,8 @@ pub enum ControllerError {
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    #[error("the network is not removed from the nodes yet; the finalizer stays until it is")]
+    StillOnNodes,
 }
 
 /// What reconcile needs.
@@ -31,8 +35,6 @@ pub struct Context {
     pub client: Client,
     pub shared: Arc<Shared>,
     pub recorder: Recorder,
-    /// Live L2Networks (not being deleted), the engine's intent.
-    pub networks: Arc<Mutex<BTreeMap<String, L2Network>>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -48,20 +50,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), MANAGER.into()),
             client,
             shared,
-            networks: Arc::default(),
         }
-    }
-
-    fn publish_intent(&self, change: impl FnOnce(&mut BTreeMap<String, L2Network>)) -> bool {
-        let mut map = self
-            .networks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let before = map.len();
-        change(&mut map);
-        let added = map.len() > before;
-        self.shared.set_networks(map.values().cloned().collect());
-        added
     }
 
     async fn event(&self, net: &L2Network, type_: EventType, reason: &str, note: String) {
@@ -121,39 +110,81 @@ fn nad_inputs(net: &L2Network) -> (Option<ipnet::IpNet>, u32) {
     (range, mtu)
 }
 
+/// Until the engine has the complete L2Network list, nothing is written.
+const WAIT_FOR_LIST: Duration = Duration::from_secs(1);
+/// How long a deletion waits in line for the engine to drop the network.
+const CLEANUP_WAIT: Duration = Duration::from_secs(5);
+/// Without the NAD CRD the NAD is tried again this often.
+const NAD_CRD_RETRY: Duration = Duration::from_secs(60);
+
+/// What to tell the operator when the Multus NAD CRD is not installed.
+pub const NAD_CRD_MISSING: &str = "the NetworkAttachmentDefinition CRD (network-attachment-definitions.k8s.cni.cncf.io) is not installed, so pods cannot attach to this network: install Multus (its deployment adds the CRD); the nodes keep being served meanwhile";
+
+/// Whether the network may have a NAD: a valid spec, and its name on the
+/// nodes is its own (an older L2Network with the same name keeps it).
+fn may_attach(net: &L2Network, networks: &[L2Network]) -> bool {
+    net.validate().is_ok()
+        && crate::desired::node_name_owners(networks).get(&net.dataplane_name()) == Some(&net.key())
+}
+
+#[tracing::instrument(skip_all, fields(network = %net.key()))]
 async fn apply(net: &L2Network, ctx: &Context) -> Result<Action, ControllerError> {
-    let key = net.key();
-    if let Err(e) = net.validate() {
-        ctx.event(net, EventType::Warning, "InvalidSpec", e.to_string())
-            .await;
-    } else {
-        let nads: Api<NetworkAttachmentDefinition> = api(&ctx.client, net);
-        let (range, mtu) = nad_inputs(net);
-        let nad = nad_for(net, range, mtu);
-        let name = net.metadata.name.clone().unwrap_or_default();
-        nads.patch(
+    let Some(mut networks) = ctx.shared.networks() else {
+        return Ok(Action::requeue(WAIT_FOR_LIST));
+    };
+    // The engine's list may not have this (new) network yet.
+    if !networks.iter().any(|n| n.key() == net.key()) {
+        networks.push(net.clone());
+    }
+    let nads: Api<NetworkAttachmentDefinition> = api(&ctx.client, net);
+    let name = net.metadata.name.clone().unwrap_or_default();
+    if !may_attach(net, &networks) {
+        // No usable NAD: a pod attached through it would land on another
+        // network's bridge (or on none). The status says why.
+        return match nads.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => Ok(Action::requeue(Duration::from_secs(300))),
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                Ok(Action::requeue(Duration::from_secs(300)))
+            }
+            Err(e) => Err(e.into()),
+        };
+    }
+    let (range, mtu) = nad_inputs(net);
+    let nad = nad_for(net, range, mtu);
+    match nads
+        .patch(
             &name,
             &PatchParams::apply(MANAGER).force(),
             &Patch::Apply(&nad),
         )
-        .await?;
+        .await
+    {
+        Ok(_) => {
+            ctx.shared.set_nad_missing(None);
+            Ok(Action::requeue(Duration::from_secs(300)))
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            if ctx.shared.nad_missing().is_none() {
+                tracing::warn!("{NAD_CRD_MISSING}");
+            }
+            ctx.shared.set_nad_missing(Some(NAD_CRD_MISSING.to_owned()));
+            Ok(Action::requeue(NAD_CRD_RETRY))
+        }
+        Err(e) => Err(e.into()),
     }
-    let added = ctx.publish_intent(|m| {
-        m.insert(key.clone(), net.clone());
-    });
-    if added {
-        ctx.event(
-            net,
-            EventType::Normal,
-            "Configured",
-            format!("network {} handed to the nodes", net.dataplane_name()),
-        )
-        .await;
-    }
-    Ok(Action::requeue(Duration::from_secs(300)))
 }
 
+#[tracing::instrument(skip_all, fields(network = %net.key()))]
 async fn cleanup(net: &L2Network, ctx: &Context) -> Result<Action, ControllerError> {
+    // The engine drops a network being deleted from the nodes and the
+    // broker request; the finalizer goes only once it has.
+    let deadline = tokio::time::Instant::now() + CLEANUP_WAIT;
+    while ctx.shared.status_of(&net.key()).is_some() {
+        if tokio::time::Instant::now() > deadline {
+            return Err(ControllerError::StillOnNodes);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let nads: Api<NetworkAttachmentDefinition> = api(&ctx.client, net);
     let name = net.metadata.name.clone().unwrap_or_default();
     match nads.delete(&name, &DeleteParams::default()).await {
@@ -161,11 +192,6 @@ async fn cleanup(net: &L2Network, ctx: &Context) -> Result<Action, ControllerErr
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(e) => return Err(e.into()),
     }
-    // Dropping it from the intent removes it from every node and from the
-    // networks requested at the broker on the next reconcile of the engine.
-    ctx.publish_intent(|m| {
-        m.remove(&net.key());
-    });
     ctx.event(
         net,
         EventType::Normal,
@@ -176,13 +202,19 @@ async fn cleanup(net: &L2Network, ctx: &Context) -> Result<Action, ControllerErr
     Ok(Action::await_change())
 }
 
-/// On errors: log and retry with a delay.
+/// On errors: log and retry with a delay. A deletion that waits for the
+/// engine is no failure: it is checked again soon, quietly.
 pub fn error_policy(net: Arc<L2Network>, error: &ControllerError, _: Arc<Context>) -> Action {
+    if matches!(error, ControllerError::StillOnNodes) {
+        tracing::debug!(network = %net.key(), %error, "deletion waits");
+        return Action::requeue(WAIT_FOR_LIST);
+    }
     tracing::warn!(network = %net.key(), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(10))
 }
 
-/// Patches L2Network status subresources from the engine's results.
+/// Patches L2Network status subresources from the engine's results, and
+/// records an event when a condition changes.
 #[derive(Debug)]
 pub struct K8sStatusSink {
     tx: tokio::sync::mpsc::UnboundedSender<(L2Network, L2NetworkStatus)>,
@@ -194,48 +226,85 @@ impl K8sStatusSink {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(L2Network, L2NetworkStatus)>();
         let recorder = Recorder::new(client.clone(), MANAGER.into());
         let task = async move {
-            // Last Admitted status per network, to record its changes as events.
-            let mut admitted: BTreeMap<String, String> = BTreeMap::new();
+            // The conditions last written per network; before the first
+            // write, those the object carries (so a restart repeats nothing).
+            let mut last: BTreeMap<String, Vec<Condition>> = BTreeMap::new();
             while let Some((net, status)) = rx.recv().await {
                 if let Err(e) = patch_status(&client, &net, &status).await {
                     tracing::warn!(network = %net.key(), error = %e, "status not patched");
+                    continue;
                 }
-                if let Some(ev) = admission_event(&net, &status, &mut admitted)
-                    && let Err(e) = recorder.publish(&ev, &net.object_ref(&())).await
-                {
-                    tracing::debug!(error = %e, "event not recorded");
+                let before = last.remove(&net.key()).unwrap_or_else(|| {
+                    net.status
+                        .as_ref()
+                        .map(|s| s.conditions.clone())
+                        .unwrap_or_default()
+                });
+                for ev in condition_events(&net, &before, &status.conditions) {
+                    if let Err(e) = recorder.publish(&ev, &net.object_ref(&())).await {
+                        tracing::debug!(error = %e, "event not recorded");
+                    }
                 }
+                last.insert(net.key(), status.conditions.clone());
             }
         };
         (Self { tx }, task)
     }
 }
 
-/// An event when a multi-cluster network's admission changes.
-fn admission_event(
-    net: &L2Network,
-    status: &L2NetworkStatus,
-    last: &mut BTreeMap<String, String>,
-) -> Option<Event> {
-    if net.spec.scope != crate::crd::Scope::MultiCluster {
-        return None;
-    }
-    let cond = status.conditions.iter().find(|c| c.type_ == "Admitted")?;
-    if last.insert(net.key(), cond.status.clone()).as_deref() == Some(cond.status.as_str()) {
-        return None;
-    }
-    let (type_, reason) = match cond.status.as_str() {
-        "True" => (EventType::Normal, "Admitted"),
-        "False" => (EventType::Warning, "NotAdmitted"),
-        _ => return None,
+/// Events for the conditions that changed from `before` to `after`: each
+/// says what the new condition says, and only when it changed.
+fn condition_events(net: &L2Network, before: &[Condition], after: &[Condition]) -> Vec<Event> {
+    let changed = |type_: &str| {
+        let new = after.iter().find(|c| c.type_ == type_)?;
+        let old = before.iter().find(|c| c.type_ == type_);
+        (old.map(|c| (&c.status, &c.reason)) != Some((&new.status, &new.reason))).then_some(new)
     };
-    Some(Event {
+    let event = |type_: EventType, reason: &str, action: &str, note: &str| Event {
         type_,
         reason: reason.into(),
-        note: Some(cond.message.clone()),
-        action: "RequestNetwork".into(),
+        note: Some(note.to_owned()),
+        action: action.into(),
         secondary: None,
-    })
+    };
+    let mut out = Vec::new();
+    if let Some(c) = changed("Ready") {
+        match (c.status.as_str(), c.reason.as_str()) {
+            ("True", _) => out.push(event(EventType::Normal, "Ready", "Configure", &c.message)),
+            ("False", r @ ("Invalid" | "NameConflict" | "Unavailable")) => {
+                out.push(event(EventType::Warning, r, "Configure", &c.message));
+            }
+            _ => {}
+        }
+    }
+    if net.spec.scope == crate::crd::Scope::MultiCluster
+        && let Some(c) = changed("Admitted")
+    {
+        match c.status.as_str() {
+            "True" => out.push(event(
+                EventType::Normal,
+                "Admitted",
+                "RequestNetwork",
+                &c.message,
+            )),
+            "False" => out.push(event(
+                EventType::Warning,
+                "NotAdmitted",
+                "RequestNetwork",
+                &c.message,
+            )),
+            _ => {}
+        }
+    }
+    if let Some(c) = changed("Attachable").filter(|c| c.status == "False") {
+        out.push(event(
+            EventType::Warning,
+            &c.reason,
+            "CreateNAD",
+            &c.message,
+        ));
+    }
+    out
 }
 
 impl StatusSink for K8sStatusSink {
@@ -247,16 +316,15 @@ impl StatusSink for K8sStatusSink {
     }
 }
 
-/// Merge-patch the status subresource.
+/// Merge-patch the status subresource. Optional fields that no longer hold
+/// are sent as `null`, so they are removed instead of kept from before.
 pub async fn patch_status(
     client: &Client,
     net: &L2Network,
     status: &L2NetworkStatus,
 ) -> Result<(), kube::Error> {
     let nets: Api<L2Network> = api(client, net);
-    let mut status = status.clone();
-    status.observed_generation = net.metadata.generation;
-    let patch = serde_json::json!({"status": status});
+    let patch = serde_json::json!({"status": status_patch(status)});
     nets.patch_status(
         net.metadata.name.as_deref().unwrap_or_default(),
         &PatchParams::default(),
@@ -264,6 +332,17 @@ pub async fn patch_status(
     )
     .await
     .map(drop)
+}
+
+/// The status as a merge patch: every field present, absent ones as `null`.
+fn status_patch(status: &L2NetworkStatus) -> serde_json::Value {
+    let mut value = serde_json::to_value(status).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        for field in ["vni", "ipRange", "mtu", "observedGeneration"] {
+            map.entry(field).or_insert(serde_json::Value::Null);
+        }
+    }
+    value
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::engine::Shared;
 use crate::identity::{self, Backoff, JoinError};
 use crate::nodesync::NodeSyncService;
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use kube::runtime::{Controller, WatchStreamExt as _, reflector, watcher};
 use kube::{Api, Client};
 use l2mesh_proto::join::JoinString;
@@ -46,6 +46,9 @@ pub struct KubeConfig {
     /// A gateway silent this long (or whose watch closed) hands the remote
     /// tunnels to a standby gateway.
     pub gateway_timeout: Duration,
+    /// Without a stored identity or a join string: run without a broker,
+    /// with node tunnel IPs from this subnet.
+    pub tunnel_subnet: Option<ipnet::Ipv4Net>,
 }
 
 /// Why Kubernetes mode stopped.
@@ -111,11 +114,22 @@ async fn identity(
     }
 }
 
+/// How long a Lease holds without renewal.
+pub const LEASE_DURATION: Duration = Duration::from_secs(15);
+/// How often the leader renews, and a standby retries.
+pub const LEASE_RETRY: Duration = Duration::from_secs(2);
+/// A leader that could not renew for this long gives up, well before the
+/// Lease runs out and another replica may take it.
+pub const LEASE_RENEW_DEADLINE: Duration = Duration::from_secs(10);
+/// Label on the leading replica's pod; the node-sync Service selects it.
+pub const LEADER_LABEL: &str = "l2mesh.io/node-sync";
+
 /// Run as the cluster's controller until `shutdown` or loss of the lease.
-/// NodeSync binds `node_sync_listen` only once this replica leads, so a
-/// readiness probe on that port marks the leader alone ready and the
-/// Service sends nodes to it. On shutdown the lease is released so that a
-/// standby replica takes over at once instead of after the lease runs out.
+/// NodeSync binds `node_sync_listen` only once this replica leads, and the
+/// replica's pod is labelled `l2mesh.io/node-sync: leader` while it serves,
+/// so the Service sends nodes to the leader alone. On shutdown or loss of
+/// the lease, serving and publishing stop first, then the label goes, then
+/// the lease is released so that a standby takes over at once.
 pub async fn run(
     client: Client,
     mut config: KubeConfig,
@@ -127,12 +141,12 @@ pub async fn run(
         api: Api::namespaced(client.clone(), &config.namespace),
         name: LEASE_NAME.into(),
         me: config.pod_name.clone(),
-        duration_secs: 15,
+        duration_secs: i32::try_from(LEASE_DURATION.as_secs()).unwrap_or(15),
     };
     tracing::info!(me = %lock.me, "waiting for the leader lease");
     let wait = async {
         while !lock.try_acquire_or_renew().await? {
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::time::sleep(LEASE_RETRY).await;
         }
         Ok::<_, KubeError>(())
     };
@@ -141,11 +155,29 @@ pub async fn run(
         () = shutdown.clone() => return Ok(()),
     }
     tracing::info!("leader");
+    let lost = Arc::new(tokio::sync::Notify::new());
+    let stop = {
+        let (shutdown, lost) = (shutdown.clone(), lost.clone());
+        futures::FutureExt::shared(Box::pin(async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = lost.notified() => {}
+            }
+        }))
+    };
     // The lease is renewed from the start: joining a broker that is down
     // may take longer than the lease lasts.
+    let leading = lead(client.clone(), &mut config, node_sync_listen, stop);
+    tokio::pin!(leading);
     let result = tokio::select! {
-        r = lead(client, &mut config, node_sync_listen, shutdown) => r,
-        () = hold(&lock) => Err(KubeError::LostLease),
+        r = &mut leading => r,
+        () = hold(&lock) => {
+            tracing::error!("lost the leader lease: stopping node sync and publishing");
+            lost.notify_one();
+            // `lead` ends the node watches and its tasks on `stop`.
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut leading).await;
+            Err(KubeError::LostLease)
+        }
     };
     if let Err(e) = lock.release().await {
         tracing::warn!(error = %e, "cannot release the leader lease");
@@ -153,24 +185,58 @@ pub async fn run(
     result
 }
 
-/// Keep renewing the lease; returns when it is lost.
+/// Keep renewing the lease; returns when it is lost: another holder, or no
+/// successful renewal for [`LEASE_RENEW_DEADLINE`].
 async fn hold(lock: &lease::LeaseLock) {
-    let mut failures = 0u32;
+    let mut last_renewed = tokio::time::Instant::now();
     loop {
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(LEASE_RETRY).await;
         match lock.try_acquire_or_renew().await {
-            Ok(true) => failures = 0,
+            Ok(true) => last_renewed = tokio::time::Instant::now(),
             Ok(false) => return,
-            // A blip is fine while the lease (15 s) has not run out.
             Err(e) => {
-                failures += 1;
                 tracing::warn!(error = %e, "lease renewal failed");
-                if failures >= 2 {
+                if last_renewed.elapsed() >= LEASE_RENEW_DEADLINE {
                     return;
                 }
             }
         }
     }
+}
+
+/// Keep this replica's pod labelled as the node-sync leader (retrying
+/// until the patch succeeds); pending forever afterwards.
+async fn label_leader(pods: Api<Pod>, pod: String) {
+    let mut backoff = Backoff::default();
+    loop {
+        match set_leader_label(&pods, &pod, true).await {
+            Ok(()) => {
+                tracing::info!(pod, "labelled {LEADER_LABEL}=leader");
+                return std::future::pending().await;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(pod, error = %e, ?delay, "cannot label this pod as the node-sync leader; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn set_leader_label(pods: &Api<Pod>, pod: &str, on: bool) -> Result<(), kube::Error> {
+    let value = if on {
+        serde_json::Value::from("leader")
+    } else {
+        serde_json::Value::Null
+    };
+    let patch = serde_json::json!({"metadata": {"labels": {LEADER_LABEL: value}}});
+    pods.patch(
+        pod,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .map(drop)
 }
 
 async fn lead(
@@ -186,21 +252,41 @@ async fn lead(
         let _ = tx.send(addr);
     }
     let secrets_api: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
-    let id = tokio::select! {
-        r = identity(&secrets_api, config.join_string.as_ref()) => r?,
-        () = shutdown.clone() => return Ok(()),
+    // A stored identity or a join string: with the broker. Neither, but a
+    // tunnel subnet: a local-only cluster (multi-cluster networks wait).
+    let id = if config.join_string.is_none()
+        && config.tunnel_subnet.is_some()
+        && secrets::load_identity(&secrets_api).await?.is_none()
+    {
+        tracing::info!("no identity and no join string: running without a broker");
+        None
+    } else {
+        tokio::select! {
+            r = identity(&secrets_api, config.join_string.as_ref()) => Some(r?),
+            () = shutdown.clone() => return Ok(()),
+        }
     };
-    let subnet = id.tunnel_subnet.parse().map_err(|_| {
-        KubeError::State(format!(
-            "stored tunnel subnet {:?} is invalid",
-            id.tunnel_subnet
-        ))
-    })?;
+    let subnet = match (&id, config.tunnel_subnet) {
+        (Some(id), _) => id.tunnel_subnet.parse().map_err(|_| {
+            KubeError::State(format!(
+                "stored tunnel subnet {:?} is invalid",
+                id.tunnel_subnet
+            ))
+        })?,
+        (None, Some(subnet)) => subnet,
+        (None, None) => {
+            return Err(KubeError::State(
+                "no tunnel subnet: join a broker or pass --tunnel-subnet".into(),
+            ));
+        }
+    };
     let pki = secrets::load_or_create_pki(&secrets_api).await?;
-    let (allocs, allocs_task) = secrets::SecretAllocStore::new(secrets_api.clone()).await?;
+    // The Secrets are read in full before the engine starts: it never
+    // works from allocations it has not loaded.
+    let allocs = secrets::SecretAllocStore::new(secrets_api.clone()).await?;
     let (sink, sink_task) = controller::K8sStatusSink::new(client.clone());
     let shared = Arc::new(
-        Shared::new(subnet, Box::new(allocs), Box::new(sink), true)
+        Shared::new(subnet, Box::new(allocs), Box::new(sink), id.is_some())
             .map_err(KubeError::State)?
             .with_gateway_timeout(config.gateway_timeout),
     );
@@ -211,11 +297,36 @@ async fn lead(
             shared.metrics.clone(),
         ));
     }
-    tasks.spawn(allocs_task);
     tasks.spawn(sink_task);
-    tasks.spawn(crate::broker_link::run(id, shared.clone()));
-    tasks.spawn(reconcile_loop(shared.clone()));
-    tasks.spawn(watch_nodes(client.clone(), shared.clone()));
+    if let Some(id) = id {
+        tasks.spawn(crate::broker_link::run(id, shared.clone()));
+    }
+    tasks.spawn(shared.clone().run());
+    let engine = shared.clone();
+    tasks.spawn(mirror(
+        Api::<Node>::all(client.clone()),
+        "Node",
+        move |nodes| {
+            let mut nodes: Vec<NodeEntry> = nodes.iter().map(|n| node_entry(n)).collect();
+            nodes.sort_by(|a, b| a.name.cmp(&b.name));
+            engine.set_nodes(nodes);
+        },
+    ));
+    let engine = shared.clone();
+    tasks.spawn(mirror(
+        Api::<L2Network>::all(client.clone()),
+        "L2Network",
+        move |nets| {
+            // A network being deleted is gone for the engine: it leaves the
+            // nodes and the broker request, then the finalizer lets it go.
+            engine.set_networks(
+                nets.iter()
+                    .filter(|n| n.metadata.deletion_timestamp.is_none())
+                    .map(|n| (**n).clone())
+                    .collect(),
+            );
+        },
+    ));
     let ctx = Arc::new(controller::Context::new(client.clone(), shared.clone()));
     let nets: Api<L2Network> = Api::all(client.clone());
     let nads: Api<nad::NetworkAttachmentDefinition> = Api::all(client.clone());
@@ -229,11 +340,14 @@ async fn lead(
                 }
             }),
     );
+    let engine_of_lead = shared.clone();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &config.namespace);
+    tasks.spawn(label_leader(pods.clone(), config.pod_name.clone()));
     let (shutdown, stop) = crate::nodesync::stopping_watches(shutdown);
     let server = tonic::transport::Server::builder()
         .tls_config(pki.server_tls())?
         .add_service(
-            NodeSyncService::new(shared)
+            NodeSyncService::new(shared.clone())
                 .stop_on(stop)
                 .into_server(pki.token.clone()),
         )
@@ -242,35 +356,69 @@ async fn lead(
             shutdown,
         );
     let result = server.await.map_err(KubeError::from);
+    // Serving and publishing stop first; then the Service stops choosing
+    // this pod.
     tasks.abort_all();
+    warn_unsaved(&engine_of_lead);
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        set_leader_label(&pods, &config.pod_name, false),
+    )
+    .await
+    {
+        // The pod is gone: so is its label.
+        Ok(Ok(())) => {}
+        Ok(Err(kube::Error::Api(s))) if s.code == 404 => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot remove the leader label"),
+        Err(_) => tracing::warn!("cannot remove the leader label: the API server did not answer"),
+    }
     result
 }
 
-async fn reconcile_loop(shared: Arc<Shared>) {
-    loop {
-        for p in shared.reconcile() {
-            tracing::debug!(problem = %p, "reconcile");
-        }
-        shared.next_change().await;
+/// Said when leading ends: allocations made but not saved were never
+/// published, so the next leader starts from what the Secret holds and
+/// the nodes use.
+fn warn_unsaved(shared: &Shared) {
+    if shared.pending_save() {
+        tracing::warn!(
+            "allocations changed since the last save were not published and are dropped; the next leader recomputes them"
+        );
     }
 }
 
-async fn watch_nodes(client: Client, shared: Arc<Shared>) {
-    let api: Api<Node> = Api::all(client);
+/// Mirror a kind into the engine: `set` gets the complete list once the
+/// initial list is in (and again after a relist when a watch dropped), then
+/// after every change; never a partial list.
+async fn mirror<K>(api: Api<K>, kind: &'static str, mut set: impl FnMut(Vec<Arc<K>>) + Send)
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
     let (reader, writer) = reflector::store();
     let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
     futures::pin_mut!(stream);
+    let mut last_error = String::new();
     while let Some(item) = stream.next().await {
         match item {
             // During a (re)list the store only changes at InitDone.
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
             Ok(_) => {
-                let mut nodes: Vec<NodeEntry> =
-                    reader.state().iter().map(|n| node_entry(n)).collect();
-                nodes.sort_by(|a, b| a.name.cmp(&b.name));
-                shared.set_nodes(nodes);
+                last_error.clear();
+                set(reader.state());
             }
-            Err(e) => tracing::warn!(error = %e, "node watch"),
+            Err(e) => {
+                let text = e.to_string();
+                if text != last_error {
+                    tracing::warn!(kind, error = %text, "watch failed; retrying");
+                    last_error = text;
+                }
+            }
         }
     }
 }

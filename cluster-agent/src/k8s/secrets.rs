@@ -164,24 +164,29 @@ pub async fn load_or_create_pki(api: &Api<Secret>) -> Result<NodeSyncPki, Secret
     Ok(pki)
 }
 
-/// Allocations (and the active gateway) in the identity Secret; saves go
-/// through a background task.
-#[derive(Debug)]
+/// Allocations (and the active gateway) in the identity Secret. A save is
+/// one read-modify-replace of the Secret carrying its resourceVersion, so a
+/// concurrent writer (another replica that took the lease) makes it fail
+/// instead of being overwritten.
+#[derive(Clone)]
 pub struct SecretAllocStore {
+    api: Api<Secret>,
     initial: Allocations,
     gateway: Option<String>,
-    /// `(key, value)` to set in the identity Secret.
-    tx: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+}
+
+impl std::fmt::Debug for SecretAllocStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretAllocStore").finish_non_exhaustive()
+    }
 }
 
 const ALLOCATIONS_KEY: &str = "allocations.json";
 const GATEWAY_KEY: &str = "active-gateway";
 
 impl SecretAllocStore {
-    /// Load now; returns the store and the task that writes saves (spawn it).
-    pub async fn new(
-        api: Api<Secret>,
-    ) -> Result<(Self, impl std::future::Future<Output = ()> + Send), SecretError> {
+    /// Load what the Secret holds now.
+    pub async fn new(api: Api<Secret>) -> Result<Self, SecretError> {
         let data = read(&api, IDENTITY_SECRET).await?.unwrap_or_default();
         let initial = match data.get(ALLOCATIONS_KEY) {
             Some(text) => serde_json::from_str(text).map_err(|e| SecretError::Corrupt {
@@ -195,33 +200,11 @@ impl SecretAllocStore {
             .get(GATEWAY_KEY)
             .map(|g| g.trim().to_owned())
             .filter(|g| !g.is_empty());
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
-        let task = async move {
-            while let Some((key, value)) = rx.recv().await {
-                // Only the newest value of each key matters.
-                let mut values: BTreeMap<String, String> = [(key, value)].into();
-                while let Ok((k, v)) = rx.try_recv() {
-                    values.insert(k, v);
-                }
-                if let Err(e) = write(&api, IDENTITY_SECRET, &values).await {
-                    tracing::error!(error = %e, "allocations not saved");
-                }
-            }
-        };
-        Ok((
-            Self {
-                initial,
-                gateway,
-                tx,
-            },
-            task,
-        ))
-    }
-
-    fn send(&self, key: &str, value: String) -> Result<(), String> {
-        self.tx
-            .send((key.to_owned(), value))
-            .map_err(|_| "the allocation writer stopped".to_owned())
+        Ok(Self {
+            api,
+            initial,
+            gateway,
+        })
     }
 }
 
@@ -229,14 +212,23 @@ impl AllocStore for SecretAllocStore {
     fn load(&self) -> Result<Allocations, String> {
         Ok(self.initial.clone())
     }
-    fn save(&self, allocs: &Allocations) -> Result<(), String> {
-        let text = serde_json::to_string(allocs).map_err(|e| e.to_string())?;
-        self.send(ALLOCATIONS_KEY, text)
-    }
     fn load_gateway(&self) -> Option<String> {
         self.gateway.clone()
     }
-    fn save_gateway(&self, gateway: Option<&str>) -> Result<(), String> {
-        self.send(GATEWAY_KEY, gateway.unwrap_or_default().to_owned())
+    fn save(&self, allocs: &Allocations, gateway: Option<&str>) -> crate::engine::SaveFuture {
+        let api = self.api.clone();
+        let text = serde_json::to_string(allocs);
+        let gateway = gateway.unwrap_or_default().to_owned();
+        Box::pin(async move {
+            let text = text.map_err(|e| e.to_string())?;
+            let values: BTreeMap<String, String> = [
+                (ALLOCATIONS_KEY.to_owned(), text),
+                (GATEWAY_KEY.to_owned(), gateway),
+            ]
+            .into();
+            write(&api, IDENTITY_SECRET, &values)
+                .await
+                .map_err(|e| format!("Secret {IDENTITY_SECRET}: {e}"))
+        })
     }
 }

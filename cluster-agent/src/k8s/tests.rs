@@ -77,8 +77,8 @@ impl AllocStore for MemAllocs {
     fn load(&self) -> Result<Allocations, String> {
         Ok(Allocations::default())
     }
-    fn save(&self, _: &Allocations) -> Result<(), String> {
-        Ok(())
+    fn save(&self, _: &Allocations, _: Option<&str>) -> crate::engine::SaveFuture {
+        Box::pin(std::future::ready(Ok(())))
     }
 }
 
@@ -127,17 +127,27 @@ async fn finalizer_is_added_first() {
         "{text}"
     );
     task.await.unwrap().unwrap();
+    let next = tokio::time::timeout(Duration::from_millis(200), api.next_request()).await;
     assert!(
-        ctx.networks.lock().unwrap().is_empty(),
+        !matches!(next, Ok(Some(_))),
         "nothing is applied before the finalizer is in place"
     );
 }
 
 #[tokio::test]
-async fn apply_creates_the_nad_publishes_intent_and_records_an_event() {
+async fn apply_creates_the_nad_once_the_network_list_is_in() {
     let (client, mut api) = mock();
     let ctx = Arc::new(Context::new(client, shared(Box::new(NoSink))));
     let obj = net(json!({"finalizers": [FINALIZER]}));
+    // Before the engine has the complete list nothing is written.
+    let action = controller::reconcile(Arc::new(obj.clone()), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(1))
+    );
+    ctx.shared.set_networks(vec![obj.clone()]);
     let task = tokio::spawn(controller::reconcile(Arc::new(obj), ctx.clone()));
     let (uri, nad) = expect(
         &mut api,
@@ -158,14 +168,77 @@ async fn apply_creates_the_nad_publishes_intent_and_records_an_event() {
     let conf: Value = serde_json::from_str(nad["spec"]["config"].as_str().unwrap()).unwrap();
     assert_eq!(conf["type"], "l2mesh-cni");
     assert_eq!(conf["ipam"]["subnet"], "10.1.0.0/16");
-    let (_, event) = expect(&mut api, Method::POST, EVENTS, StatusCode::CREATED, json!({
-        "apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e1"}, "eventTime": null
-    }))
-    .await;
-    assert_eq!(event["reason"], "Configured");
-    assert_eq!(event["regarding"]["name"], "blue");
     task.await.unwrap().unwrap();
-    assert!(ctx.networks.lock().unwrap().contains_key("default/blue"));
+    assert!(ctx.shared.nad_missing().is_none());
+}
+
+#[tokio::test]
+async fn an_invalid_or_name_clashing_network_has_its_nad_removed() {
+    let (client, mut api) = mock();
+    let ctx = Arc::new(Context::new(client, shared(Box::new(NoSink))));
+    let mut bad = net(json!({"finalizers": [FINALIZER]}));
+    bad.spec.mtu = Some(100);
+    ctx.shared.set_networks(vec![bad.clone()]);
+    let task = tokio::spawn(controller::reconcile(Arc::new(bad), ctx.clone()));
+    expect(
+        &mut api,
+        Method::DELETE,
+        NADS,
+        StatusCode::OK,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+    )
+    .await;
+    task.await.unwrap().unwrap();
+
+    // A newer network with the same name on the nodes: no NAD for it.
+    let older =
+        net(json!({"finalizers": [FINALIZER], "creationTimestamp": "2026-01-01T00:00:00Z"}));
+    let newer: L2Network = serde_json::from_value(json!({
+        "apiVersion": "l2mesh.io/v1alpha1", "kind": "L2Network",
+        "metadata": {"name": "blue", "namespace": "team", "uid": "uid-2",
+            "creationTimestamp": "2026-02-01T00:00:00Z", "finalizers": [FINALIZER]},
+        "spec": {"scope": "multiCluster", "brokerNetwork": "blue"},
+    }))
+    .unwrap();
+    ctx.shared.set_networks(vec![newer.clone(), older]);
+    let task = tokio::spawn(controller::reconcile(Arc::new(newer.clone()), ctx.clone()));
+    expect(
+        &mut api,
+        Method::DELETE,
+        "/apis/k8s.cni.cncf.io/v1/namespaces/team/network-attachment-definitions/blue",
+        StatusCode::NOT_FOUND,
+        not_found(),
+    )
+    .await;
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_nad_crd_is_reported_once_and_not_an_error() {
+    let (client, mut api) = mock();
+    let ctx = Arc::new(Context::new(client, shared(Box::new(NoSink))));
+    let obj = net(json!({"finalizers": [FINALIZER]}));
+    ctx.shared.set_networks(vec![obj.clone()]);
+    let task = tokio::spawn(controller::reconcile(Arc::new(obj), ctx.clone()));
+    // What a real API server answers for a resource type it does not serve.
+    let (req, send) = api.next_request().await.unwrap();
+    assert!(req.uri().path().starts_with(NADS));
+    send.send_response(
+        Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Body::from(b"404 page not found\n".to_vec()))
+            .unwrap(),
+    );
+    let action = task.await.unwrap().expect("not a reconcile error");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(60))
+    );
+    let why = ctx.shared.nad_missing().expect("the engine knows");
+    assert!(
+        why.contains("NetworkAttachmentDefinition") && why.contains("Multus"),
+        "{why}"
+    );
 }
 
 #[tokio::test]
@@ -180,7 +253,7 @@ async fn status_is_patched_from_the_engine() {
         endpoint: None,
     }]);
     shared.set_networks(vec![net(json!({"finalizers": [FINALIZER]}))]);
-    shared.reconcile();
+    shared.reconcile().await;
     let (uri, patch) = expect(
         &mut api,
         Method::PATCH,
@@ -200,9 +273,10 @@ async fn status_is_patched_from_the_engine() {
         .map(|c| c["type"].as_str().unwrap())
         .collect();
     assert_eq!(types, vec!["Ready", "Admitted", "PeersConnected"]);
-    assert_eq!(status["conditions"][0]["status"], "True");
+    assert_eq!(status["conditions"][0]["status"], "False");
+    assert_eq!(status["conditions"][0]["reason"], "NoDataplane");
     // Unchanged inputs: no second patch.
-    shared.reconcile();
+    shared.reconcile().await;
     let next = tokio::time::timeout(Duration::from_millis(200), api.next_request()).await;
     assert!(
         !matches!(next, Ok(Some(_))),
@@ -230,7 +304,7 @@ async fn a_denied_multi_cluster_network_gets_its_status_and_a_warning_event() {
         state: l2mesh_proto::broker::AdmissionState::Denied.into(),
         reason: "cluster edge may not join blue".into(),
     }]);
-    shared.reconcile();
+    shared.reconcile().await;
     let (_, patch) = expect(
         &mut api,
         Method::PATCH,
@@ -261,10 +335,6 @@ async fn a_denied_multi_cluster_network_gets_its_status_and_a_warning_event() {
 async fn deletion_removes_the_nad_the_intent_and_then_the_finalizer() {
     let (client, mut api) = mock();
     let ctx = Arc::new(Context::new(client, shared(Box::new(NoSink))));
-    ctx.networks
-        .lock()
-        .unwrap()
-        .insert("default/blue".into(), net(json!({})));
     let obj = net(json!({"finalizers": [FINALIZER], "deletionTimestamp": "2026-01-01T00:00:00Z"}));
     let task = tokio::spawn(controller::reconcile(Arc::new(obj), ctx.clone()));
     // An already missing NAD is fine: cleanup is idempotent.
@@ -295,7 +365,6 @@ async fn deletion_removes_the_nad_the_intent_and_then_the_finalizer() {
         "{text}"
     );
     task.await.unwrap().unwrap();
-    assert!(ctx.networks.lock().unwrap().is_empty());
 }
 
 #[tokio::test]

@@ -17,6 +17,13 @@
 //!
 //! No label or field selectors, no pagination (`limit` is ignored and
 //! everything comes in one page), no bookmarks.
+//!
+//! Hostility on demand, as a real API server can show it:
+//! [`FakeApi::delay_lists`] (initial lists arrive late, per kind, so in any
+//! order), [`FakeApi::drop_watches`] (every open watch ends; clients re-watch
+//! from their last resourceVersion), [`FakeApi::fail_writes`] (writes to a
+//! kind fail with 500) and [`FakeApi::remove_kind`] (the kind is not served:
+//! `404 page not found` in plain text, like a CRD that is not installed).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
@@ -82,6 +89,15 @@ struct Store {
     watchers: Vec<Watcher>,
     requests: Vec<String>,
     unhandled: Vec<String>,
+    chaos: Chaos,
+}
+
+/// Injected misbehaviour, per collection.
+#[derive(Debug, Default)]
+struct Chaos {
+    list_delays: BTreeMap<String, std::time::Duration>,
+    failing_writes: std::collections::BTreeSet<String>,
+    removed: std::collections::BTreeSet<String>,
 }
 
 /// The fake API server; clones share the same state.
@@ -142,6 +158,12 @@ fn query(req: &Request<kube::client::Body>) -> BTreeMap<String, String> {
 fn body(value: &Value) -> FakeBody {
     let bytes = Bytes::from(serde_json::to_vec(value).unwrap());
     FakeBody(Box::pin(futures::stream::once(async move { bytes })))
+}
+
+fn body_text(text: &'static str) -> FakeBody {
+    FakeBody(Box::pin(futures::stream::once(async move {
+        Bytes::from_static(text.as_bytes())
+    })))
 }
 
 fn respond(code: StatusCode, value: &Value) -> Response<FakeBody> {
@@ -220,6 +242,42 @@ impl FakeApi {
         kube::Client::new(api, "default")
     }
 
+    /// LISTs of `collection` answer only after `delay` (with the objects as
+    /// they are then); `Duration::ZERO` removes the delay.
+    pub fn delay_lists(&self, collection: &str, delay: std::time::Duration) {
+        self.store
+            .lock()
+            .unwrap()
+            .chaos
+            .list_delays
+            .insert(collection.to_owned(), delay);
+    }
+
+    /// End every open watch (clients re-watch from their last version).
+    pub fn drop_watches(&self) {
+        self.store.lock().unwrap().watchers.clear();
+    }
+
+    /// Writes (POST, PUT, PATCH, DELETE) to `collection` fail with 500 while `on`.
+    pub fn fail_writes(&self, collection: &str, on: bool) {
+        let mut store = self.store.lock().unwrap();
+        if on {
+            store.chaos.failing_writes.insert(collection.to_owned());
+        } else {
+            store.chaos.failing_writes.remove(collection);
+        }
+    }
+
+    /// Stop serving `collection` at all, like a CRD that is not installed.
+    pub fn remove_kind(&self, collection: &str) {
+        self.store
+            .lock()
+            .unwrap()
+            .chaos
+            .removed
+            .insert(collection.to_owned());
+    }
+
     /// Requests the server did not implement (`METHOD uri`).
     #[must_use]
     pub fn unhandled(&self) -> Vec<String> {
@@ -276,11 +334,38 @@ impl FakeApi {
                 Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
             }
         };
+        let collection = target.as_ref().map(|t| t.collection.clone());
+        let is_list = method == Method::GET
+            && target.as_ref().is_some_and(|t| t.name.is_none())
+            && !q.get("watch").is_some_and(|w| w == "true" || w == "1");
+        let delay = collection.as_ref().and_then(|c| {
+            let store = self.store.lock().unwrap();
+            store.chaos.list_delays.get(c).copied()
+        });
+        if let Some(d) = delay.filter(|d| is_list && !d.is_zero()) {
+            tokio::time::sleep(d).await;
+        }
         let mut store = self.store.lock().unwrap();
         store.requests.push(match &self.caller {
             Some(c) => format!("{c} {line}"),
             None => line.clone(),
         });
+        if let Some(c) = &collection {
+            if store.chaos.removed.contains(c) {
+                return Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .header("content-type", "text/plain; charset=utf-8")
+                    .body(body_text("404 page not found\n"))
+                    .unwrap();
+            }
+            if method != Method::GET && store.chaos.failing_writes.contains(c) {
+                return status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "injected write failure",
+                );
+            }
+        }
         let response = match target {
             Some(t) => store.route(&method, &t, &q, &content_type, sent),
             None => None,
@@ -311,6 +396,27 @@ fn conflict(name: &str) -> Response<FakeBody> {
         "Conflict",
         &format!("Operation cannot be fulfilled on {name}: the object has been modified"),
     )
+}
+
+impl FakeApi {
+    /// Serve this API over plain HTTP on `listener`, for real binaries
+    /// (a kubeconfig with `server: http://ADDR`). Runs until dropped.
+    pub async fn serve_http(self, listener: tokio::net::TcpListener) {
+        let app = axum::Router::new().fallback(move |req: Request<axum::body::Body>| {
+            let api = self.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = axum::body::to_bytes(body, usize::MAX)
+                    .await
+                    .unwrap_or_default();
+                let req = Request::from_parts(parts, kube::client::Body::from(bytes));
+                let (parts, body) = api.handle(req).await.into_parts();
+                let stream = futures::StreamExt::map(body.0, Ok::<_, Infallible>);
+                http::Response::from_parts(parts, axum::body::Body::from_stream(stream))
+            }
+        });
+        let _ = axum::serve(listener, app).await;
+    }
 }
 
 impl tower::Service<Request<kube::client::Body>> for FakeApi {
