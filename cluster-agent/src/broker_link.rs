@@ -22,7 +22,10 @@ async fn connect(id: &Identity) -> Result<BrokerClient<Channel>, String> {
     let mut errors = Vec::new();
     for addr in &id.brokers {
         match tls::broker_channel(addr, config.clone()).await {
-            Ok(ch) => return Ok(BrokerClient::new(ch)),
+            Ok(ch) => {
+                return Ok(BrokerClient::new(ch)
+                    .max_decoding_message_size(l2mesh_proto::limits::MAX_MESSAGE_BYTES));
+            }
             Err(e) => errors.push(format!("{e}: {}", source_chain(&e))),
         }
     }

@@ -81,7 +81,7 @@ impl TestBroker {
         let list = self
             .admin()
             .await
-            .list_networks(pb::ListNetworksRequest {})
+            .list_networks(pb::ListNetworksRequest::default())
             .await
             .unwrap()
             .into_inner();
