@@ -7,8 +7,11 @@
 //! caps, so the rest of the total stays free for authenticated clients, and
 //! a deadline: a client that has not authenticated within it is cut off,
 //! whatever it did (nothing, half a TLS handshake, TLS without HTTP/2, only
-//! joins). Accept errors (EMFILE when file descriptors run out) back off
-//! instead of spinning.
+//! joins). When all unauthenticated slots are taken, a new connection
+//! evicts the oldest unauthenticated one instead of being refused: idle
+//! connections cannot keep the admin or a reconnecting cluster out, only a
+//! flood faster than a TLS handshake could. Accept errors (EMFILE when file
+//! descriptors run out) back off instead of spinning.
 
 use crate::metrics::Metrics;
 use std::collections::HashMap;
@@ -16,7 +19,7 @@ use std::future::Future as _;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -124,11 +127,11 @@ impl ConnCounts {
         if all >= limits.max_per_source {
             return Err(Refusal::PerSource);
         }
-        if self.unauthenticated >= limits.max_unauthenticated {
-            return Err(Refusal::Unauthenticated);
-        }
         if unauth >= limits.max_unauthenticated_per_source {
             return Err(Refusal::UnauthenticatedPerSource);
+        }
+        if self.unauthenticated >= limits.max_unauthenticated {
+            return Err(Refusal::Unauthenticated);
         }
         self.total += 1;
         self.unauthenticated += 1;
@@ -144,8 +147,10 @@ impl ConnCounts {
         }
     }
 
-    /// A connection from `ip` closed.
-    pub fn release(&mut self, ip: IpAddr, was_authenticated: bool) {
+    /// A connection from `ip` closed; `still_unauthenticated` if it never
+    /// left the unauthenticated counts (by authenticating or eviction).
+    pub fn release(&mut self, ip: IpAddr, still_unauthenticated: bool) {
+        let was_authenticated = !still_unauthenticated;
         self.total = self.total.saturating_sub(1);
         if !was_authenticated {
             self.unauthenticated = self.unauthenticated.saturating_sub(1);
@@ -173,6 +178,9 @@ impl ConnCounts {
 pub struct Tracker {
     limits: ConnLimits,
     counts: Mutex<ConnCounts>,
+    /// Unauthenticated connections, oldest first (entries of connections
+    /// that authenticated or closed are skipped when met).
+    queue: Mutex<std::collections::VecDeque<std::sync::Weak<ConnHandle>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -182,6 +190,7 @@ impl Tracker {
         Arc::new(Self {
             limits,
             counts: Mutex::default(),
+            queue: Mutex::default(),
             metrics,
         })
     }
@@ -201,45 +210,93 @@ impl Tracker {
     }
 
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Arc<ConnHandle>, Refusal> {
-        let mut counts = self.counts();
-        counts.admit(&self.limits, ip)?;
-        self.gauges(&counts);
-        Ok(Arc::new(ConnHandle {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        // Handles are dropped only while `counts` is not locked: the last
+        // reference's drop locks it.
+        loop {
+            {
+                let mut counts = self.counts();
+                match counts.admit(&self.limits, ip) {
+                    Ok(()) => {
+                        self.gauges(&counts);
+                        break;
+                    }
+                    Err(Refusal::Unauthenticated) => {}
+                    Err(other) => return Err(other),
+                }
+            }
+            // Evict the oldest connection that is still unauthenticated.
+            let victim = std::iter::from_fn(|| queue.pop_front())
+                .filter_map(|w| w.upgrade())
+                .find(|h| h.leave_unauthenticated(STATE_EVICTED))
+                .ok_or(Refusal::Unauthenticated)?;
+            self.counts().authenticated(victim.ip);
+            victim.waker.wake();
+            self.metrics.refused("evicted");
+            drop(victim);
+        }
+        let handle = Arc::new(ConnHandle {
             ip,
-            authenticated: AtomicBool::new(false),
+            state: AtomicU8::new(STATE_UNAUTHENTICATED),
+            waker: futures::task::AtomicWaker::new(),
             tracker: Arc::clone(self),
-        }))
+        });
+        // Forget entries of connections that are gone, so the queue stays
+        // about as long as the unauthenticated count.
+        if queue.len() > 2 * self.limits.max_unauthenticated {
+            queue.retain(|w| w.strong_count() > 0);
+        }
+        queue.push_back(Arc::downgrade(&handle));
+        Ok(handle)
     }
 }
+
+const STATE_UNAUTHENTICATED: u8 = 0;
+const STATE_AUTHENTICATED: u8 = 1;
+const STATE_EVICTED: u8 = 2;
 
 /// One connection's place in the counts; released when the last reference
 /// (the stream or a request still in flight) goes.
 #[derive(Debug)]
 pub struct ConnHandle {
     ip: IpAddr,
-    authenticated: AtomicBool,
+    state: AtomicU8,
+    /// Wakes the connection's reader when it is evicted.
+    waker: futures::task::AtomicWaker,
     tracker: Arc<Tracker>,
 }
 
 impl ConnHandle {
     /// The connection carried an authenticated call: no deadline any more.
     pub fn authenticate(&self) {
-        if !self.authenticated.swap(true, Ordering::AcqRel) {
+        if self.leave_unauthenticated(STATE_AUTHENTICATED) {
             let mut counts = self.tracker.counts();
             counts.authenticated(self.ip);
             self.tracker.gauges(&counts);
         }
     }
 
-    fn is_authenticated(&self) -> bool {
-        self.authenticated.load(Ordering::Acquire)
+    /// Move from unauthenticated to `to`; false if it already left.
+    fn leave_unauthenticated(&self, to: u8) -> bool {
+        self.state
+            .compare_exchange(
+                STATE_UNAUTHENTICATED,
+                to,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    fn state(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
     }
 }
 
 impl Drop for ConnHandle {
     fn drop(&mut self) {
         let mut counts = self.tracker.counts();
-        counts.release(self.ip, self.is_authenticated());
+        counts.release(self.ip, self.state() == STATE_UNAUTHENTICATED);
         self.tracker.gauges(&counts);
     }
 }
@@ -263,9 +320,17 @@ pub struct Guarded {
 
 impl Guarded {
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.info.handle.is_authenticated() {
-            self.deadline = None;
-            return false;
+        match self.info.handle.state() {
+            STATE_AUTHENTICATED => {
+                self.deadline = None;
+                return false;
+            }
+            STATE_EVICTED => return true,
+            _ => {}
+        }
+        self.info.handle.waker.register(cx.waker());
+        if self.info.handle.state() == STATE_EVICTED {
+            return true;
         }
         self.deadline
             .as_mut()
@@ -276,7 +341,7 @@ impl Guarded {
 fn timed_out() -> io::Error {
     io::Error::new(
         io::ErrorKind::TimedOut,
-        "the client did not authenticate in time",
+        "the client did not authenticate in time (or was evicted by a newer one)",
     )
 }
 
@@ -487,12 +552,12 @@ mod tests {
         assert_eq!(c.admit(&limits, b), Ok(()));
         // 4 unauthenticated now (a: 2, b: 2)... and 5 in total.
         assert_eq!(c.admit(&limits, d), Err(Refusal::Total));
-        c.release(a, true);
+        c.release(a, false);
         assert_eq!(c.admit(&limits, d), Err(Refusal::Unauthenticated));
-        c.release(b, false);
+        c.release(b, true);
         assert_eq!(c.admit(&limits, d), Ok(()));
-        for (who, auth) in [(a, false), (a, false), (b, false), (d, false)] {
-            c.release(who, auth);
+        for who in [a, a, b, d] {
+            c.release(who, true);
         }
         assert_eq!(c.open(), (0, 0));
         assert!(c.per_source.is_empty());

@@ -103,6 +103,10 @@ struct ServeArgs {
     /// deleted.
     #[arg(long, env = "L2MESH_TOKEN_RETENTION", default_value = "7d", value_parser = cli_admin::parse_duration)]
     token_retention: Duration,
+    /// Largest view of one cluster, in bytes; a report or request that would
+    /// make any view larger is refused. At most 16 MiB, what agents accept.
+    #[arg(long, env = "L2MESH_MAX_VIEW_BYTES", default_value_t = l2mesh_proto::limits::MAX_MESSAGE_BYTES)]
+    max_view_bytes: usize,
     /// Lifetime of cluster certificates (agents renew them before expiry).
     #[arg(long, env = "L2MESH_CLUSTER_CERT_LIFETIME", default_value = "90d", value_parser = cli_admin::parse_duration)]
     cluster_cert_lifetime: Duration,
@@ -169,6 +173,7 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     config.view_interval = Duration::from_millis(args.view_interval_ms);
     config.token_retention = args.token_retention;
     config.cluster_cert_lifetime = args.cluster_cert_lifetime;
+    config.max_view_bytes = args.max_view_bytes;
     let broker = Broker::open(config.clone())
         .await
         .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;

@@ -49,6 +49,10 @@ pub struct ServeConfig {
     pub token_retention: Duration,
     /// Lifetime of the cluster certificates the broker signs.
     pub cluster_cert_lifetime: Duration,
+    /// Largest view the broker builds for a cluster; a change that would
+    /// make one larger is refused. At most (and by default)
+    /// [`MAX_MESSAGE_BYTES`], what agents accept.
+    pub max_view_bytes: usize,
 }
 
 impl ServeConfig {
@@ -67,6 +71,7 @@ impl ServeConfig {
             view_interval: Duration::from_millis(100),
             token_retention: Duration::from_secs(7 * 24 * 3600),
             cluster_cert_lifetime: Duration::from_secs(90 * 24 * 3600),
+            max_view_bytes: MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -290,8 +295,12 @@ impl Broker {
         for p in batch {
             let mut trial = next.as_ref().unwrap_or(&core.state).clone();
             let applied = (p.op)(&mut trial).and_then(|(out, affected)| {
-                view::compute_bounded(&trial, &affected, MAX_MESSAGE_BYTES)
-                    .map(|computed| (out, computed))
+                view::compute_bounded(
+                    &trial,
+                    &affected,
+                    self.config.max_view_bytes.min(MAX_MESSAGE_BYTES),
+                )
+                .map(|computed| (out, computed))
             });
             match applied {
                 Ok((out, computed)) => {
