@@ -32,7 +32,9 @@ pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// at start when the old one has less than [`ADMIN_RENEW_BEFORE`] left.
 pub const ADMIN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 pub const ADMIN_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
-/// Certificates start this long before they are made (clock skew).
+/// Certificates start this long before they are made (clock skew), or a
+/// tenth of their lifetime if that is shorter, so that "two thirds of the
+/// validity" stays close to two thirds of the lifetime.
 const BACKDATE: Duration = Duration::from_secs(3600);
 
 /// Sets a certificate's validity to `[now - BACKDATE, now + lifetime]`;
@@ -46,7 +48,7 @@ fn set_validity(p: &mut CertificateParams, lifetime: Duration) -> Result<i64> {
             .map_err(|e| Error::Pki(format!("certificate time {t}: {e}")))
     };
     let not_after = now.saturating_add(secs(lifetime));
-    p.not_before = at(now - secs(BACKDATE))?;
+    p.not_before = at(now - secs(BACKDATE.min(lifetime / 10)))?;
     p.not_after = at(not_after)?;
     Ok(not_after)
 }

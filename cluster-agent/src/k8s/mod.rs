@@ -213,7 +213,16 @@ async fn lead(
     }
     tasks.spawn(allocs_task);
     tasks.spawn(sink_task);
-    tasks.spawn(crate::broker_link::run(id, shared.clone()));
+    let api = secrets_api.clone();
+    let store: crate::broker_link::StoreIdentity = Arc::new(move |id| {
+        let api = api.clone();
+        Box::pin(async move {
+            secrets::store_identity(&api, &id)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    });
+    tasks.spawn(crate::broker_link::run(id, shared.clone(), store));
     tasks.spawn(reconcile_loop(shared.clone()));
     tasks.spawn(watch_nodes(client.clone(), shared.clone()));
     let ctx = Arc::new(controller::Context::new(client.clone(), shared.clone()));
