@@ -290,12 +290,24 @@ pub async fn token(data_dir: &Path, a: AdminArgs<TokenCmd>) -> Result<()> {
             }
         }
         TokenCmd::List => {
-            let r = c
-                .list_tokens(pb::ListTokensRequest {})
-                .await
-                .map_err(status)?
-                .into_inner();
-            print_list(a.output, TOKEN_HEADER, &r.tokens, token_json, token_row);
+            let mut tokens = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let r = c
+                    .list_tokens(pb::ListTokensRequest {
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                tokens.extend(r.tokens);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
+            print_list(a.output, TOKEN_HEADER, &tokens, token_json, token_row);
         }
         TokenCmd::Revoke { id } => {
             let t = c
@@ -374,15 +386,27 @@ pub async fn network(data_dir: &Path, a: AdminArgs<NetworkCmd>) -> Result<()> {
             .map_err(status)?
             .into_inner(),
         NetworkCmd::List => {
-            let r = c
-                .list_networks(pb::ListNetworksRequest {})
-                .await
-                .map_err(status)?
-                .into_inner();
+            let mut networks = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let r = c
+                    .list_networks(pb::ListNetworksRequest {
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                networks.extend(r.networks);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
             print_list(
                 a.output,
                 NETWORK_HEADER,
-                &r.networks,
+                &networks,
                 network_json,
                 network_row,
             );
@@ -443,15 +467,27 @@ pub async fn cluster(data_dir: &Path, a: AdminArgs<ClusterCmd>) -> Result<()> {
     let mut c = client(data_dir, &a.broker, a.admin_credential.as_ref()).await?;
     match a.cmd {
         ClusterCmd::List => {
-            let r = c
-                .list_clusters(pb::ListClustersRequest {})
-                .await
-                .map_err(status)?
-                .into_inner();
+            let mut clusters = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let r = c
+                    .list_clusters(pb::ListClustersRequest {
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                clusters.extend(r.clusters);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
             print_list(
                 a.output,
                 CLUSTER_HEADER,
-                &r.clusters,
+                &clusters,
                 cluster_json,
                 cluster_row,
             );

@@ -172,11 +172,49 @@ impl ClusterCredential {
         tls_config(sha256(&ca), Some((vec![cert], key)))
     }
 
+    /// When this credential's certificate expires (Unix seconds).
+    pub fn not_after_unix(&self) -> Result<i64> {
+        let cert = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|e| Error::Pki(format!("client certificate: {e}")))?;
+        crate::pki::not_after_unix(&cert)
+            .ok_or_else(|| Error::Pki("the client certificate has no readable validity".into()))
+    }
+
+    /// Whether the certificate is past two thirds of its life at `now`:
+    /// time to [`renew`](Self::renew) it.
+    pub fn due_for_renewal(&self, now: i64) -> Result<bool> {
+        let cert = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|e| Error::Pki(format!("client certificate: {e}")))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
+            .map_err(|e| Error::Pki(format!("client certificate: {e}")))?;
+        let start = parsed.validity().not_before.timestamp();
+        let end = parsed.validity().not_after.timestamp();
+        Ok(now >= start + (end - start) / 3 * 2)
+    }
+
+    /// A new certificate (for a new key) from the broker, asked for with
+    /// the current one: no token needed. The current one keeps working
+    /// until it expires.
+    pub async fn renew(&self) -> Result<Self> {
+        let (key_pem, csr_pem) = make_csr()?;
+        let resp = self
+            .connect()
+            .await?
+            .renew_certificate(pb::RenewRequest { csr_pem })
+            .await?
+            .into_inner();
+        Ok(Self {
+            cert_pem: resp.client_cert_pem,
+            key_pem,
+            ..self.clone()
+        })
+    }
+
     /// An mTLS client for the `Broker` service.
     pub async fn connect(&self) -> Result<BrokerClient<Channel>> {
         Ok(
             BrokerClient::new(connect(&self.brokers, self.tls_config()?).await?)
-                .max_decoding_message_size(256 << 20),
+                .max_decoding_message_size(l2mesh_proto::limits::MAX_MESSAGE_BYTES),
         )
     }
 }
@@ -191,5 +229,6 @@ pub async fn admin_client(
         cred.key.clone_key(),
     );
     let config = tls_config(sha256(&cred.ca), Some(identity))?;
-    Ok(BrokerAdminClient::new(connect(addrs, config).await?))
+    Ok(BrokerAdminClient::new(connect(addrs, config).await?)
+        .max_decoding_message_size(l2mesh_proto::limits::MAX_MESSAGE_BYTES))
 }

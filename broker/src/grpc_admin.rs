@@ -35,7 +35,12 @@ fn network_info(s: &State, n: &Network) -> pb::NetworkInfo {
     }
 }
 
-fn cluster_info(s: &State, c: &Cluster, connected: bool) -> pb::ClusterInfo {
+fn cluster_info(
+    s: &State,
+    c: &Cluster,
+    connected: bool,
+    links: Vec<pb::LinkHealth>,
+) -> pb::ClusterInfo {
     pb::ClusterInfo {
         name: c.name.clone(),
         gateways: c
@@ -53,20 +58,47 @@ fn cluster_info(s: &State, c: &Cluster, connected: bool) -> pb::ClusterInfo {
         networks: s.networks_of(&c.name),
         tunnel_subnet: tunnel_subnet(c.subnet_index).to_string(),
         connected,
-        links: c
-            .links
-            .iter()
-            .map(|l| pb::LinkHealth {
-                peer_cluster: l.peer_cluster.clone(),
-                peer_public_key: l.peer_public_key.clone(),
-                up: l.up,
-                last_handshake_age_ms: l.last_handshake_age_ms,
-                rx_bytes: l.rx_bytes,
-                tx_bytes: l.tx_bytes,
-            })
-            .collect(),
+        links,
     }
 }
+
+/// Default and largest page of an admin list.
+const PAGE_DEFAULT: usize = 100;
+const PAGE_MAX: usize = 1000;
+
+/// One page of `items` (sorted by key) after `token`: at most `page_size`
+/// entries and, whatever their size, never more than half the message
+/// limit (at least one entry, which is bounded by the report limits).
+/// Returns the page and the next page token ("" on the last page).
+pub fn page<'a, T: 'a, P: prost::Message>(
+    items: impl Iterator<Item = (&'a String, &'a T)>,
+    token: &str,
+    page_size: u32,
+    budget: usize,
+    mut info: impl FnMut(&T) -> P,
+) -> (Vec<P>, String) {
+    let size = match usize::try_from(page_size).unwrap_or(PAGE_MAX) {
+        0 => PAGE_DEFAULT,
+        n => n.min(PAGE_MAX),
+    };
+    let mut out = Vec::new();
+    let mut used = 0;
+    let mut last = String::new();
+    for (key, item) in items.filter(|(k, _)| token.is_empty() || k.as_str() > token) {
+        let entry = info(item);
+        let len = entry.encoded_len() + 8;
+        if out.len() == size || (!out.is_empty() && used + len > budget) {
+            return (out, last);
+        }
+        used += len;
+        last.clone_from(key);
+        out.push(entry);
+    }
+    (out, String::new())
+}
+
+/// Half the message limit: room for the framing and then some.
+const PAGE_BYTES: usize = l2mesh_proto::limits::MAX_MESSAGE_BYTES / 2;
 
 fn random_hex(bytes: usize) -> String {
     use std::fmt::Write as _;
@@ -78,6 +110,15 @@ fn random_hex(bytes: usize) -> String {
 }
 
 impl Broker {
+    fn links_of(&self, cluster: &str) -> Vec<pb::LinkHealth> {
+        self.health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(cluster)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     async fn admin_call<T, R>(
         &self,
         method: &str,
@@ -152,12 +193,24 @@ impl pb::broker_admin_server::BrokerAdmin for Broker {
         &self,
         req: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
-        self.admin_call("ListTokens", req, async |b: &Self, _| {
-            let core = b.core.lock().await;
-            Ok(pb::ListTokensResponse {
-                tokens: core.state.tokens.values().map(token_info).collect(),
-            })
-        })
+        self.admin_call(
+            "ListTokens",
+            req,
+            async |b: &Self, r: pb::ListTokensRequest| {
+                let core = b.core.lock().await;
+                let (tokens, next_page_token) = page(
+                    core.state.tokens.iter(),
+                    &r.page_token,
+                    r.page_size,
+                    PAGE_BYTES,
+                    token_info,
+                );
+                Ok(pb::ListTokensResponse {
+                    tokens,
+                    next_page_token,
+                })
+            },
+        )
         .await
     }
 
@@ -169,8 +222,9 @@ impl pb::broker_admin_server::BrokerAdmin for Broker {
             "RevokeToken",
             req,
             async |b: &Self, r: pb::RevokeTokenRequest| {
+                let now = now_unix();
                 let t = b
-                    .mutate(move |s| Ok((s.revoke_token(&r.id)?, BTreeSet::new())))
+                    .mutate(move |s| Ok((s.revoke_token(&r.id, now)?, BTreeSet::new())))
                     .await?;
                 tracing::info!(token_id = %t.id, "token revoked");
                 Ok(token_info(&t))
@@ -215,17 +269,24 @@ impl pb::broker_admin_server::BrokerAdmin for Broker {
         &self,
         req: Request<pb::ListNetworksRequest>,
     ) -> Result<Response<pb::ListNetworksResponse>, Status> {
-        self.admin_call("ListNetworks", req, async |b: &Self, _| {
-            let core = b.core.lock().await;
-            Ok(pb::ListNetworksResponse {
-                networks: core
-                    .state
-                    .networks
-                    .values()
-                    .map(|n| network_info(&core.state, n))
-                    .collect(),
-            })
-        })
+        self.admin_call(
+            "ListNetworks",
+            req,
+            async |b: &Self, r: pb::ListNetworksRequest| {
+                let core = b.core.lock().await;
+                let (networks, next_page_token) = page(
+                    core.state.networks.iter(),
+                    &r.page_token,
+                    r.page_size,
+                    PAGE_BYTES,
+                    |n| network_info(&core.state, n),
+                );
+                Ok(pb::ListNetworksResponse {
+                    networks,
+                    next_page_token,
+                })
+            },
+        )
         .await
     }
 
@@ -255,17 +316,31 @@ impl pb::broker_admin_server::BrokerAdmin for Broker {
         &self,
         req: Request<pb::ListClustersRequest>,
     ) -> Result<Response<pb::ListClustersResponse>, Status> {
-        self.admin_call("ListClusters", req, async |b: &Self, _| {
-            let core = b.core.lock().await;
-            Ok(pb::ListClustersResponse {
-                clusters: core
-                    .state
-                    .clusters
-                    .values()
-                    .map(|c| cluster_info(&core.state, c, b.hub.is_connected(&c.name)))
-                    .collect(),
-            })
-        })
+        self.admin_call(
+            "ListClusters",
+            req,
+            async |b: &Self, r: pb::ListClustersRequest| {
+                let core = b.core.lock().await;
+                let (clusters, next_page_token) = page(
+                    core.state.clusters.iter(),
+                    &r.page_token,
+                    r.page_size,
+                    PAGE_BYTES,
+                    |c| {
+                        cluster_info(
+                            &core.state,
+                            c,
+                            b.hub.is_connected(&c.name),
+                            b.links_of(&c.name),
+                        )
+                    },
+                );
+                Ok(pb::ListClustersResponse {
+                    clusters,
+                    next_page_token,
+                })
+            },
+        )
         .await
     }
 
@@ -277,12 +352,17 @@ impl pb::broker_admin_server::BrokerAdmin for Broker {
             "RemoveCluster",
             req,
             async |b: &Self, r: pb::RemoveClusterRequest| {
+                let now = now_unix();
+                let links = b.links_of(&r.name);
                 let info = b
                     .mutate({
                         let name = r.name.clone();
                         move |s| {
-                            let info = s.clusters.get(&name).map(|c| cluster_info(s, c, false));
-                            let (_, affected) = s.remove_cluster(&name)?;
+                            let info = s
+                                .clusters
+                                .get(&name)
+                                .map(|c| cluster_info(s, c, false, links));
+                            let (_, affected) = s.remove_cluster(&name, now)?;
                             Ok((info, affected))
                         }
                     })
@@ -292,5 +372,58 @@ impl pb::broker_admin_server::BrokerAdmin for Broker {
             },
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn names(n: usize) -> BTreeMap<String, String> {
+        (0..n)
+            .map(|i| (format!("c{i:03}"), "x".repeat(i % 7)))
+            .collect()
+    }
+
+    #[allow(clippy::ptr_arg)] // `page` hands out `&T` with T = String
+    fn info(v: &String) -> pb::TokenInfo {
+        pb::TokenInfo {
+            id: v.as_str().to_owned(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pages_cover_everything_once_by_count() {
+        let all = names(25);
+        let mut token = String::new();
+        let mut seen = Vec::new();
+        loop {
+            let (page, next) = page(all.iter(), &token, 10, usize::MAX, info);
+            assert!(page.len() <= 10);
+            seen.extend(page);
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        assert_eq!(seen.len(), 25);
+    }
+
+    #[test]
+    fn pages_stop_at_the_byte_budget_but_always_make_progress() {
+        let all: BTreeMap<String, String> = (0..5)
+            .map(|i| (format!("k{i}"), "y".repeat(1000)))
+            .collect();
+        let (p, next) = page(all.iter(), "", 0, 2500, info);
+        assert_eq!(p.len(), 2);
+        assert_eq!(next, "k1");
+        // An entry over the whole budget still comes, alone.
+        let (p, next) = page(all.iter(), "k1", 0, 10, info);
+        assert_eq!(p.len(), 1);
+        assert_eq!(next, "k2");
+        let (p, next) = page(all.iter(), "k3", 0, 10, info);
+        assert_eq!((p.len(), next.as_str()), (1, ""));
     }
 }

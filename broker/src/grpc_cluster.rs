@@ -1,12 +1,16 @@
 //! The `Broker` service: what cluster agents call.
 
+use crate::conn::RequestConn;
 use crate::error::Error;
 use crate::hub::Slot;
-use crate::model::{Gateway, Link};
+use crate::model::Gateway;
 use crate::server::{Broker, now_unix};
 use crate::state::{sha256, tunnel_subnet, validate_name};
 use futures::Stream;
 use l2mesh_proto::broker as pb;
+use l2mesh_proto::limits::{
+    MAX_FIELD_BYTES, MAX_LABEL_BYTES, MAX_LINKS_PER_REPORT, check_len, preview,
+};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -23,7 +27,8 @@ fn gateway_from_pb(g: pb::Gateway) -> Result<Gateway, Error> {
     let tunnel_ip = g.tunnel_ip.parse().map_err(|_| {
         Error::InvalidArgument(format!(
             "gateway {:?}: tunnel_ip {:?} is not an IPv4 address",
-            g.node, g.tunnel_ip
+            preview(&g.node),
+            preview(&g.tunnel_ip)
         ))
     })?;
     Ok(Gateway {
@@ -32,6 +37,27 @@ fn gateway_from_pb(g: pb::Gateway) -> Result<Gateway, Error> {
         endpoints: g.endpoints,
         tunnel_ip,
     })
+}
+
+fn validate_links(links: &[pb::LinkHealth]) -> Result<(), Error> {
+    if links.len() > MAX_LINKS_PER_REPORT {
+        return Err(Error::InvalidArgument(format!(
+            "the report has {} links; the limit is {MAX_LINKS_PER_REPORT}",
+            links.len()
+        )));
+    }
+    for l in links {
+        check_len("link peer_cluster", &l.peer_cluster, MAX_LABEL_BYTES)
+            .map_err(Error::InvalidArgument)?;
+        if l.peer_public_key.len() > 32 {
+            return Err(Error::InvalidArgument(format!(
+                "link to {:?}: peer_public_key has {} bytes; a WireGuard key has 32",
+                l.peer_cluster,
+                l.peer_public_key.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Broker {
@@ -46,16 +72,25 @@ impl Broker {
 
     async fn do_join(&self, ip: IpAddr, req: pb::JoinRequest) -> Result<pb::JoinResponse, Error> {
         let now = now_unix();
-        {
-            let mut limiter = self
-                .limiter
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Err(wait) = limiter.check(ip, now) {
+        let limited = self
+            .limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .check(ip, &req.token_id, now);
+        if let Err(wait) = limited {
+            // Over the limit, only a valid token gets through: failures of
+            // others (same NAT, same token id guessed) must not lock it out.
+            let valid = self.core.lock().await.state.check_token(
+                &req.token_id,
+                &req.token_secret,
+                &req.cluster_name,
+                now,
+            );
+            if valid.is_err() {
                 self.metrics.join("rate_limited");
-                tracing::warn!(peer = %ip, token_id = %req.token_id, "join refused: too many failures");
+                tracing::warn!(peer = %ip, token_id = %preview(&req.token_id), "join refused: too many failures");
                 return Err(Error::Exhausted(format!(
-                    "too many failed joins from {ip}: retry in {wait} s"
+                    "too many failed joins from {ip} or for this token: retry in {wait} s"
                 )));
             }
         }
@@ -64,10 +99,10 @@ impl Broker {
             self.limiter
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .failed(ip, now);
+                .failed(ip, &req.token_id, now);
             self.metrics.join("denied");
             // The secret is never logged; the id and name are public.
-            tracing::warn!(peer = %ip, token_id = %req.token_id, cluster = %req.cluster_name, reason = %e, "join refused");
+            tracing::warn!(peer = %ip, token_id = %preview(&req.token_id), cluster = %preview(&req.cluster_name), reason = %e, "join refused");
         } else {
             self.metrics.join("ok");
             tracing::info!(peer = %ip, token_id = %req.token_id, cluster = %req.cluster_name, "cluster joined");
@@ -85,6 +120,12 @@ impl Broker {
                 "token_id and token_secret are required: pass the join string".into(),
             ));
         }
+        for (field, value) in [
+            ("token_id", &req.token_id),
+            ("token_secret", &req.token_secret),
+        ] {
+            check_len(field, value, MAX_FIELD_BYTES).map_err(Error::InvalidArgument)?;
+        }
         validate_name("cluster", &req.cluster_name)?;
         if req.csr_pem.len() > MAX_CSR_BYTES {
             return Err(Error::InvalidArgument(
@@ -98,7 +139,11 @@ impl Broker {
             &req.cluster_name,
             now,
         )?;
-        let (cert_pem, cert_hash) = self.pki.sign_cluster_csr(&req.csr_pem, &req.cluster_name)?;
+        let (cert_pem, cert_hash, _) = self.pki.sign_cluster_csr(
+            &req.csr_pem,
+            &req.cluster_name,
+            self.config.cluster_cert_lifetime,
+        )?;
         let (id, secret, name) = (
             req.token_id.clone(),
             req.token_secret.clone(),
@@ -118,6 +163,27 @@ impl Broker {
         })
     }
 
+    /// The calling cluster, if its report rate allows another report.
+    async fn reporting_cluster<T>(&self, req: &Request<T>) -> Result<String, Error> {
+        let name = self.require_cluster(req).await?;
+        let now = tokio::time::Instant::now()
+            .duration_since(self.started)
+            .as_secs_f64();
+        let allowed = self
+            .reports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(&name, now);
+        if let Err(wait) = allowed {
+            self.metrics.reports_rate_limited.inc();
+            return Err(Error::Exhausted(format!(
+                "cluster {name:?} reports too often (limit: {} per minute, bursts of {}): retry in {:.1} s; reports that repeat the last one are not needed",
+                self.config.reports_per_minute, self.config.report_burst, wait
+            )));
+        }
+        Ok(name)
+    }
+
     async fn view_rev(&self, name: &str) -> u64 {
         self.core
             .lock()
@@ -131,7 +197,9 @@ impl Broker {
     async fn do_watch(&self, req: Request<pb::WatchRequest>) -> Result<ViewStream, Error> {
         let name = self.require_cluster(&req).await?;
         let cert = req
-            .peer_certs()
+            .extensions()
+            .get::<RequestConn>()
+            .and_then(RequestConn::peer_certs)
             .and_then(|c| c.first().map(|c| sha256(c)))
             .unwrap_or_default();
         if self.hub.streams_of(&name) >= MAX_STREAMS_PER_CLUSTER {
@@ -143,13 +211,21 @@ impl Broker {
             .hub
             .subscribe(&name)
             .ok_or_else(|| Error::Unauthenticated(format!("cluster {name:?} was removed")))?;
-        tracing::info!(cluster = %name, last_revision = req.get_ref().last_revision, "watch opened");
+        let asked = req.get_ref().last_revision;
+        let current = self.view_rev(&name).await;
+        if asked > current {
+            // Defined answer: the current view, whose lower revision tells
+            // the agent to replace everything it holds.
+            tracing::warn!(cluster = %name, last_revision = asked, current, "watch resumes from a revision this broker never issued (store restored or replaced?): sending the current view");
+        }
+        tracing::info!(cluster = %name, last_revision = asked, "watch opened");
         let st = WatchState {
             name: name.clone(),
             rx,
             shutdown: self.hub.shutdown_signal(),
             cert,
-            last_sent: req.get_ref().last_revision,
+            last_sent: asked,
+            sent_at: None,
             done: false,
             broker: self.clone(),
             _guard: self.hub.connect(&name),
@@ -167,6 +243,7 @@ struct WatchState {
     shutdown: watch::Receiver<bool>,
     cert: [u8; 32],
     last_sent: u64,
+    sent_at: Option<tokio::time::Instant>,
     done: bool,
     broker: Broker,
     _guard: crate::hub::ConnGuard,
@@ -199,7 +276,7 @@ async fn next_view(mut st: WatchState) -> Option<(Result<pb::ClusterView, Status
                     st,
                 ));
             }
-            Some(p) if p.cert != st.cert => {
+            Some(p) if !p.certs.contains(&st.cert) => {
                 st.done = true;
                 return Some((
                     Err(Status::unauthenticated(
@@ -209,7 +286,20 @@ async fn next_view(mut st: WatchState) -> Option<(Result<pb::ClusterView, Status
                 ));
             }
             Some(p) if p.view.revision != st.last_sent => {
+                // Changes that come faster than the view interval are
+                // merged: wait out the interval, then send the newest view.
+                let interval = st.broker.config.view_interval;
+                if let Some(at) = st.sent_at
+                    && at.elapsed() < interval
+                {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at + interval) => {}
+                        _ = st.shutdown.changed() => return None,
+                    }
+                    continue;
+                }
                 st.last_sent = p.view.revision;
+                st.sent_at = Some(tokio::time::Instant::now());
                 st.broker.metrics.views_sent.inc();
                 return Some((Ok((*p.view).clone()), st));
             }
@@ -235,8 +325,11 @@ impl pb::broker_server::Broker for Broker {
         req: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let ip = req
-            .remote_addr()
-            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+            .extensions()
+            .get::<RequestConn>()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |c| {
+                c.get_ref().remote.ip().to_canonical()
+            });
         let r = self.do_join(ip, req.into_inner()).await;
         self.record("Join", r).map(Response::new)
     }
@@ -246,7 +339,7 @@ impl pb::broker_server::Broker for Broker {
         req: Request<pb::GatewayReport>,
     ) -> Result<Response<pb::ReportAck>, Status> {
         let r = async {
-            let name = self.require_cluster(&req).await?;
+            let name = self.reporting_cluster(&req).await?;
             let gateways = req
                 .into_inner()
                 .gateways
@@ -269,7 +362,7 @@ impl pb::broker_server::Broker for Broker {
         req: Request<pb::NetworkRequest>,
     ) -> Result<Response<pb::NetworkRequestResult>, Status> {
         let r = async {
-            let name = self.require_cluster(&req).await?;
+            let name = self.reporting_cluster(&req).await?;
             let nets = req.into_inner().networks;
             let n = name.clone();
             self.mutate(move |s| Ok(((), s.request_networks(&n, nets)?)))
@@ -289,32 +382,58 @@ impl pb::broker_server::Broker for Broker {
         req: Request<pb::LinkHealthReport>,
     ) -> Result<Response<pb::ReportAck>, Status> {
         let r = async {
-            let name = self.require_cluster(&req).await?;
-            let links = req
-                .into_inner()
-                .links
-                .into_iter()
-                .map(|l| Link {
-                    peer_cluster: l.peer_cluster,
-                    peer_public_key: l.peer_public_key,
-                    up: l.up,
-                    last_handshake_age_ms: l.last_handshake_age_ms,
-                    rx_bytes: l.rx_bytes,
-                    tx_bytes: l.tx_bytes,
-                })
-                .collect();
-            let n = name.clone();
-            self.mutate(move |s| {
-                s.report_links(&n, links)?;
-                Ok(((), BTreeSet::new()))
-            })
-            .await?;
+            let name = self.reporting_cluster(&req).await?;
+            let links = req.into_inner().links;
+            validate_links(&links)?;
+            // Link health changes all the time and no view depends on it:
+            // it lives in memory only, replaced by each report.
+            self.health
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(name.clone(), links);
             Ok(pb::ReportAck {
                 revision: self.view_rev(&name).await,
             })
         }
         .await;
         self.record("ReportLinkHealth", r).map(Response::new)
+    }
+
+    async fn renew_certificate(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let r = async {
+            let name = self.require_cluster(&req).await?;
+            let current = req
+                .extensions()
+                .get::<RequestConn>()
+                .and_then(RequestConn::peer_certs)
+                .and_then(|c| c.first().map(|c| sha256(c)))
+                .ok_or_else(|| Error::Unauthenticated("no client certificate".into()))?;
+            let csr = req.into_inner().csr_pem;
+            if csr.len() > MAX_CSR_BYTES {
+                return Err(Error::InvalidArgument(
+                    "csr_pem is larger than 16 KiB".into(),
+                ));
+            }
+            let (pem, hash, not_after) =
+                self.pki
+                    .sign_cluster_csr(&csr, &name, self.config.cluster_cert_lifetime)?;
+            let n = name.clone();
+            self.mutate(move |s| {
+                s.renew_cert(&n, current, hash)?;
+                Ok(((), BTreeSet::from([n])))
+            })
+            .await?;
+            tracing::info!(cluster = %name, not_after_unix = not_after, "certificate renewed");
+            Ok(pb::RenewResponse {
+                client_cert_pem: pem,
+                not_after_unix: not_after,
+            })
+        }
+        .await;
+        self.record("RenewCertificate", r).map(Response::new)
     }
 
     type WatchStream = ViewStream;

@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::watch;
 
-/// The latest view of a cluster and the certificate allowed to receive it.
+/// The latest view of a cluster and the certificates allowed to receive it
+/// (the current one and, after a renewal, the one before).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Published {
     pub view: Arc<ClusterView>,
-    pub cert: [u8; 32],
+    pub certs: Vec<[u8; 32]>,
 }
 
 /// `None` in a channel means the cluster was removed.
@@ -44,7 +45,7 @@ impl Hub {
                 tx.send_if_modified(|cur| {
                     let changed = cur
                         .as_ref()
-                        .is_none_or(|c| c.view.revision != p.view.revision || c.cert != p.cert);
+                        .is_none_or(|c| c.view.revision != p.view.revision || c.certs != p.certs);
                     if changed {
                         *cur = Some(p);
                     }

@@ -19,3 +19,4 @@ pub mod store;
 
 pub use server::{Broker, ServeConfig};
 pub mod client;
+pub mod conn;

@@ -58,6 +58,58 @@ struct ServeArgs {
     /// Largest accepted request message, in bytes.
     #[arg(long, env = "L2MESH_MAX_REQUEST_BYTES", default_value_t = 1 << 20)]
     max_request_bytes: usize,
+    /// Open client connections in total. Lowered at start to the open-file
+    /// limit (raised to its hard limit) minus 64 kept for the broker itself.
+    #[arg(long, env = "L2MESH_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+    /// Open client connections from one source address.
+    #[arg(long, env = "L2MESH_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 256)]
+    max_connections_per_source: usize,
+    /// Open connections that have not (yet) made an authenticated call
+    /// (TLS handshakes, joins). At most half of --max-connections, so the
+    /// rest stays for the admin and the clusters.
+    #[arg(
+        long,
+        env = "L2MESH_MAX_UNAUTHENTICATED_CONNECTIONS",
+        default_value_t = 256
+    )]
+    max_unauthenticated_connections: usize,
+    /// Open unauthenticated connections from one source address.
+    #[arg(
+        long,
+        env = "L2MESH_MAX_UNAUTHENTICATED_PER_SOURCE",
+        default_value_t = 16
+    )]
+    max_unauthenticated_per_source: usize,
+    /// Time a client has to finish the TLS handshake.
+    #[arg(long, env = "L2MESH_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = cli_admin::parse_duration)]
+    handshake_timeout: Duration,
+    /// Time from connecting to the first authenticated call (a join is done
+    /// well within it); a connection that has not made one is closed.
+    #[arg(long, env = "L2MESH_UNAUTHENTICATED_TIMEOUT", default_value = "30s", value_parser = cli_admin::parse_duration)]
+    unauthenticated_timeout: Duration,
+    /// Reports (gateways, networks, link health) one cluster may send per
+    /// minute on average (0: no limit).
+    #[arg(long, env = "L2MESH_REPORTS_PER_MINUTE", default_value_t = 120)]
+    reports_per_minute: u32,
+    /// Reports one cluster may send in a burst.
+    #[arg(long, env = "L2MESH_REPORT_BURST", default_value_t = 30)]
+    report_burst: u32,
+    /// Shortest time between two views on one watch stream, in
+    /// milliseconds; faster changes are merged into one view.
+    #[arg(long, env = "L2MESH_VIEW_INTERVAL_MS", default_value_t = 100)]
+    view_interval_ms: u64,
+    /// How long used, revoked and expired tokens stay listed before they are
+    /// deleted.
+    #[arg(long, env = "L2MESH_TOKEN_RETENTION", default_value = "7d", value_parser = cli_admin::parse_duration)]
+    token_retention: Duration,
+    /// Largest view of one cluster, in bytes; a report or request that would
+    /// make any view larger is refused. At most 16 MiB, what agents accept.
+    #[arg(long, env = "L2MESH_MAX_VIEW_BYTES", default_value_t = l2mesh_proto::limits::MAX_MESSAGE_BYTES)]
+    max_view_bytes: usize,
+    /// Lifetime of cluster certificates (agents renew them before expiry).
+    #[arg(long, env = "L2MESH_CLUSTER_CERT_LIFETIME", default_value = "90d", value_parser = cli_admin::parse_duration)]
+    cluster_cert_lifetime: Duration,
 }
 
 async fn shutdown_signal() {
@@ -108,6 +160,20 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     config.default_token_ttl = args.token_ttl;
     config.join_failures_per_minute = args.join_failures_per_minute;
     config.max_request_bytes = args.max_request_bytes;
+    config.conn = l2mesh_broker::conn::ConnLimits {
+        max_total: args.max_connections,
+        max_per_source: args.max_connections_per_source,
+        max_unauthenticated: args.max_unauthenticated_connections,
+        max_unauthenticated_per_source: args.max_unauthenticated_per_source,
+        handshake_timeout: args.handshake_timeout,
+        unauthenticated_timeout: args.unauthenticated_timeout,
+    };
+    config.reports_per_minute = args.reports_per_minute;
+    config.report_burst = args.report_burst;
+    config.view_interval = Duration::from_millis(args.view_interval_ms);
+    config.token_retention = args.token_retention;
+    config.cluster_cert_lifetime = args.cluster_cert_lifetime;
+    config.max_view_bytes = args.max_view_bytes;
     let broker = Broker::open(config.clone())
         .await
         .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;

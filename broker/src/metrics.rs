@@ -27,6 +27,16 @@ pub struct Metrics {
     pub networks: Gauge,
     /// Call latency by method; layered onto the gRPC server.
     pub grpc: l2mesh_telemetry::latency::GrpcLatencyLayer,
+    /// Open client connections.
+    pub connections: Gauge,
+    /// Open connections that have not authenticated (yet).
+    pub unauthenticated_connections: Gauge,
+    /// Failed `accept` calls (for example out of file descriptors).
+    pub accept_errors: Counter,
+    /// Connections closed before the gRPC layer, by reason.
+    pub connections_refused: Family<Labels, Counter>,
+    /// Cluster calls refused by the per-cluster report rate limit.
+    pub reports_rate_limited: Counter,
 }
 
 impl Default for Metrics {
@@ -38,6 +48,36 @@ impl Default for Metrics {
         let watchers = Gauge::default();
         let clusters = Gauge::default();
         let networks = Gauge::default();
+        let connections = Gauge::default();
+        let unauthenticated_connections = Gauge::default();
+        let accept_errors = Counter::default();
+        let connections_refused = Family::<Labels, Counter>::default();
+        let reports_rate_limited = Counter::default();
+        registry.register(
+            "connections",
+            "Open client connections",
+            connections.clone(),
+        );
+        registry.register(
+            "unauthenticated_connections",
+            "Open connections that have not authenticated",
+            unauthenticated_connections.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accept calls (out of file descriptors?)",
+            accept_errors.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed before the gRPC layer, by reason",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "reports_rate_limited",
+            "Cluster reports refused by the per-cluster rate limit",
+            reports_rate_limited.clone(),
+        );
         registry.register("joins", "Join attempts by result", joins.clone());
         registry.register("calls", "gRPC calls by method and code", calls.clone());
         registry.register(
@@ -62,6 +102,11 @@ impl Default for Metrics {
             watchers,
             clusters,
             networks,
+            connections,
+            unauthenticated_connections,
+            accept_errors,
+            connections_refused,
+            reports_rate_limited,
         }
     }
 }
@@ -81,6 +126,13 @@ impl Metrics {
                 ("method".to_owned(), method.to_owned()),
                 ("code".to_owned(), format!("{code:?}")),
             ])
+            .inc();
+    }
+
+    /// Count a connection closed before the gRPC layer.
+    pub fn refused(&self, reason: &str) {
+        self.connections_refused
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
             .inc();
     }
 

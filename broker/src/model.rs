@@ -16,6 +16,9 @@ pub struct Token {
     pub uses_total: u32,
     pub uses_left: u32,
     pub revoked: bool,
+    /// When it was used up or revoked (0: not yet), for the retention purge.
+    #[serde(default)]
+    pub ended_unix: i64,
 }
 
 /// A gateway node of a cluster, as last reported by its agent.
@@ -27,17 +30,6 @@ pub struct Gateway {
     pub tunnel_ip: Ipv4Addr,
 }
 
-/// Link health of one tunnel, as last reported.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Link {
-    pub peer_cluster: String,
-    pub peer_public_key: Vec<u8>,
-    pub up: bool,
-    pub last_handshake_age_ms: u64,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-}
-
 /// A joined cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cluster {
@@ -46,12 +38,15 @@ pub struct Cluster {
     pub subnet_index: u32,
     /// SHA-256 of the DER of the one client certificate that speaks for it.
     pub cert_sha256: [u8; 32],
+    /// The certificate it renewed from, still accepted until it expires
+    /// (a renewal must not cut open streams); a join clears it.
+    #[serde(default)]
+    pub prev_cert_sha256: Option<[u8; 32]>,
     pub joined_unix: i64,
     pub last_seen_unix: i64,
     pub gateways: Vec<Gateway>,
     /// Multi-cluster networks its L2Networks ask for (sorted, unique).
     pub requested: BTreeSet<String>,
-    pub links: Vec<Link>,
     /// Revision of the last view computed for it, and that view's hash, so
     /// an unchanged view is recognised across restarts.
     pub view_rev: u64,

@@ -1,9 +1,10 @@
 //! The running broker: shared state behind one lock, persistence before
 //! acknowledgement, fan-out of views, and the TLS gRPC + metrics servers.
 
+use crate::conn::{ConnLimits, RequestConn, Tracker};
 use crate::error::{Error, Result};
 use crate::hub::{Hub, Published};
-use crate::limiter::JoinLimiter;
+use crate::limiter::{JoinLimiter, ReportLimiter};
 use crate::metrics::Metrics;
 use crate::pki::Pki;
 use crate::state::{Principal, State, sha256};
@@ -11,15 +12,16 @@ use crate::store::Store;
 use crate::view;
 use l2mesh_proto::broker::broker_admin_server::BrokerAdminServer;
 use l2mesh_proto::broker::broker_server::BrokerServer;
+use l2mesh_proto::limits::MAX_MESSAGE_BYTES;
 use std::any::Any;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 /// How the broker runs.
 #[derive(Clone, Debug)]
@@ -34,6 +36,23 @@ pub struct ServeConfig {
     pub join_failures_per_minute: u32,
     /// Largest accepted request message.
     pub max_request_bytes: usize,
+    /// Caps and deadlines of client connections.
+    pub conn: ConnLimits,
+    /// Reports (gateways, networks, link health) one cluster may send per
+    /// minute on average, and in one burst.
+    pub reports_per_minute: u32,
+    pub report_burst: u32,
+    /// Shortest time between two views on one watch stream: changes that
+    /// come faster are merged into the next view.
+    pub view_interval: Duration,
+    /// How long used, expired and revoked tokens stay listed.
+    pub token_retention: Duration,
+    /// Lifetime of the cluster certificates the broker signs.
+    pub cluster_cert_lifetime: Duration,
+    /// Largest view the broker builds for a cluster; a change that would
+    /// make one larger is refused. At most (and by default)
+    /// [`MAX_MESSAGE_BYTES`], what agents accept.
+    pub max_view_bytes: usize,
 }
 
 impl ServeConfig {
@@ -46,6 +65,13 @@ impl ServeConfig {
             default_token_ttl: Duration::from_secs(3600),
             join_failures_per_minute: 10,
             max_request_bytes: 1 << 20,
+            conn: ConnLimits::default(),
+            reports_per_minute: 120,
+            report_burst: 30,
+            view_interval: Duration::from_millis(100),
+            token_retention: Duration::from_secs(7 * 24 * 3600),
+            cluster_cert_lifetime: Duration::from_secs(90 * 24 * 3600),
+            max_view_bytes: MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -79,6 +105,10 @@ pub struct Broker {
     pub(crate) pki: Arc<Pki>,
     pub(crate) hub: Arc<Hub>,
     pub(crate) limiter: Arc<StdMutex<JoinLimiter>>,
+    pub(crate) reports: Arc<StdMutex<ReportLimiter>>,
+    /// Last link-health report of each cluster (memory only).
+    pub(crate) health: Arc<StdMutex<HashMap<String, Vec<l2mesh_proto::broker::LinkHealth>>>>,
+    pub(crate) started: tokio::time::Instant,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) config: Arc<ServeConfig>,
 }
@@ -116,6 +146,12 @@ impl Broker {
                 config.join_failures_per_minute,
                 60,
             ))),
+            reports: Arc::new(StdMutex::new(ReportLimiter::new(
+                config.reports_per_minute,
+                config.report_burst,
+            ))),
+            health: Arc::default(),
+            started: tokio::time::Instant::now(),
             metrics: Arc::new(Metrics::default()),
             config: Arc::new(config),
         };
@@ -147,11 +183,57 @@ impl Broker {
                     &name,
                     Published {
                         view: Arc::new(v),
-                        cert: c.cert_sha256,
+                        certs: std::iter::once(c.cert_sha256)
+                            .chain(c.prev_cert_sha256)
+                            .collect(),
                     },
                 );
             }
         }
+    }
+
+    /// Drop what memory holds of a removed cluster.
+    fn forget(&self, name: &str) {
+        self.health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
+        self.reports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .forget(name);
+    }
+
+    /// Every minute or so (sooner for a short retention), delete tokens
+    /// whose retention ran out. Writes only when there is one to delete.
+    fn spawn_sweeper(
+        &self,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        let retention = self.config.token_retention;
+        let every = (retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let retention_secs = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let now = now_unix();
+                let due = me.core.lock().await.state.tokens_due(now, retention_secs);
+                if !due {
+                    continue;
+                }
+                match me
+                    .mutate(move |s| Ok((s.purge_tokens(now, retention_secs), BTreeSet::new())))
+                    .await
+                {
+                    Ok(n) => tracing::info!(purged = n, "deleted tokens past their retention"),
+                    Err(e) => tracing::warn!(error = %e, "cannot delete old tokens"),
+                }
+            }
+        })
     }
 
     fn update_gauges(&self, state: &State) {
@@ -206,14 +288,24 @@ impl Broker {
 
     async fn commit(&self, core: &mut Core, batch: Vec<Pending>) {
         let mut next: Option<State> = None;
-        let mut affected = BTreeSet::new();
+        // Latest view of each affected cluster: a later op that changes a
+        // cluster's view names it again, so the last one computed is current.
+        let mut views = std::collections::BTreeMap::new();
         let mut done = Vec::with_capacity(batch.len());
         for p in batch {
             let mut trial = next.as_ref().unwrap_or(&core.state).clone();
-            match (p.op)(&mut trial) {
-                Ok((out, aff)) => {
+            let applied = (p.op)(&mut trial).and_then(|(out, affected)| {
+                view::compute_bounded(
+                    &trial,
+                    &affected,
+                    self.config.max_view_bytes.min(MAX_MESSAGE_BYTES),
+                )
+                .map(|computed| (out, computed))
+            });
+            match applied {
+                Ok((out, computed)) => {
                     next = Some(trial);
-                    affected.extend(aff);
+                    views.extend(computed.into_iter().map(|v| (v.cluster_name.clone(), v)));
                     done.push((p.reply, out));
                 }
                 Err(e) => {
@@ -222,7 +314,7 @@ impl Broker {
             }
         }
         let Some(mut next) = next else { return };
-        let views = view::refresh(&mut next, &affected);
+        let views = view::record(&mut next, views.into_values().collect());
         let dirty = next.take_dirty();
         if let Err(e) = core.store.persist(&next, &dirty).await {
             tracing::error!(error = %e, "store write failed; the batch was not applied");
@@ -241,6 +333,7 @@ impl Broker {
         core.state = next;
         for name in removed {
             self.hub.close(&name);
+            self.forget(&name);
         }
         self.publish(&core.state, views);
         self.update_gauges(&core.state);
@@ -251,7 +344,16 @@ impl Broker {
 
     /// Who the verified client certificate of this request belongs to.
     pub(crate) async fn identify<T>(&self, req: &tonic::Request<T>) -> Result<Principal> {
-        let certs = req.peer_certs().ok_or_else(|| {
+        let conn = req.extensions().get::<RequestConn>();
+        let principal = self.identify_certs(conn).await?;
+        if let Some(c) = conn {
+            c.get_ref().handle.authenticate();
+        }
+        Ok(principal)
+    }
+
+    async fn identify_certs(&self, conn: Option<&RequestConn>) -> Result<Principal> {
+        let certs = conn.and_then(RequestConn::peer_certs).ok_or_else(|| {
             Error::Unauthenticated(
                 "this call needs a client certificate: the one Join returned, or the admin credential"
                     .into(),
@@ -297,6 +399,39 @@ impl Broker {
         }
     }
 
+    /// TLS for the gRPC port: the server chain, client certificates
+    /// optional (a join has none) but, when given, signed by the CA; HTTP/2.
+    fn tls_acceptor(&self) -> Result<tokio_rustls::TlsAcceptor> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let pki_err = |e: &dyn std::fmt::Display| Error::Pki(format!("server TLS setup: {e}"));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(self.pki.ca_der().to_vec()))
+            .map_err(|e| pki_err(&e))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&provider),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| pki_err(&e))?;
+        let chain = CertificateDer::pem_slice_iter(self.pki.server_chain_pem.as_bytes())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| pki_err(&e))?;
+        let key = PrivateKeyDer::from_pem_slice(self.pki.server_key_pem.as_bytes())
+            .map_err(|e| pki_err(&e))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| pki_err(&e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| pki_err(&e))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+
     /// Serve gRPC on `listener` (and metrics on `metrics`) until `shutdown`
     /// completes; then end every watch stream and drain.
     pub async fn serve(
@@ -305,14 +440,17 @@ impl Broker {
         metrics: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(
-                &self.pki.server_chain_pem,
-                &self.pki.server_key_pem,
-            ))
-            .client_ca_root(Certificate::from_pem(self.pki.ca_pem()))
-            .client_auth_optional(true)
-            .timeout(Duration::from_secs(10));
+        let tls = self.tls_acceptor()?;
+        let fd_limit = crate::conn::raise_fd_limit();
+        let limits = self.config.conn.fitted(fd_limit);
+        if limits.max_total < self.config.conn.max_total {
+            tracing::warn!(
+                fd_limit,
+                max_connections = limits.max_total,
+                "the open-file limit caps the connections below --max-connections"
+            );
+        }
+        let tracker = Tracker::new(limits, Arc::clone(&self.metrics));
         let max = self.config.max_request_bytes;
         let hub = Arc::clone(&self.hub);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -327,43 +465,42 @@ impl Broker {
                     .await;
             })
         });
-        // `Server::tcp_nodelay` only applies to listeners tonic binds itself;
-        // without it every small response waits ~40 ms for Nagle/delayed ACK.
-        let incoming = futures::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            |conn| {
-                conn.inspect(|s| {
-                    if let Err(e) = s.set_nodelay(true) {
-                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-                    }
-                })
-            },
-        );
+        let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
+        let accept_task = tokio::spawn(crate::conn::accept_loop(
+            listener,
+            tls,
+            tracker,
+            conn_tx,
+            stop_rx.clone(),
+        ));
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
+        let sweeper = self.spawn_sweeper(stop_rx.clone());
+        let stop_accepting = stop_tx.clone();
         let result = Server::builder()
-            .tls_config(tls)
-            .map_err(|e| Error::Transport(e.to_string()))?
-            .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .layer(self.metrics.grpc.clone())
             .add_service(
                 BrokerServer::new(self.clone())
                     .max_decoding_message_size(max)
-                    .max_encoding_message_size(256 << 20),
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(
                 BrokerAdminServer::new(self.clone())
                     .max_decoding_message_size(max)
-                    .max_encoding_message_size(256 << 20),
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
                 tracing::info!("shutting down: closing watch streams");
+                let _ = stop_accepting.send(true);
                 hub.shut_down();
             })
             .await
             .map_err(|e| Error::Transport(e.to_string()));
         let _ = stop_tx.send(true);
+        let _ = accept_task.await;
+        let _ = sweeper.await;
         if let Some(t) = metrics_task {
             let _ = t.await;
         }

@@ -5,8 +5,12 @@
 //! changes nothing.
 
 use crate::error::{Error, Result};
-use crate::model::{Cluster, Gateway, Link, Meta, Network, Token};
+use crate::model::{Cluster, Gateway, Meta, Network, Token};
 use ipnet::{IpNet, Ipv4Net};
+use l2mesh_proto::limits::{
+    MAX_ENDPOINT_BYTES, MAX_ENDPOINTS_PER_GATEWAY, MAX_GATEWAYS_PER_CLUSTER, MAX_LABEL_BYTES,
+    MAX_NAME_BYTES, MAX_NETWORKS_PER_CLUSTER, check_len, preview,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use subtle::ConstantTimeEq;
@@ -24,11 +28,7 @@ pub const TUNNEL_POOL: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(100, 64, 0, 0)
 };
 const TUNNEL_SUBNETS: u32 = 1 << (24 - 10);
 
-/// Limits on what one report may carry.
-pub const MAX_GATEWAYS: usize = 64;
-pub const MAX_ENDPOINTS: usize = 16;
-pub const MAX_REQUESTED_NETWORKS: usize = 1024;
-pub const MAX_LINKS: usize = 4096;
+/// Clusters one network's allow list may name.
 pub const MAX_ALLOWED: usize = 4096;
 
 /// A key of the store: which record a mutation touched.
@@ -64,7 +64,7 @@ pub use l2mesh_proto::pinned::sha256;
 /// Cluster and network names: DNS labels, so they fit in Kubernetes names.
 pub fn validate_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
-        && name.len() <= 63
+        && name.len() <= MAX_LABEL_BYTES
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -74,7 +74,8 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "invalid {what} name {name:?}: use 1-63 lowercase letters, digits and '-', not starting or ending with '-'"
+            "invalid {what} name {:?}: use 1-{MAX_LABEL_BYTES} lowercase letters, digits and '-', not starting or ending with '-'",
+            preview(name)
         )))
     }
 }
@@ -107,10 +108,12 @@ pub(crate) fn slice_count(cidr: &IpNet) -> u32 {
 /// Why a token did not let a cluster join. The secret never appears here.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JoinDenied {
-    #[error("unknown token {0:?}: ask the broker admin for a new join string")]
-    UnknownToken(String),
-    #[error("the token secret does not match token {0:?}: copy the whole join string again")]
-    WrongSecret(String),
+    /// Unknown id and wrong secret get the same answer, so that nobody
+    /// learns which token ids exist.
+    #[error(
+        "token {0:?} is unknown or its secret does not match: copy the whole join string again, or ask the broker admin for a new one"
+    )]
+    NoSuchToken(String),
     #[error("token {0:?} was revoked: ask the broker admin for a new join string")]
     Revoked(String),
     #[error("token {0:?} expired: ask the broker admin for a new join string")]
@@ -168,7 +171,11 @@ impl State {
         self.cert_index = self
             .clusters
             .values()
-            .map(|c| (c.cert_sha256, c.name.clone()))
+            .flat_map(|c| {
+                std::iter::once(c.cert_sha256)
+                    .chain(c.prev_cert_sha256)
+                    .map(|h| (h, c.name.clone()))
+            })
             .collect();
     }
 
@@ -223,6 +230,7 @@ impl State {
             uses_total: uses,
             uses_left: uses,
             revoked: false,
+            ended_unix: 0,
         };
         self.tokens.insert(id.clone(), token.clone());
         self.touch(Key::Token(id));
@@ -230,12 +238,17 @@ impl State {
     }
 
     /// Revoke a token; revoking twice is fine.
-    pub fn revoke_token(&mut self, id: &str) -> Result<Token> {
-        let token = self
-            .tokens
-            .get_mut(id)
-            .ok_or_else(|| Error::NotFound(format!("no token with id {id:?}: see `token list`")))?;
+    pub fn revoke_token(&mut self, id: &str, now: i64) -> Result<Token> {
+        let token = self.tokens.get_mut(id).ok_or_else(|| {
+            Error::NotFound(format!(
+                "no token with id {:?}: see `token list`",
+                preview(id)
+            ))
+        })?;
         token.revoked = true;
+        if token.ended_unix == 0 {
+            token.ended_unix = now;
+        }
         let out = token.clone();
         self.touch(Key::Token(id.to_owned()));
         Ok(out)
@@ -252,10 +265,10 @@ impl State {
         let token = self
             .tokens
             .get(id)
-            .ok_or_else(|| JoinDenied::UnknownToken(id.to_owned()))?;
+            .ok_or_else(|| JoinDenied::NoSuchToken(preview(id)))?;
         let given = sha256(secret.as_bytes());
         if !bool::from(given.ct_eq(&token.secret_sha256)) {
-            return Err(JoinDenied::WrongSecret(id.to_owned()));
+            return Err(JoinDenied::NoSuchToken(id.to_owned()));
         }
         if token.revoked {
             return Err(JoinDenied::Revoked(id.to_owned()));
@@ -293,6 +306,9 @@ impl State {
         self.check_token(id, secret, cluster, now)?;
         if let Some(token) = self.tokens.get_mut(id) {
             token.uses_left -= 1;
+            if token.uses_left == 0 {
+                token.ended_unix = now;
+            }
         }
         self.touch(Key::Token(id.to_owned()));
         let subnet_index = match self.clusters.get(cluster) {
@@ -306,15 +322,16 @@ impl State {
                 name: cluster.to_owned(),
                 subnet_index,
                 cert_sha256,
+                prev_cert_sha256: None,
                 joined_unix: now,
                 last_seen_unix: 0,
                 gateways: Vec::new(),
                 requested: BTreeSet::new(),
-                links: Vec::new(),
                 view_rev: 0,
                 view_sha256: [0; 32],
             });
         entry.cert_sha256 = cert_sha256;
+        entry.prev_cert_sha256 = None;
         entry.joined_unix = now;
         let out = entry.clone();
         self.touch(Key::Cluster(cluster.to_owned()));
@@ -337,6 +354,17 @@ impl State {
         })
     }
 
+    /// Give a cluster a renewed certificate; the one it called with stays
+    /// valid (until it expires), any older one stops working.
+    pub fn renew_cert(&mut self, name: &str, current: [u8; 32], renewed: [u8; 32]) -> Result<()> {
+        let cluster = self.cluster_mut(name)?;
+        cluster.prev_cert_sha256 = Some(current);
+        cluster.cert_sha256 = renewed;
+        self.touch(Key::Cluster(name.to_owned()));
+        self.reindex();
+        Ok(())
+    }
+
     /// Note that the cluster called in; persisted with its next write.
     pub fn seen(&mut self, name: &str, now: i64) {
         if let Some(c) = self.clusters.get_mut(name) {
@@ -350,8 +378,13 @@ impl State {
         name: &str,
         gateways: Vec<Gateway>,
     ) -> Result<BTreeSet<String>> {
-        let subnet = tunnel_subnet(self.cluster_mut(name)?.subnet_index);
+        let cluster = self.cluster_mut(name)?;
+        if cluster.gateways == gateways {
+            return Ok(BTreeSet::new());
+        }
+        let subnet = tunnel_subnet(cluster.subnet_index);
         validate_gateways(&gateways, subnet)?;
+        self.check_against_others(name, &gateways)?;
         let cluster = self.cluster_mut(name)?;
         cluster.gateways = gateways;
         let requested = cluster.requested.clone();
@@ -367,9 +400,10 @@ impl State {
         name: &str,
         networks: Vec<String>,
     ) -> Result<BTreeSet<String>> {
-        if networks.len() > MAX_REQUESTED_NETWORKS {
+        if networks.len() > MAX_NETWORKS_PER_CLUSTER {
             return Err(Error::InvalidArgument(format!(
-                "at most {MAX_REQUESTED_NETWORKS} networks per request"
+                "cluster {name:?} asks for {} networks; the limit is {MAX_NETWORKS_PER_CLUSTER}",
+                networks.len()
             )));
         }
         for n in &networks {
@@ -377,6 +411,9 @@ impl State {
         }
         let new: BTreeSet<String> = networks.into_iter().collect();
         let cluster = self.cluster_mut(name)?;
+        if cluster.requested == new {
+            return Ok(BTreeSet::new());
+        }
         let old = std::mem::replace(&mut cluster.requested, new.clone());
         self.touch(Key::Cluster(name.to_owned()));
         // Other clusters' views change only where the membership did: asking
@@ -391,20 +428,8 @@ impl State {
         Ok(affected)
     }
 
-    /// Replace a cluster's link health report. No view depends on it.
-    pub fn report_links(&mut self, name: &str, links: Vec<Link>) -> Result<()> {
-        if links.len() > MAX_LINKS {
-            return Err(Error::InvalidArgument(format!(
-                "at most {MAX_LINKS} links per report"
-            )));
-        }
-        self.cluster_mut(name)?.links = links;
-        self.touch(Key::Cluster(name.to_owned()));
-        Ok(())
-    }
-
     /// Forget a cluster everywhere. Returns it and the clusters whose view changes.
-    pub fn remove_cluster(&mut self, name: &str) -> Result<(Cluster, BTreeSet<String>)> {
+    pub fn remove_cluster(&mut self, name: &str, now: i64) -> Result<(Cluster, BTreeSet<String>)> {
         let cluster = self.clusters.remove(name).ok_or_else(|| {
             Error::NotFound(format!("no cluster named {name:?}: see `cluster list`"))
         })?;
@@ -420,6 +445,7 @@ impl State {
         for id in leftover {
             if let Some(t) = self.tokens.get_mut(&id) {
                 t.revoked = true;
+                t.ended_unix = now;
             }
             self.touch(Key::Token(id));
         }
@@ -448,21 +474,151 @@ impl State {
     }
 }
 
+impl State {
+    /// Whether [`Self::purge_tokens`] would delete anything (read-only).
+    #[must_use]
+    pub fn tokens_due(&self, now: i64, retention_secs: i64) -> bool {
+        self.tokens.values().any(|t| {
+            token_ended(t, now).is_some_and(|end| now >= end.saturating_add(retention_secs))
+        })
+    }
+
+    /// Delete tokens that ended (used up, revoked or expired) at least
+    /// `retention_secs` ago. Returns how many went.
+    pub fn purge_tokens(&mut self, now: i64, retention_secs: i64) -> usize {
+        let dead: Vec<String> = self
+            .tokens
+            .values()
+            .filter(|t| {
+                token_ended(t, now).is_some_and(|end| now >= end.saturating_add(retention_secs))
+            })
+            .map(|t| t.id.clone())
+            .collect();
+        for id in &dead {
+            self.tokens.remove(id);
+            self.touch(Key::Token(id.clone()));
+        }
+        dead.len()
+    }
+
+    /// Cross-cluster rules: a WireGuard key, and an endpoint, belong to one
+    /// cluster. Says which rule refused what; names no other cluster.
+    fn check_against_others(&self, name: &str, gateways: &[Gateway]) -> Result<()> {
+        for other in self.clusters.values().filter(|c| c.name != name) {
+            for theirs in &other.gateways {
+                for g in gateways {
+                    if g.public_key == theirs.public_key {
+                        return Err(Error::InvalidArgument(format!(
+                            "gateway {:?}: refused by rule `one key, one cluster`: its WireGuard public key is already reported by another cluster; every gateway needs a key of its own",
+                            g.node
+                        )));
+                    }
+                    if let Some(e) = g.endpoints.iter().find(|e| theirs.endpoints.contains(e)) {
+                        return Err(Error::InvalidArgument(format!(
+                            "gateway {:?}: refused by rule `one endpoint, one cluster`: endpoint {e} is already reported by another cluster",
+                            g.node
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// When a token stopped being usable, or `None` while it still is.
+fn token_ended(t: &Token, now: i64) -> Option<i64> {
+    if t.revoked || t.uses_left == 0 {
+        // Records from before `ended_unix` existed count from their expiry.
+        Some(if t.ended_unix > 0 {
+            t.ended_unix
+        } else {
+            t.expires_unix.min(now)
+        })
+    } else if now >= t.expires_unix {
+        Some(t.expires_unix)
+    } else {
+        None
+    }
+}
+
+/// x25519 public keys of small order (and their non-canonical encodings):
+/// every shared secret with them is all-zero, so they can never be a peer.
+const LOW_ORDER_KEYS: [[u8; 32]; 7] = {
+    let mut k = [[0u8; 32]; 7];
+    k[1][0] = 1;
+    k[2] = [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ];
+    k[3] = [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef,
+        0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f,
+        0x11, 0x57,
+    ];
+    // p - 1, p, p + 1 (p = 2^255 - 19).
+    let mut i = 4;
+    while i < 7 {
+        let mut j = 1;
+        while j < 31 {
+            k[i][j] = 0xff;
+            j += 1;
+        }
+        k[i][31] = 0x7f;
+        k[i][0] = 0xec + (i as u8 - 4);
+        i += 1;
+    }
+    k
+};
+
+/// Whether a 32-byte x25519 public key has small order (all-zero included).
+#[must_use]
+pub fn is_low_order_key(key: &[u8]) -> bool {
+    let Ok(mut k) = <[u8; 32]>::try_from(key) else {
+        return false;
+    };
+    // x25519 ignores the top bit.
+    k[31] &= 0x7f;
+    LOW_ORDER_KEYS.contains(&k)
+}
+
+/// Why an underlay endpoint can never be a peer, if it cannot.
+fn unusable_endpoint(e: &std::net::SocketAddr) -> Option<&'static str> {
+    let ip = e.ip().to_canonical();
+    if e.port() == 0 {
+        Some("port 0")
+    } else if ip.is_unspecified() {
+        Some("an unspecified address")
+    } else if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip == std::net::IpAddr::V4(Ipv4Addr::BROADCAST) {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
+
 fn validate_gateways(gateways: &[Gateway], subnet: Ipv4Net) -> Result<()> {
-    if gateways.len() > MAX_GATEWAYS {
+    if gateways.len() > MAX_GATEWAYS_PER_CLUSTER {
         return Err(Error::InvalidArgument(format!(
-            "at most {MAX_GATEWAYS} gateways per cluster"
+            "the report has {} gateways; the limit is {MAX_GATEWAYS_PER_CLUSTER} per cluster",
+            gateways.len()
         )));
     }
     let mut nodes = BTreeSet::new();
     let mut ips = BTreeSet::new();
     let mut keys = BTreeSet::new();
     for g in gateways {
-        if g.node.is_empty() || g.node.len() > 253 {
+        if g.node.is_empty() {
             return Err(Error::InvalidArgument(
-                "every gateway needs a node name of 1-253 characters".into(),
+                "every gateway needs a node name".into(),
             ));
         }
+        check_len("gateway node name", &g.node, MAX_NAME_BYTES)
+            .map_err(|e| Error::InvalidArgument(format!("{e}: {:?}", preview(&g.node))))?;
         if !nodes.insert(&g.node) {
             return Err(Error::InvalidArgument(format!(
                 "gateway node {:?} is listed twice",
@@ -474,6 +630,12 @@ fn validate_gateways(gateways: &[Gateway], subnet: Ipv4Net) -> Result<()> {
                 "gateway {:?}: the WireGuard public key must be 32 bytes, got {}",
                 g.node,
                 g.public_key.len()
+            )));
+        }
+        if is_low_order_key(&g.public_key) {
+            return Err(Error::InvalidArgument(format!(
+                "gateway {:?}: refused by rule `usable key`: the WireGuard public key is all-zero or of small order, which no peer can use",
+                g.node
             )));
         }
         if !keys.insert(&g.public_key) {
@@ -494,16 +656,25 @@ fn validate_gateways(gateways: &[Gateway], subnet: Ipv4Net) -> Result<()> {
                 g.tunnel_ip
             )));
         }
-        if g.endpoints.len() > MAX_ENDPOINTS {
+        if g.endpoints.len() > MAX_ENDPOINTS_PER_GATEWAY {
             return Err(Error::InvalidArgument(format!(
-                "gateway {:?}: at most {MAX_ENDPOINTS} endpoints",
-                g.node
+                "gateway {:?}: {} endpoints; the limit is {MAX_ENDPOINTS_PER_GATEWAY}",
+                g.node,
+                g.endpoints.len()
             )));
         }
         for e in &g.endpoints {
-            if e.parse::<std::net::SocketAddr>().is_err() {
-                return Err(Error::InvalidArgument(format!(
+            check_len("endpoint", e, MAX_ENDPOINT_BYTES)
+                .map_err(|m| Error::InvalidArgument(format!("gateway {:?}: {m}", g.node)))?;
+            let addr = e.parse::<std::net::SocketAddr>().map_err(|_| {
+                Error::InvalidArgument(format!(
                     "gateway {:?}: endpoint {e:?} is not ip:port",
+                    g.node
+                ))
+            })?;
+            if let Some(why) = unusable_endpoint(&addr) {
+                return Err(Error::InvalidArgument(format!(
+                    "gateway {:?}: refused by rule `reachable endpoint`: {e} is {why}, which can never be a peer",
                     g.node
                 )));
             }

@@ -27,11 +27,11 @@ fn token_checks_name_each_failure() {
         .unwrap();
     assert_eq!(
         s.check_token("zz", "secret", "edge", 1),
-        Err(JoinDenied::UnknownToken("zz".into()))
+        Err(JoinDenied::NoSuchToken("zz".into()))
     );
     assert_eq!(
         s.check_token("a", "nope", "edge", 1),
-        Err(JoinDenied::WrongSecret("a".into()))
+        Err(JoinDenied::NoSuchToken("a".into()))
     );
     assert_eq!(
         s.check_token("a", "secret", "edge", 100),
@@ -48,7 +48,7 @@ fn token_checks_name_each_failure() {
     );
     s.create_token("edge", "b".into(), "secret", 100, 2, 0)
         .unwrap();
-    s.revoke_token("b").unwrap();
+    s.revoke_token("b", 1).unwrap();
     assert_eq!(
         s.check_token("b", "secret", "edge", 1),
         Err(JoinDenied::Revoked("b".into()))
@@ -158,8 +158,14 @@ fn acl_admits_only_allowed_requesters() {
             .unwrap();
     }
     assert_eq!(s.admission("a", "blue"), Admission::Admitted);
-    assert!(matches!(s.admission("c", "blue"), Admission::Denied(_)));
-    assert!(matches!(s.admission("a", "nope"), Admission::Unknown(_)));
+    // Not allowed and not existing answer alike: c cannot tell whether
+    // "blue" exists.
+    let (Admission::Unknown(not_allowed), Admission::Unknown(missing)) =
+        (s.admission("c", "blue"), s.admission("c", "nope"))
+    else {
+        panic!("both must be Unknown");
+    };
+    assert_eq!(not_allowed.replace("blue", "nope"), missing);
     assert_eq!(s.members("blue"), vec!["a".to_string(), "b".to_string()]);
     assert_eq!(s.networks_of("c"), Vec::<String>::new());
 }
@@ -236,7 +242,7 @@ fn affected_sets_follow_membership() {
         .report_gateways("a", vec![gw("g", 1, "100.64.0.1")])
         .unwrap();
     assert_eq!(affected, BTreeSet::from(["a".to_string(), "b".to_string()]));
-    let (_, affected) = s.remove_cluster("b").unwrap();
+    let (_, affected) = s.remove_cluster("b", 1).unwrap();
     assert_eq!(affected, BTreeSet::from(["a".to_string()]));
     assert!(s.cluster_for_cert(&[1; 32]).is_none());
     assert_eq!(s.members("blue"), vec!["a".to_string()]);
@@ -265,13 +271,13 @@ fn removing_a_cluster_revokes_its_unused_tokens() {
     s.create_token("a", "multi".into(), "x", 60, 3, 0).unwrap();
     s.create_token("b", "other".into(), "x", 60, 1, 0).unwrap();
     s.join("multi", "x", "a", [1; 32], 1).unwrap();
-    s.remove_cluster("a").unwrap();
+    s.remove_cluster("a", 1).unwrap();
     assert_eq!(
         s.check_token("multi", "x", "a", 2),
         Err(JoinDenied::Revoked("multi".into()))
     );
     assert!(!s.tokens["other"].revoked);
-    assert!(matches!(s.remove_cluster("a"), Err(Error::NotFound(_))));
+    assert!(matches!(s.remove_cluster("a", 1), Err(Error::NotFound(_))));
 }
 
 #[test]
@@ -290,4 +296,133 @@ fn asking_for_an_unknown_or_denied_network_affects_only_the_asker() {
         affected,
         BTreeSet::from(["a".to_string(), "b".to_string(), "c".to_string()])
     );
+}
+
+#[test]
+fn a_key_or_endpoint_belongs_to_one_cluster() {
+    let mut s = joined(&["a", "b"]);
+    s.report_gateways("a", vec![gw("gw", 7, "100.64.0.1")])
+        .unwrap();
+    let err = s
+        .report_gateways("b", vec![gw("gw", 7, "100.64.1.1")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("one key, one cluster"), "{err}");
+    assert!(
+        !err.contains("\"a\""),
+        "must not name the other cluster: {err}"
+    );
+    // Same endpoint, own key: refused by the endpoint rule.
+    let err = s
+        .report_gateways("b", vec![gw("gw", 8, "100.64.1.1")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("one endpoint, one cluster"), "{err}");
+    let mut ok = gw("gw", 8, "100.64.1.1");
+    ok.endpoints = vec!["198.51.100.9:51820".into()];
+    s.report_gateways("b", vec![ok]).unwrap();
+    // The owner may report its own key again.
+    s.report_gateways("a", vec![gw("gw-2", 7, "100.64.0.2")])
+        .unwrap();
+}
+
+#[test]
+fn unusable_keys_and_endpoints_are_refused_by_rule() {
+    let mut s = joined(&["a"]);
+    let mut p_minus_1 = [0xffu8; 32];
+    p_minus_1[0] = 0xec;
+    p_minus_1[31] = 0xff; // top bit set: the same point for x25519
+    for key in [vec![0u8; 32], p_minus_1.to_vec()] {
+        let mut g = gw("gw", 0, "100.64.0.1");
+        g.public_key = key;
+        let err = s.report_gateways("a", vec![g]).unwrap_err().to_string();
+        assert!(err.contains("usable key"), "{err}");
+    }
+    assert!(!is_low_order_key(&[9; 32]));
+    for (ep, why) in [
+        ("127.0.0.1:51820", "loopback"),
+        ("[::1]:51820", "loopback"),
+        ("0.0.0.0:51820", "unspecified"),
+        ("255.255.255.255:51820", "broadcast"),
+        ("224.0.0.1:51820", "multicast"),
+        ("[::ffff:127.0.0.1]:51820", "loopback"),
+        ("192.0.2.1:0", "port 0"),
+    ] {
+        let mut g = gw("gw", 3, "100.64.0.1");
+        g.endpoints = vec![ep.into()];
+        let err = s.report_gateways("a", vec![g]).unwrap_err().to_string();
+        assert!(
+            err.contains("reachable endpoint") && err.contains(why),
+            "{ep}: {err}"
+        );
+    }
+    let mut g = gw(&"n".repeat(254), 3, "100.64.0.1");
+    let err = s
+        .report_gateways("a", vec![g.clone()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("253") && err.len() < 200, "{err}");
+    g.node = "gw".into();
+    g.endpoints = vec![format!("{}:1", "1".repeat(70))];
+    let err = s.report_gateways("a", vec![g]).unwrap_err().to_string();
+    assert!(err.contains("64 bytes"), "{err}");
+    assert!(s.take_dirty().is_empty(), "refused reports change nothing");
+}
+
+#[test]
+fn unchanged_reports_touch_nothing() {
+    let mut s = joined(&["a"]);
+    s.report_gateways("a", vec![gw("gw", 3, "100.64.0.1")])
+        .unwrap();
+    s.request_networks("a", vec!["blue".into()]).unwrap();
+    s.take_dirty();
+    assert!(
+        s.report_gateways("a", vec![gw("gw", 3, "100.64.0.1")])
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.request_networks("a", vec!["blue".into()])
+            .unwrap()
+            .is_empty()
+    );
+    assert!(s.take_dirty().is_empty());
+}
+
+#[test]
+fn ended_tokens_are_purged_after_the_retention() {
+    let mut s = State::default();
+    s.create_token("edge", "used".into(), "x", 1000, 1, 0)
+        .unwrap();
+    s.create_token("edge", "live".into(), "x", 1000, 1, 0)
+        .unwrap();
+    s.create_token("edge", "short".into(), "x", 10, 1, 0)
+        .unwrap();
+    s.create_token("edge", "gone".into(), "x", 1000, 1, 0)
+        .unwrap();
+    s.join("used", "x", "edge", [1; 32], 5).unwrap();
+    s.revoke_token("gone", 6).unwrap();
+    assert!(!s.tokens_due(50, 100));
+    assert_eq!(s.purge_tokens(50, 100), 0);
+    assert!(s.tokens_due(106, 100));
+    assert_eq!(s.purge_tokens(106, 100), 2);
+    assert_eq!(s.tokens.keys().collect::<Vec<_>>(), ["live", "short"]);
+    assert_eq!(s.purge_tokens(200, 100), 1);
+    assert_eq!(s.tokens.keys().collect::<Vec<_>>(), ["live"]);
+}
+
+#[test]
+fn renewal_keeps_the_calling_certificate_and_a_join_drops_both() {
+    let mut s = joined(&["a"]);
+    let first = [0u8; 32];
+    s.renew_cert("a", first, [50; 32]).unwrap();
+    assert_eq!(s.cluster_for_cert(&first), Some("a"));
+    assert_eq!(s.cluster_for_cert(&[50; 32]), Some("a"));
+    s.renew_cert("a", [50; 32], [51; 32]).unwrap();
+    assert_eq!(s.cluster_for_cert(&first), None);
+    s.create_token("a", "again".into(), "x", 100, 1, 0).unwrap();
+    s.join("again", "x", "a", [52; 32], 1).unwrap();
+    assert_eq!(s.cluster_for_cert(&[50; 32]), None);
+    assert_eq!(s.cluster_for_cert(&[51; 32]), None);
+    assert_eq!(s.cluster_for_cert(&[52; 32]), Some("a"));
 }

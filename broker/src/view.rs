@@ -1,8 +1,10 @@
 //! What one cluster may see: its admitted networks with the peer gateways of
 //! the other members, and nothing about any other network or cluster.
 
+use crate::error::Error;
 use crate::state::{Admission, State, cluster_slice, tunnel_subnet};
 use l2mesh_proto::broker as pb;
+use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeSet, HashMap};
 
@@ -142,12 +144,44 @@ pub fn digest(view: &pb::ClusterView) -> [u8; 32] {
 /// `state`, and return the views with their revisions set.
 pub fn refresh(state: &mut State, affected: &BTreeSet<String>) -> Vec<pb::ClusterView> {
     let mut shared = Shared::default();
+    let views: Vec<_> = affected
+        .iter()
+        .filter_map(|name| compute_shared(state, name, &mut shared))
+        .collect();
+    record(state, views)
+}
+
+/// The views of `affected` (revision 0), or an error naming the first
+/// cluster whose view would be larger than `max_bytes`: an agent could not
+/// receive it, so the change that causes it is refused.
+pub fn compute_bounded(
+    state: &State,
+    affected: &BTreeSet<String>,
+    max_bytes: usize,
+) -> Result<Vec<pb::ClusterView>, Error> {
+    let mut shared = Shared::default();
     let mut out = Vec::with_capacity(affected.len());
     for name in affected {
-        let Some(mut view) = compute_shared(state, name, &mut shared) else {
+        let Some(view) = compute_shared(state, name, &mut shared) else {
             continue;
         };
-        if let Some(rev) = state.record_view(name, digest(&view)) {
+        let len = view.encoded_len();
+        if len > max_bytes {
+            return Err(Error::Exhausted(format!(
+                "refused, nothing changed: with this change the view of cluster {name:?} would be {len} bytes, over the {max_bytes}-byte message limit (its networks hold too many or too large gateway reports)"
+            )));
+        }
+        out.push(view);
+    }
+    Ok(out)
+}
+
+/// Record the hashes and revisions of freshly computed views in `state`;
+/// returns them with their revisions set.
+pub fn record(state: &mut State, views: Vec<pb::ClusterView>) -> Vec<pb::ClusterView> {
+    let mut out = Vec::with_capacity(views.len());
+    for mut view in views {
+        if let Some(rev) = state.record_view(&view.cluster_name, digest(&view)) {
             view.revision = rev;
             out.push(view);
         }

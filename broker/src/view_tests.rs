@@ -7,7 +7,7 @@ fn gw(node: &str, key: u8, ip: &str) -> Gateway {
     Gateway {
         node: node.into(),
         public_key: vec![key; 32],
-        endpoints: vec!["192.0.2.1:51820".into()],
+        endpoints: vec![format!("192.0.2.{key}:51820")],
         tunnel_ip: ip.parse().unwrap(),
     }
 }
@@ -53,9 +53,10 @@ fn a_cluster_sees_only_its_admitted_networks_and_their_peers() {
     assert_eq!(blue.peers.len(), 1);
     assert_eq!(blue.peers[0].cluster, "b");
     assert_eq!(blue.cluster_cidr, "10.1.0.0/24");
-    // Denied on red: told why, but nothing about red's members or peers.
+    // Not allowed on red: answered like an unknown network, and nothing
+    // about red's members or peers.
     let red = a.admissions.iter().find(|x| x.network == "red").unwrap();
-    assert_eq!(red.state(), pb::AdmissionState::Denied);
+    assert_eq!(red.state(), pb::AdmissionState::UnknownNetwork);
     let text = format!("{a:?}");
     assert!(!text.contains("\"c\""), "a must not learn of c: {text}");
 

@@ -35,7 +35,7 @@ async fn valid_join_gives_a_working_certificate_and_consumes_the_token() {
     let tokens = b
         .admin()
         .await
-        .list_tokens(pb::ListTokensRequest {})
+        .list_tokens(pb::ListTokensRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -43,7 +43,7 @@ async fn valid_join_gives_a_working_certificate_and_consumes_the_token() {
     let clusters = b
         .admin()
         .await
-        .list_clusters(pb::ListClustersRequest {})
+        .list_clusters(pb::ListClustersRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -73,7 +73,7 @@ async fn every_bad_token_case_is_refused_and_changes_nothing() {
     let before = b
         .admin()
         .await
-        .list_tokens(pb::ListTokensRequest {})
+        .list_tokens(pb::ListTokensRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -85,8 +85,16 @@ async fn every_bad_token_case_is_refused_and_changes_nothing() {
     let mut wrong_cluster = good.clone();
     wrong_cluster.cluster = "edge-9".into();
     let cases = [
-        (unknown, Code::Unauthenticated, "unknown token"),
-        (wrong_secret, Code::Unauthenticated, "does not match"),
+        (
+            unknown.clone(),
+            Code::Unauthenticated,
+            "unknown or its secret",
+        ),
+        (
+            wrong_secret.clone(),
+            Code::Unauthenticated,
+            "unknown or its secret",
+        ),
         (revoked, Code::Unauthenticated, "revoked"),
         (short, Code::Unauthenticated, "expired"),
         (used, Code::Unauthenticated, "no uses left"),
@@ -98,6 +106,13 @@ async fn every_bad_token_case_is_refused_and_changes_nothing() {
         assert!(err.message().contains(text), "{text}: {}", err.message());
         assert!(!err.message().contains(&j.secret));
     }
+    // Unknown id and wrong secret read the same: no oracle for token ids.
+    let a = try_join(&unknown).await.unwrap_err();
+    let w = try_join(&wrong_secret).await.unwrap_err();
+    assert_eq!(
+        a.message().replace(&unknown.id, "ID"),
+        w.message().replace(&wrong_secret.id, "ID")
+    );
     // A bad CSR with a good token.
     let mut c = BrokerClient::new(
         client::connect(
@@ -123,7 +138,7 @@ async fn every_bad_token_case_is_refused_and_changes_nothing() {
     let after = b
         .admin()
         .await
-        .list_tokens(pb::ListTokensRequest {})
+        .list_tokens(pb::ListTokensRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -131,7 +146,7 @@ async fn every_bad_token_case_is_refused_and_changes_nothing() {
     let clusters = b
         .admin()
         .await
-        .list_clusters(pb::ListClustersRequest {})
+        .list_clusters(pb::ListClustersRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -141,19 +156,32 @@ async fn every_bad_token_case_is_refused_and_changes_nothing() {
 }
 
 #[tokio::test]
-async fn failed_joins_are_rate_limited() {
-    let b = TestBroker::start_with(|c| c.join_failures_per_minute = 2).await;
+async fn failed_joins_are_rate_limited_but_a_valid_token_gets_through() {
+    let b = TestBroker::start_with(|c| c.join_failures_per_minute = 10).await;
     let good = b.token("edge-1", 600, 1).await;
+    let other = b.token("edge-2", 600, 1).await;
     let mut bad = good.clone();
     bad.secret = "wrong".into();
-    for _ in 0..2 {
+    // Eleven failures from this address (one client behind the same NAT).
+    for _ in 0..10 {
         assert_eq!(
             try_join(&bad).await.unwrap_err().code(),
             Code::Unauthenticated
         );
     }
-    let err = try_join(&good).await.unwrap_err();
+    let err = try_join(&bad).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("retry in"), "{err:?}");
+    // Every valid token from the same address still joins at once.
+    client::join(&other).await.unwrap();
+    client::join(&good).await.unwrap();
+    // And a made-up token is still refused as rate limited.
+    let mut guess = other.clone();
+    guess.id = "tok-guess".into();
+    assert_eq!(
+        try_join(&guess).await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
 }
 
 #[tokio::test]
@@ -169,7 +197,7 @@ async fn a_wrong_ca_pin_is_refused_before_sending_the_secret() {
     let tokens = b
         .admin()
         .await
-        .list_tokens(pb::ListTokensRequest {})
+        .list_tokens(pb::ListTokensRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -197,7 +225,7 @@ async fn client_certificates_from_a_foreign_ca_are_refused() {
         )
         .await?;
         pb::broker_admin_client::BrokerAdminClient::new(ch)
-            .list_tokens(pb::ListTokensRequest {})
+            .list_tokens(pb::ListTokensRequest::default())
             .await?;
         Ok::<_, l2mesh_broker::Error>(())
     }
@@ -239,7 +267,7 @@ async fn calls_need_the_right_kind_of_certificate() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     let err = pb::broker_admin_client::BrokerAdminClient::new(ch)
-        .list_clusters(pb::ListClustersRequest {})
+        .list_clusters(pb::ListClustersRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -288,10 +316,20 @@ async fn a_cluster_cannot_read_or_write_what_is_not_its_own() {
     .await
     .unwrap();
     request(&mut c, &["secret"]).await;
-    // alpha asks for gamma's network: denied, and learns nothing of it.
-    let r = request(&mut a, &["blue", "secret"]).await;
+    // alpha asks for gamma's network: answered as for a network that does
+    // not exist, so alpha learns nothing of it, not even that it exists.
+    let r = request(&mut a, &["blue", "secret", "nowhere"]).await;
     let secret = r.admissions.iter().find(|x| x.network == "secret").unwrap();
-    assert_eq!(secret.state(), pb::AdmissionState::Denied);
+    let nowhere = r
+        .admissions
+        .iter()
+        .find(|x| x.network == "nowhere")
+        .unwrap();
+    assert_eq!(secret.state(), pb::AdmissionState::UnknownNetwork);
+    assert_eq!(
+        secret.reason.replace("secret", "N"),
+        nowhere.reason.replace("nowhere", "N")
+    );
     let mut w = watch(&mut a, 0).await;
     let v = next_view(&mut w).await;
     assert_eq!(v.cluster_name, "alpha");
@@ -310,7 +348,7 @@ async fn a_cluster_cannot_read_or_write_what_is_not_its_own() {
     let list = b
         .admin()
         .await
-        .list_clusters(pb::ListClustersRequest {})
+        .list_clusters(pb::ListClustersRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -371,14 +409,14 @@ async fn bad_admin_input_gets_clear_errors_and_changes_nothing() {
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
     let list = admin
-        .list_networks(pb::ListNetworksRequest {})
+        .list_networks(pb::ListNetworksRequest::default())
         .await
         .unwrap()
         .into_inner();
     assert_eq!(list.networks.len(), 1);
     assert!(
         admin
-            .list_tokens(pb::ListTokensRequest {})
+            .list_tokens(pb::ListTokensRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -408,7 +446,7 @@ async fn oversized_requests_are_refused() {
     let list = b
         .admin()
         .await
-        .list_clusters(pb::ListClustersRequest {})
+        .list_clusters(pb::ListClustersRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -482,7 +520,7 @@ async fn a_single_use_token_admits_exactly_one_of_many_concurrent_joins() {
         assert!(c.await.unwrap());
     }
     let nets = admin
-        .list_networks(pb::ListNetworksRequest {})
+        .list_networks(pb::ListNetworksRequest::default())
         .await
         .unwrap()
         .into_inner()

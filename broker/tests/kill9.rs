@@ -104,7 +104,7 @@ async fn acknowledged_state_survives_kill_9() {
     let p = start(dir);
     let mut a = admin(&p, dir).await;
     let tokens = a
-        .list_tokens(pb::ListTokensRequest {})
+        .list_tokens(pb::ListTokensRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -113,7 +113,7 @@ async fn acknowledged_state_survives_kill_9() {
     assert_eq!(tok1.uses_left, 0, "a consumed token stays consumed");
     assert!(tokens.iter().find(|t| t.cluster == "beta").unwrap().revoked);
     let nets = a
-        .list_networks(pb::ListNetworksRequest {})
+        .list_networks(pb::ListNetworksRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -123,7 +123,7 @@ async fn acknowledged_state_survives_kill_9() {
     assert_eq!(b2.vni, blue.vni);
     assert_eq!(b2.members, vec!["alpha".to_string()]);
     let clusters = a
-        .list_clusters(pb::ListClustersRequest {})
+        .list_clusters(pb::ListClustersRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -182,7 +182,7 @@ async fn a_rejoin_replaces_the_certificate_and_closes_the_old_stream() {
     let list = b
         .admin()
         .await
-        .list_clusters(pb::ListClustersRequest {})
+        .list_clusters(pb::ListClustersRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -1,7 +1,9 @@
 //! The agent's session with the broker: mTLS with the cluster identity, a
 //! watch on the cluster view that resumes from the last revision, and the
 //! reports (gateways, requested networks, link health). Reconnects with
-//! backoff; the nodes keep their last state meanwhile.
+//! backoff; the nodes keep their last state meanwhile. Two thirds into the
+//! certificate's life the session renews it (no token needed), stores the
+//! new identity and reconnects with it.
 
 use crate::engine::Shared;
 use crate::identity::{Backoff, Identity, source_chain};
@@ -11,6 +13,9 @@ use l2mesh_proto::broker::{GatewayReport, LinkHealthReport, NetworkRequest, Watc
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::Channel;
+
+/// How long to wait before trying a failed certificate renewal again.
+const RENEW_RETRY: Duration = Duration::from_secs(600);
 
 /// How often link health goes to the broker.
 const LINK_HEALTH_EVERY: Duration = Duration::from_secs(10);
@@ -22,7 +27,10 @@ async fn connect(id: &Identity) -> Result<BrokerClient<Channel>, String> {
     let mut errors = Vec::new();
     for addr in &id.brokers {
         match tls::broker_channel(addr, config.clone()).await {
-            Ok(ch) => return Ok(BrokerClient::new(ch)),
+            Ok(ch) => {
+                return Ok(BrokerClient::new(ch)
+                    .max_decoding_message_size(l2mesh_proto::limits::MAX_MESSAGE_BYTES));
+            }
             Err(e) => errors.push(format!("{e}: {}", source_chain(&e))),
         }
     }
@@ -36,11 +44,46 @@ fn refusal(broker_says: &str) -> String {
     )
 }
 
+/// Keeps a renewed identity where the agent stores it (file or Secret).
+pub type StoreIdentity = Arc<
+    dyn Fn(
+            Identity,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Renew the certificate if it is due; the new identity is stored first.
+async fn renew_if_due(
+    id: &mut Identity,
+    client: &mut BrokerClient<Channel>,
+    store: &StoreIdentity,
+) -> Result<bool, String> {
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+    )
+    .unwrap_or(i64::MAX);
+    if id.renew_after_unix().is_none_or(|t| now < t) {
+        return Ok(false);
+    }
+    let renewed = id.renew(client).await?;
+    store(renewed.clone())
+        .await
+        .map_err(|e| format!("cannot store the renewed certificate: {e}"))?;
+    tracing::info!(cluster = %id.cluster, "certificate renewed");
+    *id = renewed;
+    Ok(true)
+}
+
 /// Run until the process stops.
-pub async fn run(id: Identity, shared: Arc<Shared>) {
+pub async fn run(mut id: Identity, shared: Arc<Shared>, store: StoreIdentity) {
     let mut backoff = Backoff::default();
     loop {
-        match session(&id, &shared, &mut backoff).await {
+        match session(&mut id, &shared, &mut backoff, &store).await {
             Ok(()) => tracing::warn!("the broker closed the watch; reconnecting"),
             Err(e) => tracing::warn!(error = %e, "broker session failed"),
         }
@@ -49,8 +92,23 @@ pub async fn run(id: Identity, shared: Arc<Shared>) {
     }
 }
 
-async fn session(id: &Identity, shared: &Shared, backoff: &mut Backoff) -> Result<(), String> {
+async fn session(
+    id: &mut Identity,
+    shared: &Shared,
+    backoff: &mut Backoff,
+    store: &StoreIdentity,
+) -> Result<(), String> {
     let mut client = connect(id).await?;
+    let mut renew_failed = false;
+    match renew_if_due(id, &mut client, store).await {
+        Ok(true) => client = connect(id).await?,
+        Ok(false) => {}
+        // The current certificate still works: try again a while later.
+        Err(e) => {
+            tracing::warn!(error = %e, retry_in = ?RENEW_RETRY, "certificate renewal failed");
+            renew_failed = true;
+        }
+    }
     let mut stream = client
         .watch(WatchRequest {
             last_revision: shared.view_revision(),
@@ -69,7 +127,18 @@ async fn session(id: &Identity, shared: &Shared, backoff: &mut Backoff) -> Resul
     tracing::info!(cluster = %id.cluster, "broker session up");
     backoff.reset();
     shared.metrics.broker_connected.set(1);
-    let result = session_loop(&mut client, &mut stream, shared).await;
+    let renew_in = if renew_failed {
+        Some(RENEW_RETRY)
+    } else {
+        id.renew_after_unix().map(|t| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            Duration::from_secs(u64::try_from(t).unwrap_or(0).saturating_sub(now))
+        })
+    };
+    let result = session_loop(&mut client, &mut stream, shared, renew_in).await;
     shared.metrics.broker_connected.set(0);
     result
 }
@@ -78,12 +147,20 @@ async fn session_loop(
     client: &mut BrokerClient<Channel>,
     stream: &mut tonic::Streaming<l2mesh_proto::broker::ClusterView>,
     shared: &Shared,
+    renew_in: Option<Duration>,
 ) -> Result<(), String> {
     let mut reports = shared.reports();
     reports.mark_changed();
     let mut ticker = tokio::time::interval(LINK_HEALTH_EVERY);
+    // Far enough to never fire when the certificate cannot be read.
+    let renew_at =
+        tokio::time::Instant::now() + renew_in.unwrap_or(Duration::from_secs(365 * 24 * 3600));
     loop {
         tokio::select! {
+            () = tokio::time::sleep_until(renew_at) => {
+                tracing::info!("certificate renewal due: reconnecting to renew it");
+                return Ok(());
+            }
             msg = stream.message() => match msg {
                 Ok(Some(view)) => {
                     tracing::info!(revision = view.revision, networks = view.networks.len(), "cluster view");

@@ -142,17 +142,55 @@ fn retryable_status(s: &tonic::Status) -> bool {
 }
 
 /// One join attempt against each broker address in turn.
-pub async fn join_once(js: &JoinString) -> Result<Identity, JoinError> {
-    let pin = js.ca_pin_sha256()?;
-    let key = KeyPair::generate().map_err(TlsError::from)?;
-    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(TlsError::from)?;
+/// A fresh key pair and a CSR for it (PEM).
+fn key_and_csr(cluster: &str) -> Result<(KeyPair, String), TlsError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
     params
         .distinguished_name
-        .push(DnType::CommonName, js.cluster.clone());
-    let csr_pem = params
-        .serialize_request(&key)
-        .and_then(|csr| csr.pem())
-        .map_err(TlsError::from)?;
+        .push(DnType::CommonName, cluster.to_owned());
+    let csr_pem = params.serialize_request(&key)?.pem()?;
+    Ok((key, csr_pem))
+}
+
+impl Identity {
+    /// When to renew the certificate (Unix seconds): two thirds into its
+    /// validity. `None` if the certificate cannot be read.
+    #[must_use]
+    pub fn renew_after_unix(&self) -> Option<i64> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes()).ok()?;
+        let cert = pem.parse_x509().ok()?;
+        let validity = cert.validity();
+        let (start, end) = (
+            validity.not_before.timestamp(),
+            validity.not_after.timestamp(),
+        );
+        Some(start + (end - start).max(0) / 3 * 2)
+    }
+
+    /// A new certificate for a new key, asked for with the current one (no
+    /// token). The current certificate stays valid until it expires.
+    pub async fn renew(
+        &self,
+        client: &mut BrokerClient<tonic::transport::Channel>,
+    ) -> Result<Self, String> {
+        let (key, csr_pem) = key_and_csr(&self.cluster).map_err(|e| e.to_string())?;
+        let resp = client
+            .renew_certificate(l2mesh_proto::broker::RenewRequest { csr_pem })
+            .await
+            .map_err(|s| format!("renew certificate: {}", s.message()))?
+            .into_inner();
+        Ok(Self {
+            cert_pem: resp.client_cert_pem,
+            key_pem: key.serialize_pem(),
+            ..self.clone()
+        })
+    }
+}
+
+pub async fn join_once(js: &JoinString) -> Result<Identity, JoinError> {
+    let pin = js.ca_pin_sha256()?;
+    let (key, csr_pem) = key_and_csr(&js.cluster)?;
     let config = tls::broker_client_config(pin, None)?;
     let mut last_error = String::from("no broker address");
     let mut mismatch = None;

@@ -39,8 +39,9 @@ pub fn stopping_watches(
     )
 }
 
-/// The broker accepts at most this many endpoints per gateway.
-const MAX_ENDPOINTS: usize = 16;
+use l2mesh_proto::limits::{
+    MAX_ENDPOINT_BYTES, MAX_ENDPOINTS_PER_GATEWAY as MAX_ENDPOINTS, MAX_NAME_BYTES, check_len,
+};
 
 type DesiredStream = Pin<Box<dyn Stream<Item = Result<DesiredState, Status>> + Send>>;
 
@@ -88,6 +89,7 @@ fn known_node(shared: &Shared, name: &str) -> Result<(), Status> {
     if name.is_empty() {
         return Err(Status::invalid_argument("node_name is empty"));
     }
+    check_len("node_name", name, MAX_NAME_BYTES).map_err(Status::invalid_argument)?;
     if !shared.nodes_listed() {
         return Err(Status::unavailable(
             "the agent has not read the node list yet: retry shortly",
@@ -121,6 +123,9 @@ impl NodeSync for NodeSyncService {
             return Err(Status::invalid_argument(format!(
                 "at most {MAX_ENDPOINTS} endpoints"
             )));
+        }
+        for e in &hello.endpoints {
+            check_len("endpoint", e, MAX_ENDPOINT_BYTES).map_err(Status::invalid_argument)?;
         }
         if let Some(bad) = hello
             .endpoints

@@ -97,7 +97,12 @@ pub async fn run(
     ));
     tasks.spawn(shared.clone().run());
     if let Some(id) = identity {
-        tasks.spawn(crate::broker_link::run(id, shared.clone()));
+        let dir = config.state_dir.clone();
+        let store: crate::broker_link::StoreIdentity = Arc::new(move |id: identity::Identity| {
+            let dir = dir.clone();
+            Box::pin(async move { id.save(&dir).map_err(|e| e.to_string()) })
+        });
+        tasks.spawn(crate::broker_link::run(id, shared.clone(), store));
     }
     // Tools and tests that bind port 0 learn the real address from this file.
     if let Ok(addr) = listener.local_addr() {

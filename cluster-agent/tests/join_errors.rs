@@ -83,7 +83,12 @@ async fn used_unknown_and_expired_tokens_are_final() {
     let mut unknown = broker.token("edge").await;
     unknown.id = "no-such-token".into();
     let dir = tempfile::tempdir().unwrap();
-    assert_final(dir.path(), &unknown, &["rejected", "unknown token"]).await;
+    assert_final(
+        dir.path(),
+        &unknown,
+        &["rejected", "is unknown or its secret does not match"],
+    )
+    .await;
 
     let expired = broker.token_ttl("edge", 1).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;

@@ -442,7 +442,7 @@ async fn kubernetes_mode_fails_over_to_a_standby_gateway_and_stores_it() {
         let list = broker
             .admin()
             .await
-            .list_clusters(l2mesh_proto::broker::ListClustersRequest {})
+            .list_clusters(l2mesh_proto::broker::ListClustersRequest::default())
             .await
             .unwrap()
             .into_inner();

@@ -83,6 +83,17 @@ async fn standalone_agent_joins_serves_nodes_writes_status_and_restarts_without_
     let e = w1.watch_desired(hello("stranger", 3)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     assert!(e.message().contains("Nodes manifest"));
+    // Oversized strings are refused by the shared limits, never echoed.
+    let e = w1
+        .watch_desired(hello(&"n".repeat(100_000), 3))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("limit is 253") && e.message().len() < 200);
+    let mut long_endpoint = hello("w1", 2);
+    long_endpoint.endpoints = vec![format!("{}:1", "1".repeat(100))];
+    let e = w1.watch_desired(long_endpoint).await.unwrap_err();
+    assert!(e.message().contains("limit is 64"), "{}", e.message());
 
     // The broker saw the gateway over mTLS, and the denial reaches the status file.
     wait_for("gateway report", || {

@@ -72,6 +72,63 @@ pub enum ConfigError {
          node's key: delete its key file and restart it to get a key of its own)"
     )]
     SelfPeer { name: String, key: String },
+    #[error("{what} is {len} bytes long; the limit is {max} bytes: shorten it")]
+    TooLong {
+        what: String,
+        len: usize,
+        max: usize,
+    },
+}
+
+/// Every string of a desired state within the shared limits, checked before
+/// anything else so that no error, log line or status copies a huge value.
+fn check_lengths(d: &DesiredState) -> Result<(), ConfigError> {
+    use l2mesh_proto::limits::{MAX_ENDPOINT_BYTES, MAX_FIELD_BYTES, MAX_NAME_BYTES};
+    let check = |what: &dyn Fn() -> String, s: &str, max: usize| {
+        if s.len() > max {
+            Err(ConfigError::TooLong {
+                what: what(),
+                len: s.len(),
+                max,
+            })
+        } else {
+            Ok(())
+        }
+    };
+    if let Some(id) = &d.identity {
+        check(
+            &|| "identity.node_name".into(),
+            &id.node_name,
+            MAX_NAME_BYTES,
+        )?;
+        check(
+            &|| "identity.tunnel_ip".into(),
+            &id.tunnel_ip,
+            MAX_FIELD_BYTES,
+        )?;
+    }
+    for (i, n) in d.networks.iter().enumerate() {
+        check(&|| format!("network #{i}: name"), &n.name, MAX_NAME_BYTES)?;
+        check(
+            &|| format!("network #{i}: pod_cidr"),
+            &n.pod_cidr,
+            MAX_FIELD_BYTES,
+        )?;
+    }
+    for (i, p) in d.peers.iter().enumerate() {
+        check(&|| format!("peer #{i}: name"), &p.name, MAX_NAME_BYTES)?;
+        check(
+            &|| format!("peer #{i}: endpoint"),
+            &p.endpoint,
+            MAX_ENDPOINT_BYTES,
+        )?;
+        check(
+            &|| format!("peer #{i}: tunnel_ip"),
+            &p.tunnel_ip,
+            MAX_FIELD_BYTES,
+        )?;
+    }
+    Ok(())
 }
 
 /// Base64 of a public key, as `wg` prints it.
@@ -123,6 +180,7 @@ pub struct Config {
 
 impl Config {
     pub fn from_desired(d: &DesiredState) -> Result<Self, ConfigError> {
+        check_lengths(d)?;
         let mut cfg = Config {
             revision: d.revision,
             ..Config::default()
@@ -427,6 +485,18 @@ mod tests {
                 "not ip:port",
             ),
             (Box::new(|d| d.peers[0].group = 0), "unspecified"),
+            (
+                Box::new(|d| d.peers[0].name = "n".repeat(1_500_000)),
+                "peer #0: name is 1500000 bytes long; the limit is 253",
+            ),
+            (
+                Box::new(|d| d.peers[0].endpoint = format!("{}:1", "1".repeat(80))),
+                "peer #0: endpoint is 82 bytes long; the limit is 64",
+            ),
+            (
+                Box::new(|d| d.networks[0].name = "n".repeat(300)),
+                "network #0: name",
+            ),
             (Box::new(|d| d.peers[0].tunnel_ip = "x".into()), "tunnel_ip"),
             (
                 Box::new(|d| d.identity = None),

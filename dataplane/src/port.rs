@@ -7,7 +7,7 @@ use crate::Error;
 /// Marks aliases we wrote, so foreign aliases are never taken for a pod.
 const ALIAS_PREFIX: &str = "l2mesh-pod:";
 /// Longest Kubernetes object name (a DNS subdomain).
-const MAX_NAME: usize = 253;
+use l2mesh_proto::limits::MAX_NAME_BYTES as MAX_NAME;
 
 /// A pod by namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq)]

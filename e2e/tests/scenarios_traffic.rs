@@ -136,8 +136,10 @@ fn scenario_2_networks_are_isolated_and_unadmitted_clusters_get_nothing() {
         || {
             std::fs::read_to_string(&status_file).is_ok_and(|s| {
                 let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
-                // One condition: reason Denied, status 'False', type Admitted.
-                flat.contains("reason: Denied status: 'False' type: Admitted")
+                // One condition: status 'False', type Admitted, and the
+                // reason a network c3 may not join gets: UnknownNetwork (a
+                // cluster does not learn which networks exist).
+                flat.contains("reason: UnknownNetwork status: 'False' type: Admitted")
             })
         },
     )

@@ -12,6 +12,7 @@
 use std::fmt;
 
 pub mod join;
+pub mod limits;
 pub mod pinned;
 
 /// `l2mesh.broker.v1`: onboarding, reports, the cluster view and admin calls.

@@ -71,6 +71,13 @@ fn start_broker(bin: &Path, dir: &Path) -> Result<BrokerProcess> {
             "127.0.0.1:0",
         ])
         .args(["--join-failures-per-minute", "0"])
+        // Every simulated agent connects from 127.0.0.1 and reports as fast
+        // as the benchmark drives it: lift the per-source and rate bounds.
+        .args(["--max-connections-per-source", "100000"])
+        .args(["--max-unauthenticated-per-source", "100000"])
+        .args(["--max-unauthenticated-connections", "100000"])
+        .args(["--reports-per-minute", "0"])
+        .args(["--view-interval-ms", "0"])
         .env("L2MESH_LOG", "warn,l2mesh_broker=info");
     BrokerProcess::spawn(cmd, Duration::from_secs(30))
         .with_context(|| format!("cannot start {}", bin.display()))

@@ -180,16 +180,13 @@ impl State {
     /// Whether `cluster` is admitted to `net`, and why not.
     #[must_use]
     pub fn admission(&self, cluster: &str, net: &str) -> Admission {
-        let Some(network) = self.networks.get(net) else {
+        // A cluster learns nothing about networks it may not join: "does
+        // not exist" and "exists but not for you" get the same answer.
+        let Some(network) = self.networks.get(net).filter(|n| Self::allowed(n, cluster)) else {
             return Admission::Unknown(format!(
-                "the broker has no multi-cluster network {net:?}: ask its admin to create it"
+                "no multi-cluster network {net:?} that cluster {cluster:?} may join: ask the broker admin to create it or to allow this cluster"
             ));
         };
-        if !Self::allowed(network, cluster) {
-            return Admission::Denied(format!(
-                "cluster {cluster:?} is not allowed in network {net:?}: ask the broker admin to allow it"
-            ));
-        }
         if !network.slots.contains_key(cluster) {
             return Admission::Denied(format!(
                 "network {net:?} has no free slice of its cidr left for another cluster"

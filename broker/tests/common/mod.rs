@@ -137,7 +137,7 @@ pub fn gateway(node: &str, key: u8, ip: &str) -> pb::Gateway {
     pb::Gateway {
         node: node.into(),
         public_key: vec![key; 32],
-        endpoints: vec!["192.0.2.10:51820".into()],
+        endpoints: vec![format!("192.0.2.{key}:51820")],
         tunnel_ip: ip.into(),
     }
 }

@@ -299,7 +299,16 @@ async fn lead(
     }
     tasks.spawn(sink_task);
     if let Some(id) = id {
-        tasks.spawn(crate::broker_link::run(id, shared.clone()));
+        let api = secrets_api.clone();
+        let store: crate::broker_link::StoreIdentity = Arc::new(move |id| {
+            let api = api.clone();
+            Box::pin(async move {
+                secrets::store_identity(&api, &id)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        });
+        tasks.spawn(crate::broker_link::run(id, shared.clone(), store));
     }
     tasks.spawn(shared.clone().run());
     let engine = shared.clone();

@@ -14,11 +14,16 @@ pub struct TestBroker {
 
 impl TestBroker {
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tune: impl FnOnce(&mut ServeConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let mut config = ServeConfig::new(dir.path().to_path_buf(), vec![addr.clone()]);
         config.join_failures_per_minute = 0;
+        tune(&mut config);
         let broker = Broker::open(config).await.unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -81,7 +86,7 @@ impl TestBroker {
         let list = self
             .admin()
             .await
-            .list_networks(pb::ListNetworksRequest {})
+            .list_networks(pb::ListNetworksRequest::default())
             .await
             .unwrap()
             .into_inner();

@@ -126,7 +126,7 @@ pub async fn seed_nodes(api: &FakeApi) {
     for n in [
         json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "gw",
             "labels": {"l2mesh.io/gateway": "true"},
-            "annotations": {"l2mesh.io/endpoint": "127.0.0.1:51820"}}}),
+            "annotations": {"l2mesh.io/endpoint": "192.0.2.1:51820"}}}),
         json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "w1"}}),
     ] {
         let node: Node = serde_json::from_value(n).unwrap();
@@ -235,7 +235,7 @@ pub async fn node_watch(
             node_name: node.into(),
             public_key: vec![7; 32],
             listen_port: 51820,
-            endpoints: vec!["127.0.0.1:51821".into()],
+            endpoints: vec!["192.0.2.2:51821".into()],
             ..Default::default()
         })
         .await

@@ -124,6 +124,12 @@ impl Broker for FakeBroker {
     ) -> Result<Response<ReportAck>, Status> {
         Ok(Response::new(ReportAck { revision: 1 }))
     }
+    async fn renew_certificate(
+        &self,
+        _: Request<l2mesh_proto::broker::RenewRequest>,
+    ) -> Result<Response<l2mesh_proto::broker::RenewResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
     type WatchStream = Pin<Box<dyn Stream<Item = Result<ClusterView, Status>> + Send>>;
     async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         use tokio_stream::StreamExt as _;
