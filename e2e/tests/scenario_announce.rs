@@ -39,6 +39,16 @@ fn a_recreated_pod_with_a_new_mac_is_reachable_at_once_across_clusters() {
     let bins = workspace_binaries().unwrap_or_else(|e| panic!("{e}"));
     let cni = bins.path("l2mesh-cni").unwrap().to_path_buf();
     let (lab, mesh) = converged_mesh(two_clusters());
+    // The agents got their join strings (token secrets) from files: no
+    // command line, which every user can read in /proc, carries one.
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            !(cmdline.contains("l2mesh-agent") && cmdline.contains("l2mesh1.")),
+            "a join string on a command line: {cmdline}"
+        );
+    }
     let topo = lab.topology();
     let (a, b) = (pod(&mesh, "c1-n1-p1"), pod(&mesh, "c2-n1-p1"));
     let a_ns = topo.netns(&a.role).unwrap();
