@@ -189,8 +189,11 @@ async fn delegates_ipam_to_host_local() {
     let addrs = show(&["addr", "show", "dev", "net1"]);
     assert!(addrs.contains(&ip) && addrs.contains(ip6), "{addrs}");
     let routes = show(&["route"]) + &show(&["-6", "route"]);
+    // Routes without "gw" go by the family's gateway, as the reference
+    // plugins install them.
     assert!(
-        routes.contains("10.79.0.0/16 dev net1") && routes.contains("fd00:79::/48 dev net1"),
+        routes.contains("10.79.0.0/16 via 10.78.0.1 dev net1")
+            && routes.contains("fd00:79::/48 via fd00:78::1 dev net1"),
         "{routes}"
     );
     let lease = leases.join("blue").join(ip.split('/').next().unwrap());
@@ -368,4 +371,189 @@ async fn ipv6_l2mesh_ipam_and_static_addresses() {
     assert!(d.ok, "{}", d.json);
     let lease = lab.dir.path().join("ipam/six/fd00:77:0:1::1");
     assert!(!lease.exists(), "DEL released the IPv6 lease");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delegated_static_ipam_gets_ignore_unknown_and_installs_routes() {
+    if !can_run() {
+        return;
+    }
+    let static_plugin = Path::new("/usr/lib/cni/static");
+    if !static_plugin.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} is missing in CI",
+            static_plugin.display()
+        );
+        eprintln!("skipping: {} is missing", static_plugin.display());
+        return;
+    }
+    let lab = lab(1390).await;
+    let pod = Netns::new("st");
+    let conf = lab.conf(json!({
+        "type": "static",
+        "addresses": [{"address": "10.81.0.5/24", "gateway": "10.81.0.1"}],
+        "routes": [{"dst": "10.82.0.0/16"}],
+    }));
+    // The kubelet's keys, without IgnoreUnknown: static refuses unknown
+    // keys unless the delegating plugin adds IgnoreUnknown=1.
+    let args = "K8S_POD_NAMESPACE=team;K8S_POD_NAME=router-0";
+    let a = lab
+        .cni_env("ADD", &pod.path(), "net1", &conf, &[("CNI_ARGS", args)])
+        .await;
+    assert!(a.ok, "{}", a.json);
+    assert_eq!(pod_ip(&a.json), "10.81.0.5/24");
+    let out = Command::new("ip")
+        .args(["-n", &pod.0, "route"])
+        .output()
+        .unwrap();
+    let routes = String::from_utf8_lossy(&out.stdout);
+    assert!(routes.contains("10.82.0.0/16 via 10.81.0.1"), "{routes}");
+    let d = lab
+        .cni_env("DEL", &pod.path(), "net1", &conf, &[("CNI_ARGS", args)])
+        .await;
+    assert!(d.ok, "{}", d.json);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l2mesh_ipam_carries_routes_and_gateway_and_0_4_0_results_name_versions() {
+    if !can_run() {
+        return;
+    }
+    let lab = lab(1390).await;
+    let pod = Netns::new("rt");
+    let mut ipam = lab.l2mesh_ipam();
+    ipam["gateway"] = json!(["10.77.0.1"]);
+    ipam["routes"] = json!([
+        {"dst": "10.90.0.0/16"},
+        {"dst": "10.91.0.0/16", "gw": "10.77.0.254"},
+    ]);
+    let mut conf = lab.conf(ipam);
+    conf["cniVersion"] = json!("0.4.0");
+    let a = lab.cni("ADD", &pod.path(), "net1", &conf).await;
+    assert!(a.ok, "{}", a.json);
+    assert_eq!(a.json["cniVersion"], "0.4.0");
+    assert_eq!(a.json["ips"][0]["version"], "4", "{}", a.json);
+    assert_eq!(a.json["ips"][0]["gateway"], "10.77.0.1");
+    assert_eq!(a.json["routes"][0]["dst"], "10.90.0.0/16");
+    assert_eq!(a.json["routes"][1]["gw"], "10.77.0.254");
+    let out = Command::new("ip")
+        .args(["-n", &pod.0, "route"])
+        .output()
+        .unwrap();
+    let routes = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        routes.contains("10.90.0.0/16 via 10.77.0.1")
+            && routes.contains("10.91.0.0/16 via 10.77.0.254"),
+        "{routes}"
+    );
+    // CHECK takes the 0.4.0 result back as prevResult.
+    let mut check = conf.clone();
+    check["prevResult"] = a.json.clone();
+    let c = lab.cni("CHECK", &pod.path(), "net1", &check).await;
+    assert!(c.ok, "{}", c.json);
+    // A 1.0.0 result has no version field.
+    let pod2 = Netns::new("rt2");
+    let b = lab
+        .cni("ADD", &pod2.path(), "net1", &lab.conf(lab.l2mesh_ipam()))
+        .await;
+    assert!(b.ok, "{}", b.json);
+    assert!(b.json["ips"][0].get("version").is_none(), "{}", b.json);
+    let mut bad = lab.l2mesh_ipam();
+    bad["gateway"] = json!(["10.77.0.1", "10.77.0.2"]);
+    let e = lab
+        .cni("ADD", &Netns::new("rt3").path(), "net1", &lab.conf(bad))
+        .await;
+    assert!(!e.ok && e.json["code"] == 7, "{}", e.json);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_frees_the_leases_of_attachments_that_are_gone() {
+    if !can_run() {
+        return;
+    }
+    let lab = lab(1390).await;
+    let (live, gone) = (Netns::new("live"), Netns::new("gone"));
+    let conf = lab.conf(lab.l2mesh_ipam());
+    let a = lab.cni("ADD", &live.path(), "net1", &conf).await;
+    let b = lab.cni("ADD", &gone.path(), "net1", &conf).await;
+    assert!(a.ok && b.ok, "{} {}", a.json, b.json);
+    let v = lab.cni("VERSION", "", "", &json!({})).await;
+    assert!(
+        v.json["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("1.1.0")),
+        "{}",
+        v.json
+    );
+    let mut gc = conf.clone();
+    gc["cniVersion"] = json!("1.1.0");
+    // Without the list of valid attachments nothing is freed.
+    let e = lab.cni("GC", "", "", &gc).await;
+    assert!(!e.ok && e.json["code"] == 7, "{}", e.json);
+    let container = |ns: &Netns| format!("ctr-{}-net1", ns.0);
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": container(&live), "ifname": "net1"}]);
+    let r = lab.cni("GC", "", "", &gc).await;
+    assert!(r.ok, "{}", r.json);
+    // b's address (whose DEL was lost) is free again, a's is not.
+    let take = |ip: &str| {
+        let mut c = conf.clone();
+        c["runtimeConfig"] = json!({"ips": [ip]});
+        c
+    };
+    let ip_a = pod_ip(&a.json);
+    let ip_b = pod_ip(&b.json);
+    let again = lab
+        .cni("ADD", &Netns::new("next").path(), "net2", &take(&ip_b))
+        .await;
+    assert!(again.ok, "{ip_b} was freed: {}", again.json);
+    let clash = lab
+        .cni("ADD", &Netns::new("clash").path(), "net2", &take(&ip_a))
+        .await;
+    assert!(!clash.ok && clash.json["code"] == 100, "{}", clash.json);
+    let status = lab.cni("STATUS", "", "", &gc).await;
+    assert!(status.ok, "{}", status.json);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_pod_announces_its_address_and_neighbours_update_at_once() {
+    if !can_run() {
+        return;
+    }
+    let lab = lab(1390).await;
+    let (client, server) = (Netns::new("cl"), Netns::new("sv"));
+    let mut sv_conf = lab.conf(lab.l2mesh_ipam());
+    sv_conf["runtimeConfig"] = json!({"ips": ["10.77.5.5/16"], "mac": "02:00:00:00:05:01"});
+    let a = lab
+        .cni("ADD", &client.path(), "net1", &lab.conf(lab.l2mesh_ipam()))
+        .await;
+    let b = lab.cni("ADD", &server.path(), "net1", &sv_conf).await;
+    assert!(a.ok && b.ok, "{} {}", a.json, b.json);
+    assert!(ping(&client, "10.77.5.5"));
+    let mac_seen = || {
+        let out = Command::new("ip")
+            .args(["-n", &client.0, "neigh", "show", "10.77.5.5"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(mac_seen().contains("02:00:00:00:05:01"), "{}", mac_seen());
+    // The kernel takes no new MAC within a second (locktime) of the last
+    // update of an entry; a re-created pod comes back later than that.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let d = lab.cni("DEL", &server.path(), "net1", &sv_conf).await;
+    assert!(d.ok, "{}", d.json);
+    sv_conf["runtimeConfig"]["mac"] = json!("02:00:00:00:05:02");
+    let again = lab.cni("ADD", &server.path(), "net1", &sv_conf).await;
+    assert!(again.ok, "{}", again.json);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !mac_seen().contains("02:00:00:00:05:02") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client still has {}",
+            mac_seen()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

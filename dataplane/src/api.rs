@@ -30,9 +30,10 @@ impl Service {
 
 fn status(e: Error) -> Status {
     match e {
-        Error::Config(_) | Error::OwnedInterface(_) | Error::InvalidPod(_) => {
-            Status::invalid_argument(e.to_string())
-        }
+        Error::Config(_)
+        | Error::OwnedInterface(_)
+        | Error::RefusedInterface { .. }
+        | Error::InvalidPod(_) => Status::invalid_argument(e.to_string()),
         Error::NoSuchNetwork(_) | Error::NoSuchInterface(_) => Status::not_found(e.to_string()),
         // A failed apply changed nothing; its cause (a taken port or name)
         // is the node's state, not a fault of the daemon.

@@ -16,6 +16,7 @@ pub mod file;
 pub mod keys;
 pub mod metrics;
 pub mod netdev;
+pub mod nft;
 pub mod offload;
 pub mod port;
 pub mod status_json;
@@ -45,6 +46,10 @@ pub enum Error {
     },
     #[error("interface {0:?} is a device the dataplane owns; attach pod interfaces only")]
     OwnedInterface(String),
+    #[error("keeping the node out of tenant networks: {0}")]
+    Isolation(String),
+    #[error("interface {ifname:?} cannot be attached: {reason}")]
+    RefusedInterface { ifname: String, reason: String },
     #[error("invalid pod in attach request: {0}")]
     InvalidPod(String),
     #[error("key file {path}: {reason}")]

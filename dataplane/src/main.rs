@@ -79,6 +79,11 @@ enum Command {
         /// `/healthz` (answers while the daemon answers its own API); "" disables it.
         #[arg(long, env = "L2MESH_METRICS_LISTEN", default_value = "127.0.0.1:9431")]
         metrics_listen: String,
+        /// Let `attach` take interfaces of any kind (e.g. a spare NIC meant
+        /// for a tenant network), not only veths and TAPs. The node's own
+        /// interfaces (loopback, default route, addresses) stay refused.
+        #[arg(long, env = "L2MESH_ATTACH_ANY_INTERFACE")]
+        attach_any_interface: bool,
     },
     /// Print peers and networks of a running daemon as tables (or JSON).
     Status {
@@ -195,6 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             node_name,
             endpoints,
             metrics_listen,
+            attach_any_interface,
         } => {
             // Read the agent files first: a bad flag must change nothing.
             // They are read again on every reconnect (see `sync`).
@@ -235,6 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     return Err(anyhow::Error::new(e).context("starting the dataplane"));
                 }
             };
+            d.set_attach_any_kind(attach_any_interface);
             let metrics_task = metrics_listener.map(|l| {
                 let d2 = std::sync::Arc::clone(&d);
                 tokio::spawn(async move {

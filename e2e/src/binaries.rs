@@ -164,21 +164,61 @@ pub fn workspace_binaries() -> Result<&'static Binaries> {
         .map_err(|e| Error::Earlier(e.clone()))
 }
 
-/// The binaries for the demo: `L2MESH_E2E_BIN_DIR`, else a build with the
-/// demo's own profile, else (no cargo here) the demo's own directory.
-pub fn for_demo() -> Result<Binaries> {
-    if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
-        return Binaries::from_dir(Path::new(&dir));
-    }
-    match build_with(Profile::of_current_exe(), true) {
-        Err(Error::Spawn { command, source }) => {
-            let dir = std::env::current_exe()
-                .ok()
-                .and_then(|e| e.parent().map(Path::to_path_buf))
-                .ok_or(Error::Spawn { command, source })?;
-            Binaries::from_dir(&dir)
+/// Where the demo takes its binaries from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DemoBinaries {
+    /// `L2MESH_E2E_BIN_DIR` names a directory of prebuilt binaries.
+    FromEnv(PathBuf),
+    /// The demo runs from a checkout: `cargo build` there.
+    Build(PathBuf),
+    /// No checkout (a demo binary copied elsewhere): the binaries beside it.
+    BesideDemo(PathBuf),
+}
+
+impl DemoBinaries {
+    /// `L2MESH_E2E_BIN_DIR`, else the checkout the demo was built from if
+    /// it is still there, else the demo's own directory.
+    pub fn choose() -> Self {
+        if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
+            return Self::FromEnv(PathBuf::from(dir));
         }
-        other => other,
+        let root = workspace_root();
+        if root.join("Cargo.toml").is_file() {
+            return Self::Build(root);
+        }
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_path_buf))
+            .unwrap_or_default();
+        Self::BesideDemo(beside)
+    }
+
+    /// What the demo says it does in its first step.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::FromEnv(dir) => format!(
+                "using the prebuilt binaries in {} ({BIN_DIR_ENV})",
+                dir.display()
+            ),
+            Self::Build(root) => format!(
+                "building the l2mesh binaries in {} (cargo build --workspace --bins; set \
+                 {BIN_DIR_ENV} to use prebuilt ones)",
+                root.display()
+            ),
+            Self::BesideDemo(dir) => format!(
+                "using the binaries beside l2mesh-demo in {} (no checkout to build; set \
+                 {BIN_DIR_ENV} to use others)",
+                dir.display()
+            ),
+        }
+    }
+
+    /// The binaries: built (with the demo's own profile) or found.
+    pub fn get(&self) -> Result<Binaries> {
+        match self {
+            Self::FromEnv(dir) | Self::BesideDemo(dir) => Binaries::from_dir(dir),
+            Self::Build(_) => build_with(Profile::of_current_exe(), true),
+        }
     }
 }
 
@@ -225,6 +265,23 @@ not json
         let bins = Binaries { paths };
         let err = bins.path("l2mesh-agent").unwrap_err().to_string();
         assert!(err.contains("l2mesh-broker"), "{err}");
+    }
+
+    #[test]
+    fn the_demo_says_where_its_binaries_come_from() {
+        let env = DemoBinaries::FromEnv("/opt/l2mesh".into()).describe();
+        assert!(
+            env.contains("/opt/l2mesh") && env.contains(BIN_DIR_ENV),
+            "{env}"
+        );
+        assert!(!env.contains("building"), "{env}");
+        let build = DemoBinaries::Build("/src/l2mesh".into()).describe();
+        assert!(
+            build.starts_with("building") && build.contains(BIN_DIR_ENV),
+            "{build}"
+        );
+        let beside = DemoBinaries::BesideDemo("/usr/local/bin".into()).describe();
+        assert!(beside.contains("/usr/local/bin") && !beside.starts_with("building"));
     }
 
     #[test]

@@ -183,6 +183,14 @@ impl Mesh {
                 &network_manifest(NETWORK),
             )?;
             let agent_dir = lab.log_dir().join(&dir);
+            // The join string holds the token's secret: a file only root
+            // reads, never the command line (which `ps` shows to everyone).
+            let join_file = lab.write_file(&format!("{dir}/join"), &join)?;
+            std::fs::set_permissions(
+                &join_file,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .map_err(|e| Error::io(&join_file, e))?;
             let gw = c
                 .nodes
                 .first()
@@ -202,7 +210,8 @@ impl Mesh {
                 .arg(agent_dir.join("manifests"))
                 .arg("--state-dir")
                 .arg(agent_dir.join("state"))
-                .args(["--join-string", &join])
+                .arg("--join-string-file")
+                .arg(&join_file)
                 .args(["--node-sync-listen", &format!("{gw_lan}:0")])
                 .args(["--metrics-listen", "", "--poll-ms", "200"])
                 .env("NO_COLOR", "1")

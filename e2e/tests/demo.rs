@@ -118,6 +118,17 @@ fn demo_keep_leaves_the_topology_up_and_cleanup_removes_it() {
         text.contains("ip netns exec"),
         "instructions missing:\n{text}"
     );
+    // Nothing was built, and the demo says where its binaries came from;
+    // the hints name binaries by full path (they are not on PATH).
+    assert!(
+        text.contains("[1/5] using the prebuilt binaries") && !text.contains("building the l2mesh"),
+        "{text}"
+    );
+    let dataplane = bin_dir().join("l2mesh-dataplane");
+    assert!(
+        text.contains(&format!("{} status --socket", dataplane.display())),
+        "{text}"
+    );
     // The mesh keeps working after the demo exited: pod of c1 to pod of c2.
     let pod = format!("{prefix}c1-gw-p1");
     let ping = Command::new("ip")

@@ -121,14 +121,48 @@ pub(super) fn l2mesh_ipam(
             out.push(format!("{}/{prefix}", s.addr()));
         }
     }
+    let gateways = gateways(conf)?;
     Ok(out
         .into_iter()
-        .map(|address| IpConfig {
-            address,
-            gateway: None,
-            interface: Some(1),
+        .map(|address| {
+            let v6 = address.contains(':');
+            IpConfig {
+                gateway: gateways
+                    .iter()
+                    .find(|g| g.is_ipv6() == v6)
+                    .map(ToString::to_string),
+                address,
+                interface: Some(1),
+                version: None,
+            }
         })
         .collect())
+}
+
+/// The l2mesh IPAM gateways, at most one per IP family.
+pub(super) fn gateways(conf: &NetConf) -> Result<Vec<IpAddr>, CniError> {
+    let Some(ipam) = &conf.ipam else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<IpAddr> = Vec::new();
+    for g in &ipam.gateway {
+        let ip = g.parse::<IpAddr>().map_err(|_| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("ipam.gateway {g:?} is not an IP address"),
+                "list at most one IPv4 and one IPv6 address",
+            )
+        })?;
+        if out.iter().any(|o| o.is_ipv6() == ip.is_ipv6()) {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("ipam.gateway has two addresses of the family of {ip}"),
+                "list at most one IPv4 and one IPv6 address",
+            ));
+        }
+        out.push(ip);
+    }
+    Ok(out)
 }
 
 pub(super) enum Ipam<'a> {

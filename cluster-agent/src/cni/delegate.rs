@@ -24,7 +24,23 @@ fn find(env: &CniEnv, plugin: &str) -> Result<PathBuf, CniError> {
         })
 }
 
-/// Run `plugin` with `command` (ADD, DEL, CHECK). ADD returns its result.
+/// `CNI_ARGS` for a delegated plugin: with `IgnoreUnknown=1`, so that a
+/// plugin that knows none of the runtime's keys (`K8S_POD_NAME`, ...), such
+/// as `static`, does not fail on them.
+#[must_use]
+pub fn delegate_args(args: &str) -> String {
+    let has = args.split(';').any(|kv| {
+        kv.split_once('=')
+            .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case("IgnoreUnknown"))
+    });
+    match (has, args.trim().is_empty()) {
+        (true, _) => args.to_owned(),
+        (false, true) => "IgnoreUnknown=1".to_owned(),
+        (false, false) => format!("IgnoreUnknown=1;{args}"),
+    }
+}
+
+/// Run `plugin` with `command` (ADD, DEL, CHECK, GC). ADD returns its result.
 pub fn exec(
     env: &CniEnv,
     plugin: &str,
@@ -38,7 +54,7 @@ pub fn exec(
         .env("CNI_NETNS", &env.netns)
         .env("CNI_IFNAME", &env.ifname)
         .env("CNI_PATH", &env.path)
-        .env("CNI_ARGS", &env.args)
+        .env("CNI_ARGS", delegate_args(&env.args))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -81,4 +97,22 @@ pub fn exec(
             "",
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delegated_plugins_are_told_to_ignore_unknown_args() {
+        assert_eq!(delegate_args(""), "IgnoreUnknown=1");
+        assert_eq!(
+            delegate_args("K8S_POD_NAMESPACE=a;K8S_POD_NAME=b"),
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=a;K8S_POD_NAME=b"
+        );
+        assert_eq!(
+            delegate_args("IgnoreUnknown=true;K8S_POD_NAME=b"),
+            "IgnoreUnknown=true;K8S_POD_NAME=b"
+        );
+    }
 }

@@ -7,6 +7,7 @@
 //! `ips`, or a delegated IPAM plugin.
 
 mod addrs;
+pub mod announce;
 pub mod delegate;
 pub mod link;
 pub mod store;
@@ -32,7 +33,8 @@ pub async fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<String>, CniError>
             .to_string(),
         )),
         "ADD" => {
-            let result = add(env, &NetConf::parse(stdin)?, stdin).await?;
+            let mut result = add(env, &NetConf::parse(stdin)?, stdin).await?;
+            result.shape_for_version();
             serde_json::to_string(&result)
                 .map(Some)
                 .map_err(|e| CniError::new(code::IO_FAILURE, e.to_string(), ""))
@@ -43,6 +45,14 @@ pub async fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<String>, CniError>
         "CHECK" => check(env, &NetConf::parse(stdin)?, stdin)
             .await
             .map(|()| None),
+        "GC" => gc(env, &NetConf::parse(stdin)?, stdin).map(|()| None),
+        "STATUS" => {
+            let conf = NetConf::parse(stdin)?;
+            client(&conf)
+                .await
+                .map(|_| None)
+                .map_err(|e| CniError::new(code::PLUGIN_NOT_AVAILABLE, e.msg, e.details))
+        }
         "" => Err(CniError::new(
             code::INVALID_ENV,
             "CNI_COMMAND is not set",
@@ -50,7 +60,7 @@ pub async fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<String>, CniError>
         )),
         other => Err(CniError::new(
             code::INVALID_ENV,
-            format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, VERSION"),
+            format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION"),
             "",
         )),
     }
@@ -171,6 +181,9 @@ async fn add(env: &CniEnv, conf: &NetConf, stdin: &[u8]) -> Result<CniResult, Cn
         }
     };
     let result = finish_add(env, conf, stdin, &nls, &host, &port, &statics).await;
+    if let Ok(r) = &result {
+        announce_addresses(env, &ns_file, r);
+    }
     if result.is_err() {
         if let Ipam::L2mesh = ipam_kind(conf)
             && let Ok(store) = store::Store::open(&data_dir(conf), &network)
@@ -180,6 +193,29 @@ async fn add(env: &CniEnv, conf: &NetConf, stdin: &[u8]) -> Result<CniResult, Cn
         cleanup(conf, &nls.host, &host, true).await;
     }
     result
+}
+
+/// Announces the pod's addresses on its new interface, so that neighbours
+/// holding them with an earlier pod's MAC update at once. Best effort: the
+/// attachment works without it, so a failure is only logged.
+fn announce_addresses(env: &CniEnv, ns: &std::fs::File, result: &CniResult) {
+    let Some(mac) = result
+        .interfaces
+        .iter()
+        .find(|i| i.name == env.ifname && !i.sandbox.is_empty())
+        .and_then(|i| link::parse_mac(&i.mac))
+    else {
+        return;
+    };
+    let ips: Vec<IpAddr> = result
+        .ips
+        .iter()
+        .filter_map(|ip| parse_net("ips address", &ip.address).ok())
+        .map(|n| n.addr())
+        .collect();
+    if let Err(e) = announce::send(ns, &env.ifname, announce::frames(mac, &ips)) {
+        tracing::warn!(error = %e, "could not announce the pod's addresses");
+    }
 }
 
 /// Netlink connections in the host's and in the pod's namespace.
@@ -230,12 +266,19 @@ async fn finish_add(
                 .iter()
                 .map(|s| IpConfig {
                     address: s.to_string(),
-                    gateway: None,
                     interface: Some(1),
+                    ..IpConfig::default()
                 })
                 .collect();
         }
-        Ipam::L2mesh => result.ips = l2mesh_ipam(conf, env, port, statics)?,
+        Ipam::L2mesh => {
+            result.ips = l2mesh_ipam(conf, env, port, statics)?;
+            result.routes = conf
+                .ipam
+                .as_ref()
+                .map(|i| i.routes.clone())
+                .unwrap_or_default();
+        }
         Ipam::Delegate(plugin) => {
             let delegated = delegate::exec(env, plugin, "ADD", stdin)?.unwrap_or_default();
             result.ips = delegated
@@ -261,15 +304,23 @@ async fn finish_add(
     nl.host.set_up(host).await.map_err(io_err)?;
     for route in &result.routes {
         let dst = parse_net("routes dst", &route.dst)?;
+        // A route without a gateway goes by its family's address gateway,
+        // as the reference plugins do.
+        let family_gw = result
+            .ips
+            .iter()
+            .filter_map(|ip| ip.gateway.as_deref())
+            .find(|g| g.contains(':') == dst.addr().is_ipv6());
         let gw = route
             .gw
             .as_deref()
+            .or(family_gw)
             .map(|g| {
                 g.parse::<IpAddr>().map_err(|_| {
                     CniError::new(
                         code::INVALID_CONFIG,
                         format!("route gateway {g:?} is not an IP address"),
-                        "fix the IPAM plugin's routes",
+                        "fix the routes of the IPAM configuration or plugin",
                     )
                 })
             })
@@ -346,6 +397,36 @@ async fn del(env: &CniEnv, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError>
         pod.delete(&env.ifname).await.map_err(io_err)?;
     }
     Ok(())
+}
+
+/// GC (CNI 1.1): frees every l2mesh IPAM lease of this network whose
+/// attachment is not in `cni.dev/valid-attachments` (a lost DEL leaks
+/// nothing for longer than until the runtime's next GC); a delegated IPAM
+/// plugin gets the GC itself.
+fn gc(env: &CniEnv, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
+    let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "GC needs cni.dev/valid-attachments in the configuration",
+            "the runtime lists the attachments that still exist; nothing was freed",
+        )
+    })?;
+    match ipam_kind(conf) {
+        Ipam::None => Ok(()),
+        Ipam::L2mesh => {
+            let keep: Vec<(String, String)> = valid
+                .iter()
+                .map(|a| (a.container_id.clone(), a.ifname.clone()))
+                .collect();
+            let store = store::Store::open(&data_dir(conf), conf.network()).map_err(io_err)?;
+            let freed = store.retain(&keep).map_err(io_err)?;
+            if !freed.is_empty() {
+                tracing::info!(?freed, network = conf.network(), "GC freed leases");
+            }
+            Ok(())
+        }
+        Ipam::Delegate(plugin) => delegate::exec(env, plugin, "GC", stdin).map(|_| ()),
+    }
 }
 
 fn check_failed(msg: String) -> CniError {

@@ -104,6 +104,27 @@ impl Store {
         Ok(ips)
     }
 
+    /// Drops every lease whose owner is not one of `keep` (container id,
+    /// ifname); returns the addresses freed. A lease file without an owner
+    /// (a reservation that died halfway) goes too.
+    pub fn retain(&self, keep: &[(String, String)]) -> Result<Vec<IpAddr>, String> {
+        let mut freed = Vec::new();
+        for (ip, owner) in self.leases()? {
+            let mut lines = owner.trim_end().splitn(2, '\n');
+            let (c, i) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+            if keep.iter().any(|(kc, ki)| kc == c && ki == i) {
+                continue;
+            }
+            let path = self.dir.join(ip.to_string());
+            match fs::remove_file(&path) {
+                Ok(()) => freed.push(ip),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path, e)),
+            }
+        }
+        Ok(freed)
+    }
+
     /// The last address handed out, for round robin.
     #[must_use]
     pub fn last(&self) -> Option<IpAddr> {
@@ -135,5 +156,25 @@ mod tests {
         assert!(s.release("c1", "net1").unwrap().is_empty());
         assert!(s.used().unwrap().is_empty());
         assert!(Store::open(dir.path(), "../x").is_err());
+    }
+
+    #[test]
+    fn gc_keeps_the_leases_of_valid_attachments_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "blue").unwrap();
+        let ip = |i: u8| IpAddr::from([10, 0, 0, i]);
+        assert!(s.reserve(ip(1), "live", "net1").unwrap());
+        assert!(s.reserve(ip(2), "gone", "net1").unwrap());
+        assert!(s.reserve(ip(3), "live", "net2").unwrap());
+        fs::write(dir.path().join("blue").join("10.0.0.4"), "").unwrap();
+        let keep = vec![("live".to_owned(), "net1".to_owned())];
+        let mut freed = s.retain(&keep).unwrap();
+        freed.sort();
+        assert_eq!(freed, vec![ip(2), ip(3), ip(4)]);
+        assert_eq!(
+            s.used().unwrap().into_iter().collect::<Vec<_>>(),
+            vec![ip(1)]
+        );
+        assert_eq!(s.last(), Some(ip(3)), "round robin is untouched");
     }
 }

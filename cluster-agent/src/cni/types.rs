@@ -7,8 +7,10 @@ use std::path::PathBuf;
 
 /// The only result version this plugin writes.
 pub const CNI_VERSION: &str = "1.0.0";
-/// Versions accepted in a network configuration (their results are the same shape).
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0"];
+/// Versions accepted in a network configuration. Results follow the
+/// configuration's version: 1.x results are one shape, 0.4.0 adds
+/// `ips[].version`. 1.1.0 adds the GC and STATUS commands.
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
 /// Where the node's dataplane listens unless the configuration says otherwise.
 pub const DEFAULT_DATAPLANE_SOCKET: &str = "/run/l2mesh/dataplane.sock";
 /// Where l2mesh IPAM keeps its leases unless the configuration says otherwise.
@@ -24,6 +26,8 @@ pub mod code {
     pub const DECODE_FAILURE: u32 = 6;
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
+    /// STATUS (CNI 1.1): the plugin cannot serve ADDs now.
+    pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
     /// Plugin-specific: an address could not be allocated.
     pub const IPAM_FAILURE: u32 = 100;
     /// Plugin-specific: CHECK found the interface differs from the result.
@@ -67,6 +71,13 @@ pub struct IpamConf {
     /// l2mesh IPAM: lease directory.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// l2mesh IPAM: the gateway of the pods' addresses (one per family),
+    /// returned as `ips[].gateway` and used by routes without `gw`.
+    #[serde(default)]
+    pub gateway: Vec<String>,
+    /// l2mesh IPAM: routes installed in the pod and returned in the result.
+    #[serde(default)]
+    pub routes: Vec<Route>,
 }
 
 /// The network configuration (stdin).
@@ -95,6 +106,18 @@ pub struct NetConf {
     pub args: Option<Value>,
     #[serde(default)]
     pub prev_result: Option<Value>,
+    /// GC (CNI 1.1): the attachments that still exist; every other lease
+    /// is freed.
+    #[serde(rename = "cni.dev/valid-attachments", default)]
+    pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+/// An attachment named in a GC request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
 }
 
 /// Capabilities Multus passes (`ips`, `mac`).
@@ -128,6 +151,9 @@ pub struct IpConfig {
     pub gateway: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<usize>,
+    /// "4" or "6"; results of cniVersion 0.4.0 carry it, 1.x ones do not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// A route in a result.
@@ -151,6 +177,17 @@ pub struct CniResult {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub dns: Value,
+}
+
+impl CniResult {
+    /// Puts the result in the shape of its `cniVersion`: 0.x results name
+    /// each address's IP version, 1.x results must not.
+    pub fn shape_for_version(&mut self) {
+        let old = self.cni_version.starts_with("0.");
+        for ip in &mut self.ips {
+            ip.version = old.then(|| if ip.address.contains(':') { "6" } else { "4" }.to_owned());
+        }
+    }
 }
 
 /// `CNI_*` environment of one invocation.

@@ -106,6 +106,8 @@ pub(super) fn open_tap(
         tun_rs::DeviceBuilder::new()
             .name(name.to_string())
             .layer(tun_rs::Layer::L2)
+            // Down until the caller has kept the node's stack off it.
+            .enable(false)
             .mtu(mtu)
             .offload(true)
             .multi_queue(queues > 1)

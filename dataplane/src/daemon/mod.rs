@@ -9,6 +9,7 @@ mod workers;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use l2mesh_proto::node::{DesiredState, PortResult};
@@ -20,8 +21,8 @@ use tun_rs::AsyncDevice;
 use crate::config::NetConfig;
 use crate::engine::Engine;
 use crate::netdev::{self, Netlink};
-use crate::port::PodRef;
-use crate::{Error, keys};
+use crate::port::{PodRef, port_alias, settings_before};
+use crate::{Error, keys, nft};
 
 /// UDP port used when neither the flag nor the desired state sets one.
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
@@ -55,6 +56,8 @@ pub struct Daemon {
     netlink: Netlink,
     state_dir: PathBuf,
     apply_lock: tokio::sync::Mutex<()>,
+    /// Attach interfaces of any kind, not only veths and TAPs.
+    attach_any_kind: AtomicBool,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -92,6 +95,9 @@ impl Daemon {
         worker_slice: Option<std::time::Duration>,
     ) -> Result<Arc<Self>, Error> {
         let secret = keys::load_or_create(state_dir)?;
+        // Before any tenant device exists: the node's stack never sees a
+        // tenant frame, not even for a moment after a restart.
+        nft::install()?;
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let workers = worker_count(workers, cores);
         let workers = workers::Workers::start(workers, worker_slice)?;
@@ -106,6 +112,7 @@ impl Daemon {
             netlink: Netlink::new()?,
             state_dir: state_dir.to_path_buf(),
             apply_lock: tokio::sync::Mutex::new(()),
+            attach_any_kind: AtomicBool::new(false),
         });
         {
             let mut cfg = daemon.engine.config();
@@ -208,21 +215,21 @@ impl Daemon {
         if let Some(stale) = self.netlink.find(&name).await? {
             self.netlink.delete(stale.index).await?;
         }
+        // The TAP is made down and isolated before it comes up, so the
+        // node's stack never gets to send on it (no IPv6 link-local, no
+        // router solicitation, no MLD report).
         let queues = io::open_tap(&name, n.mtu, &self.workers)?;
         let tap = self
             .netlink
             .find(&name)
             .await?
             .ok_or_else(|| Error::Netlink(format!("TAP {name} vanished after creation")))?;
+        self.netlink.isolate(tap.index).await?;
         self.netlink.enslave(tap.index, bridge, n.mtu).await?;
-        // The node must not talk into tenant networks (router solicitations,
-        // MLD reports from link-local addresses on the bridge or the TAP).
-        for dev in [netdev::bridge_name(n.vni), name.clone()] {
-            let path = format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6");
-            if let Err(e) = std::fs::write(&path, "1")
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(error = %e, device = %dev, "could not disable IPv6");
+        // Ports adopted from an earlier run get the same treatment.
+        for port in self.netlink.links().await? {
+            if port.controller == Some(bridge) && port.index != tap.index {
+                self.netlink.isolate(port.index).await?;
             }
         }
         let readers = self.spawn_tap_readers(n.vni, &queues);
@@ -286,8 +293,15 @@ impl Daemon {
         }
     }
 
+    /// Attaches interfaces of any kind (not only veths and TAPs), e.g. a
+    /// physical NIC meant for a tenant network.
+    pub fn set_attach_any_kind(&self, allow: bool) {
+        self.attach_any_kind.store(allow, Ordering::Relaxed);
+    }
+
     /// Puts a host interface (a pod veth) into a network's bridge and
-    /// records its pod (both names empty: no pod) on the interface.
+    /// records its pod (both names empty: no pod) and its former settings
+    /// on the interface. Interfaces of the node itself are refused.
     pub async fn attach(
         &self,
         network: &str,
@@ -300,31 +314,62 @@ impl Daemon {
         if netdev::owned_vni(ifname).is_some() {
             return Err(Error::OwnedInterface(ifname.to_string()));
         }
-        let link = self
-            .netlink
-            .find(ifname)
-            .await?
+        let links = self.netlink.links().await?;
+        let link = links
+            .iter()
+            .find(|l| l.name == ifname)
+            .cloned()
             .ok_or_else(|| Error::NoSuchInterface(ifname.to_string()))?;
-        let bridge = self
-            .netlink
-            .find(&netdev::bridge_name(n.vni))
-            .await?
+        let bridge = links
+            .iter()
+            .find(|l| l.name == netdev::bridge_name(n.vni))
+            .cloned()
             .ok_or_else(|| {
                 Error::Netlink(format!(
                     "bridge of network {network} is missing; re-apply the state"
                 ))
             })?;
+        let node = NodeFacts {
+            default_route_links: self.netlink.default_route_links().await?,
+            addresses: self.netlink.addresses(link.index).await?,
+            controller_name: link
+                .controller
+                .and_then(|c| links.iter().find(|l| l.index == c).map(|l| l.name.clone())),
+        };
+        if let Some(reason) =
+            attach_refusal(&link, &node, self.attach_any_kind.load(Ordering::Relaxed))
+        {
+            return Err(Error::RefusedInterface {
+                ifname: ifname.to_string(),
+                reason,
+            });
+        }
+        // What the port was like before its first attach; a re-attach (to
+        // this or another network) keeps the first record.
+        let before = link
+            .alias
+            .as_deref()
+            .and_then(settings_before)
+            .unwrap_or(link.settings);
+        let alias = port_alias(pod.as_ref(), &before);
+        if link.alias.as_deref() != Some(alias.as_str()) {
+            self.netlink.set_alias(link.index, &alias).await?;
+        }
+        // Down first, so that nothing the stack had pending on the
+        // interface (a report for a group it leaves) gets out.
+        if link.up && link.controller != Some(bridge.index) {
+            self.netlink.set_down(link.index).await?;
+        }
+        self.netlink.isolate(link.index).await?;
         self.netlink
             .enslave(link.index, bridge.index, n.mtu)
             .await?;
-        let alias = pod.as_ref().map(PodRef::to_alias).unwrap_or_default();
-        if link.alias.as_deref().unwrap_or_default() != alias {
-            self.netlink.set_alias(link.index, &alias).await?;
-        }
         Ok(Self::port_result(&n))
     }
 
-    /// Takes a host interface out of a network's bridge.
+    /// Takes a host interface out of a network's bridge and puts back the
+    /// settings it had before its attach (MTU, group, ARP, IPv6 address
+    /// generation).
     pub async fn detach(&self, network: &str, ifname: &str) -> Result<PortResult, Error> {
         let n = self.network(network)?;
         let bridge_name = netdev::bridge_name(n.vni);
@@ -342,7 +387,12 @@ impl Daemon {
             });
         }
         self.netlink.release(link.index).await?;
-        if link.alias.as_deref().and_then(PodRef::from_alias).is_some() {
+        if let Some(before) = link.alias.as_deref().and_then(settings_before) {
+            self.netlink.restore(link.index, &before).await?;
+        }
+        if link.alias.as_deref().and_then(PodRef::from_alias).is_some()
+            || link.alias.as_deref().and_then(settings_before).is_some()
+        {
             self.netlink.set_alias(link.index, "").await?;
         }
         Ok(Self::port_result(&n))
@@ -369,6 +419,56 @@ impl Daemon {
             .map(|a| a.port())
             .unwrap_or(0)
     }
+}
+
+/// What the node knows about an interface that an attach asks for.
+#[derive(Debug, Default)]
+struct NodeFacts {
+    /// Interfaces a default route leaves by.
+    default_route_links: Vec<u32>,
+    /// The interface's addresses.
+    addresses: Vec<std::net::IpAddr>,
+    /// The device the interface is already a port of, if any.
+    controller_name: Option<String>,
+}
+
+/// Why an interface must not become a tenant port, if it must not: the
+/// loopback, an interface carrying the node's own traffic (a default
+/// route, an address other than link-local: the underlay NIC), a port of a
+/// device that is not ours, and (unless `any_kind`) anything but a veth or
+/// a TAP, the interfaces that pods get.
+fn attach_refusal(link: &netdev::Link, node: &NodeFacts, any_kind: bool) -> Option<String> {
+    if link.loopback {
+        return Some("it is the loopback interface".to_string());
+    }
+    if node.default_route_links.contains(&link.index) {
+        return Some(
+            "the node's default route leaves by it; attaching it would put the node's own \
+             network into a tenant network"
+                .to_string(),
+        );
+    }
+    if let Some(ip) = node.addresses.iter().find(|a| !netdev::is_link_local(a)) {
+        return Some(format!(
+            "it has address {ip}: it carries the node's own traffic (the underlay?); attach \
+             only interfaces made for pods"
+        ));
+    }
+    if let Some(master) = &node.controller_name
+        && netdev::owned_vni(master).is_none()
+    {
+        return Some(format!(
+            "it is a port of {master}; take it out of {master} first"
+        ));
+    }
+    let kind = link.kind.as_deref().unwrap_or("physical");
+    if !any_kind && !matches!(kind, "veth" | "tun") {
+        return Some(format!(
+            "it is a {kind} interface; only veth and TAP interfaces made for pods are attached \
+             (start l2mesh-dataplane with --attach-any-interface to allow others)"
+        ));
+    }
+    None
 }
 
 /// Removes from `state` every peer whose key is `own` and returns their
@@ -401,6 +501,72 @@ mod tests {
         assert_eq!(worker_count(0, 64), MAX_WORKERS);
         assert_eq!(worker_count(3, 2), 3);
         assert_eq!(worker_count(1, 8), 1);
+    }
+
+    #[test]
+    fn node_interfaces_are_refused_and_pod_interfaces_attached() {
+        let veth = netdev::Link {
+            index: 7,
+            name: "l2abc".into(),
+            kind: Some("veth".into()),
+            ..netdev::Link::default()
+        };
+        let ok = NodeFacts::default();
+        assert_eq!(attach_refusal(&veth, &ok, false), None);
+        let tap = netdev::Link {
+            kind: Some("tun".into()),
+            ..veth.clone()
+        };
+        assert_eq!(attach_refusal(&tap, &ok, false), None);
+        let ll = NodeFacts {
+            addresses: vec!["fe80::1".parse().unwrap()],
+            ..NodeFacts::default()
+        };
+        assert_eq!(attach_refusal(&veth, &ll, false), None, "link-local only");
+        let lo = netdev::Link {
+            loopback: true,
+            kind: None,
+            ..veth.clone()
+        };
+        let refusal = |l: &netdev::Link, f: &NodeFacts, any: bool| {
+            attach_refusal(l, f, any).unwrap_or_default()
+        };
+        assert!(refusal(&lo, &ok, true).contains("loopback"));
+        let default = NodeFacts {
+            default_route_links: vec![7],
+            ..NodeFacts::default()
+        };
+        assert!(refusal(&veth, &default, true).contains("default route"));
+        let underlay = NodeFacts {
+            addresses: vec!["192.0.2.10".parse().unwrap()],
+            ..NodeFacts::default()
+        };
+        assert!(refusal(&veth, &underlay, true).contains("192.0.2.10"));
+        let nic = netdev::Link {
+            kind: None,
+            ..veth.clone()
+        };
+        assert!(refusal(&nic, &ok, false).contains("physical"));
+        assert_eq!(attach_refusal(&nic, &ok, true), None, "allowed explicitly");
+        let dummy = netdev::Link {
+            kind: Some("dummy".into()),
+            ..veth.clone()
+        };
+        assert!(refusal(&dummy, &ok, false).contains("--attach-any-interface"));
+        let enslaved = NodeFacts {
+            controller_name: Some("cni0".into()),
+            ..NodeFacts::default()
+        };
+        assert!(refusal(&veth, &enslaved, false).contains("cni0"));
+        let ours = NodeFacts {
+            controller_name: Some(netdev::bridge_name(5)),
+            ..NodeFacts::default()
+        };
+        assert_eq!(
+            attach_refusal(&veth, &ours, false),
+            None,
+            "moving between networks"
+        );
     }
 
     #[test]

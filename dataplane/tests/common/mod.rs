@@ -15,6 +15,7 @@ use l2mesh_proto::node::{
 };
 
 pub mod bulk;
+pub mod raw;
 pub mod udp;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_l2mesh-dataplane");
@@ -216,11 +217,24 @@ pub struct Node {
     pub public_key: Vec<u8>,
     pub tunnel_ip: String,
     pub extra: Vec<String>,
+    /// Run the daemon with `/proc/sys` read-only, as in an unprivileged
+    /// Kubernetes container.
+    pub ro_proc_sys: bool,
 }
 
 impl Node {
     pub async fn start(tag: &str, underlay: &mut Underlay, tunnel_ip: &str) -> Self {
         Self::start_with(tag, underlay, tunnel_ip, |_| Vec::new()).await
+    }
+
+    /// Like `start`, with the daemon in a mount namespace where `/proc/sys`
+    /// is read-only (no sysctl can be written).
+    pub async fn start_ro_proc_sys(tag: &str, underlay: &mut Underlay, tunnel_ip: &str) -> Self {
+        let mut node = Self::start(tag, underlay, tunnel_ip).await;
+        node.proc.take().map(Proc::finish);
+        node.ro_proc_sys = true;
+        node.launch().await;
+        node
     }
 
     /// Like `start`, with extra `run` arguments computed from the node's
@@ -247,6 +261,7 @@ impl Node {
             public_key: vec![],
             tunnel_ip: tunnel_ip.into(),
             extra: Vec::new(),
+            ro_proc_sys: false,
         };
         node.extra = extra(&node);
         node.launch().await;
@@ -256,7 +271,20 @@ impl Node {
     /// (Re)starts the daemon process and waits until its API answers.
     pub async fn launch(&mut self) {
         let state = self.dir.path().join("state");
-        let mut args = vec![
+        let mut args = Vec::new();
+        if self.ro_proc_sys {
+            args.extend([
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && \
+                 exec \"$0\" \"$@\"",
+            ]);
+        }
+        args.extend([
             BIN,
             "run",
             "--socket",
@@ -265,7 +293,7 @@ impl Node {
             state.to_str().unwrap(),
             "--listen-port",
             "0",
-        ];
+        ]);
         args.extend(self.extra.iter().map(String::as_str));
         let proc = self.ns.spawn(&args);
         self.proc = Some(proc);

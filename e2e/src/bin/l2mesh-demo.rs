@@ -21,6 +21,10 @@ use nix::sys::signal::{SigSet, Signal};
 ///
 /// Needs root. Everything lives in namespaces named `l2e-<pid>-...`; nothing
 /// is changed in the root namespace. Ctrl-C cleans up.
+///
+/// Binaries: from the directory in L2MESH_E2E_BIN_DIR if set; otherwise,
+/// run from a checkout, `cargo build --workspace --bins` there (same
+/// profile as the demo); otherwise the l2mesh-* binaries beside the demo.
 #[derive(Debug, Parser)]
 #[command(name = "l2mesh-demo", version, about, long_about)]
 struct Cli {
@@ -133,12 +137,9 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         let _ = std::io::stdout().flush();
     };
 
-    step(
-        1,
-        STEPS,
-        "building the l2mesh binaries (cargo build --workspace --bins)",
-    );
-    let bins = binaries::for_demo()?;
+    let source = binaries::DemoBinaries::choose();
+    step(1, STEPS, &source.describe());
+    let bins = source.get()?;
     for name in binaries::PRODUCT_BINARIES {
         println!("      {name}: {}", bins.path(name)?.display());
     }
@@ -207,7 +208,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         );
     }
     if cli.keep {
-        keep(lab, &mesh);
+        keep(lab, &mesh, &bins);
     }
     Ok(if failures == 0 {
         ExitCode::SUCCESS
@@ -216,7 +217,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn keep(lab: Lab, mesh: &Mesh) {
+fn keep(lab: Lab, mesh: &Mesh, bins: &binaries::Binaries) {
     let l2mesh_e2e::lab::Kept {
         namespaces: kept,
         processes: procs,
@@ -252,9 +253,11 @@ fn keep(lab: Lab, mesh: &Mesh) {
     }
     if let Some(n) = mesh.nodes.first()
         && let Some(ns) = ns_of(&n.role)
+        && let Ok(dataplane) = bins.path("l2mesh-dataplane")
     {
         println!(
-            "      ip netns exec {ns} l2mesh-dataplane status --socket {}",
+            "      ip netns exec {ns} {} status --socket {}",
+            dataplane.display(),
             n.socket.display()
         );
     }
@@ -352,6 +355,12 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_names_the_prebuilt_binaries_variable() {
+        let help = super::Cli::command().render_long_help().to_string();
+        assert!(help.contains(l2mesh_e2e::binaries::BIN_DIR_ENV), "{help}");
     }
 
     #[test]
