@@ -1,4 +1,4 @@
-//! Scenarios 3 to 6 (issue 6): broker and agent restarts, cluster removal
+//! Scenarios 3 to 6: broker and agent restarts, cluster removal
 //! and key rotation under traffic. Root only; the workspace binaries are
 //! built once per test process.
 

@@ -1,4 +1,4 @@
-//! Scenario 7 (issue 6): bad tokens are refused and change nothing. Root
+//! Scenario 7: bad tokens are refused and change nothing. Root
 //! only; the workspace binaries are built once per test process.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]

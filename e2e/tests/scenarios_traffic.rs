@@ -1,4 +1,4 @@
-//! Scenarios 1, 2 and 8 (issue 6): connectivity across clusters, isolation
+//! Scenarios 1, 2 and 8: connectivity across clusters, isolation
 //! between networks, and what the wire shows. Root only; the workspace
 //! binaries are built once per test process.
 
