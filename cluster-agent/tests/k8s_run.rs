@@ -56,9 +56,12 @@ async fn run_end_to_end_against_the_fake_api_and_a_real_broker() {
     wait_for("the NAD recreated", 20, || api.get(NADS, "default", "blue")).await;
 
     // The multi-cluster network: admitted by the real broker, its VNI.
-    let shared = wait_for("shared Admitted", 20, || {
-        api.get(NETS, "default", "shared")
-            .filter(|o| condition(o, "Admitted").as_deref() == Some("True"))
+    // The admission and the view that carries the VNI may land in two
+    // status writes; wait for both.
+    let shared = wait_for("shared Admitted with its VNI", 20, || {
+        api.get(NETS, "default", "shared").filter(|o| {
+            condition(o, "Admitted").as_deref() == Some("True") && !o["status"]["vni"].is_null()
+        })
     })
     .await;
     assert_eq!(shared["status"]["vni"], json!(shared_net.vni));
