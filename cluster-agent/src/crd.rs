@@ -25,6 +25,26 @@ pub const MAX_MTU: u32 = 8890;
 /// it fully; this keeps `not-a-cidr` and `10.1.0.0/33` out of the API.
 pub const IP_RANGE_PATTERN: &str = r"^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])/([0-9]|1[0-9]|2[0-8])$|^[0-9a-fA-F]{0,4}(:[0-9a-fA-F]{0,4}){2,7}/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-4])$";
 
+/// What the API server checks of a route's `dst`: an IPv4 or IPv6 CIDR.
+pub const ROUTE_DST_PATTERN: &str = r"^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])/([0-9]|[12][0-9]|3[0-2])$|^[0-9a-fA-F]{0,4}(:[0-9a-fA-F]{0,4}){2,7}/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8])$";
+
+/// What the API server checks of a gateway address: an IPv4 or IPv6 address.
+pub const IP_ADDRESS_PATTERN: &str = r"^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])$|^[0-9a-fA-F]{0,4}(:[0-9a-fA-F]{0,4}){2,7}$";
+
+/// A route l2mesh IPAM installs in every attached pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct L2NetworkRoute {
+    /// Destination CIDR, e.g. `10.30.0.0/16` or `0.0.0.0/0`.
+    #[schemars(regex(pattern = ROUTE_DST_PATTERN), length(max = 43))]
+    pub dst: String,
+    /// Next hop on this network; without it the route goes via the
+    /// network's gateway of the same family (`spec.gateway`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = IP_ADDRESS_PATTERN), length(max = 39))]
+    pub gw: Option<String>,
+}
+
 /// Whether a network stays inside this cluster or spans clusters through the broker.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -77,6 +97,15 @@ pub struct L2NetworkSpec {
     /// Name of the network at the broker (multiCluster only); defaults to the resource name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker_network: Option<String>,
+    /// Gateway address(es) of the pods on this network (at most one per
+    /// family), e.g. a router pod's address; l2mesh IPAM only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 2), inner(regex(pattern = IP_ADDRESS_PATTERN)))]
+    pub gateway: Vec<String>,
+    /// Routes installed in every attached pod; l2mesh IPAM only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub routes: Vec<L2NetworkRoute>,
 }
 
 /// Observed state of an `L2Network`.

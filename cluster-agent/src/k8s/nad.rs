@@ -36,6 +36,12 @@ pub fn cni_config(net: &L2Network, range: Option<ipnet::IpNet>, mtu: u32) -> ser
     });
     if let Some(range) = range {
         conf["ipam"] = serde_json::json!({"type": "l2mesh", "subnet": range.to_string()});
+        if !net.spec.gateway.is_empty() {
+            conf["ipam"]["gateway"] = serde_json::json!(net.spec.gateway);
+        }
+        if !net.spec.routes.is_empty() {
+            conf["ipam"]["routes"] = serde_json::json!(net.spec.routes);
+        }
     }
     conf
 }
@@ -92,5 +98,25 @@ mod tests {
         let conf = cni_config(&net, None, 1300);
         assert!(conf.get("ipam").is_none());
         assert_eq!(conf["mtu"], 1300);
+    }
+
+    #[test]
+    fn routes_and_gateway_of_the_spec_reach_the_cni_ipam_config() {
+        let net: L2Network = serde_yaml::from_str(
+            "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: cdn, namespace: team}\nspec:\n  ipRange: 10.30.0.0/24\n  gateway: [10.30.0.1]\n  routes:\n    - {dst: 10.40.0.0/16}\n    - {dst: 0.0.0.0/0, gw: 10.30.0.254}\n",
+        )
+        .unwrap();
+        let conf = cni_config(&net, net.ip_range().unwrap(), 1390);
+        // What the NAD carries is what l2mesh-cni reads as its IPAM config.
+        let ipam: crate::cni::types::IpamConf =
+            serde_json::from_value(conf["ipam"].clone()).unwrap();
+        assert_eq!(ipam.gateway, vec!["10.30.0.1".to_owned()]);
+        assert_eq!(ipam.routes.len(), 2);
+        assert_eq!(ipam.routes[0].dst, "10.40.0.0/16");
+        assert_eq!(ipam.routes[0].gw, None);
+        assert_eq!(ipam.routes[1].gw.as_deref(), Some("10.30.0.254"));
+        // Without l2mesh IPAM there is nowhere to put them.
+        let conf = cni_config(&net, None, 1390);
+        assert!(conf.get("ipam").is_none());
     }
 }
