@@ -284,6 +284,17 @@ impl Netlink {
 
     /// The addresses on a link.
     pub async fn addresses(&self, index: u32) -> Result<Vec<IpAddr>, Error> {
+        Ok(self
+            .address_messages(index)
+            .await?
+            .iter()
+            .filter_map(to_addr)
+            .collect())
+    }
+
+    /// The kernel's address messages of one link (the filter is a hint the
+    /// kernel may ignore, so the index is checked here).
+    async fn address_messages(&self, index: u32) -> Result<Vec<AddressMessage>, Error> {
         let msgs: Vec<AddressMessage> = self
             .handle
             .address()
@@ -294,23 +305,13 @@ impl Netlink {
             .await
             .map_err(|e| nl(&format!("listing the addresses of link {index}"), e))?;
         Ok(msgs
-            .iter()
+            .into_iter()
             .filter(|m| m.header.index == index)
-            .filter_map(to_addr)
             .collect())
     }
 
     async fn flush_addresses(&self, index: u32) -> Result<(), Error> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| nl(&format!("listing the addresses of link {index}"), e))?;
-        for m in msgs.into_iter().filter(|m| m.header.index == index) {
+        for m in self.address_messages(index).await? {
             let ip = to_addr(&m);
             self.handle
                 .address()
