@@ -155,6 +155,22 @@ def cluster_chart(plain):
     for kind in ("ClusterRole", "Role"):
         check(by_kind[(kind, "l2mesh-agent")]["rules"] == plain[(kind, "l2mesh-agent")]["rules"],
               f"chart {kind} rules differ from deploy/agent-rbac.yaml")
+    # helm uninstall first runs the uninstall Job (pre-delete hook), with
+    # the plain deploy/uninstall.yaml's rights and privileges.
+    for kind in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Job"):
+        hook = by_kind[(kind, "l2mesh-uninstall")]["metadata"].get("annotations", {})
+        check(hook.get("helm.sh/hook") == "pre-delete", f"uninstall {kind} is a pre-delete hook")
+        weight = int(hook.get("helm.sh/hook-weight", "0"))
+        check((weight == 0) == (kind == "Job"), f"uninstall {kind}: the Job runs after its RBAC")
+    for kind in ("ClusterRole", "Role"):
+        check(by_kind[(kind, "l2mesh-uninstall")]["rules"] == plain[(kind, "l2mesh-uninstall")]["rules"],
+              f"chart uninstall {kind} rules differ from deploy/uninstall.yaml")
+    job = by_kind[("Job", "l2mesh-uninstall")]
+    check(privileges(job) == privileges(plain[("Job", "l2mesh-uninstall")]),
+          "chart uninstall Job: privileges differ from deploy/uninstall.yaml")
+    check(pod_spec(job)["containers"][0]["args"] == ["uninstall"], "the hook runs l2mesh-agent uninstall")
+    no_hook = render(chart_dir, {"joinString": JOIN, "uninstallHook": {"enabled": False}})
+    check(not any(d["kind"] == "Job" for _, d in no_hook), "uninstallHook.enabled=false drops the hook")
     ds = by_kind[("DaemonSet", "l2mesh-dataplane")]
     check(ds["spec"]["template"]["spec"].get("priorityClassName") == "system-node-critical", "priority class")
     check(("ResourceQuota", "l2mesh-critical-pods") in by_kind, "the priority quota ships by default")

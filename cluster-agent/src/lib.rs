@@ -29,3 +29,4 @@ pub mod standalone;
 pub mod status;
 pub mod tls;
 pub mod uds;
+pub mod uninstall;

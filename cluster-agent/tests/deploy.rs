@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
     Namespace, PersistentVolumeClaim, ResourceQuota, Secret, Service, ServiceAccount,
 };
@@ -55,6 +56,7 @@ fn check_doc(doc: &Value, origin: &str) -> String {
         "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(doc, origin),
         "Role" => round_trip::<Role>(doc, origin),
         "RoleBinding" => round_trip::<RoleBinding>(doc, origin),
+        "Job" => round_trip::<Job>(doc, origin),
         "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(doc, origin),
         other => panic!("{origin}: kind {other:?} has no check; add it to this test"),
     }
@@ -88,6 +90,7 @@ fn every_plain_manifest_parses_as_its_kubernetes_type() {
         "ClusterRole",
         "CustomResourceDefinition",
         "Service",
+        "Job",
     ] {
         assert!(kinds.iter().any(|k| k == want), "no {want} in deploy/");
     }
@@ -113,8 +116,14 @@ fn helm_charts_ship_the_current_crds() {
 
 #[test]
 fn rbac_is_least_privilege() {
-    let text = std::fs::read_to_string(deploy_dir().join("agent-rbac.yaml")).unwrap();
-    for doc in docs(&text, "agent-rbac.yaml") {
+    for file in ["agent-rbac.yaml", "uninstall.yaml"] {
+        least_privilege(file);
+    }
+}
+
+fn least_privilege(file: &str) {
+    let text = std::fs::read_to_string(deploy_dir().join(file)).unwrap();
+    for doc in docs(&text, file) {
         let Some(rules) = doc["rules"].as_array() else {
             continue;
         };

@@ -28,6 +28,27 @@ enum Command {
     Kubernetes(Kubernetes),
     /// Print the CustomResourceDefinitions as YAML (what deploy/crds/ holds).
     Crd,
+    /// Delete every L2Network in the cluster while the agent still runs and
+    /// wait until the agent has released each one (NAD, nodes, broker,
+    /// finalizer). Run before removing the agent: the Helm chart runs it as
+    /// a pre-delete hook. Refuses (changing nothing) when no agent holds the
+    /// leader Lease, unless --clear-finalizers.
+    Uninstall(Uninstall),
+}
+
+#[derive(Debug, Args)]
+struct Uninstall {
+    /// Namespace of the agent (where its leader Lease is).
+    #[arg(long, env = "L2MESH_NAMESPACE", default_value = "l2mesh-system")]
+    namespace: String,
+    /// Give up after this many seconds, naming the L2Networks left.
+    #[arg(long, env = "L2MESH_UNINSTALL_TIMEOUT_SECS", default_value_t = 300)]
+    timeout_secs: u64,
+    /// No agent to wait for: delete the L2Networks and remove the l2mesh
+    /// finalizer from them. Nodes keep their devices until their dataplane
+    /// is removed, and the broker keeps the cluster's memberships.
+    #[arg(long, env = "L2MESH_CLEAR_FINALIZERS")]
+    clear_finalizers: bool,
 }
 
 #[derive(Debug, Args)]
@@ -162,6 +183,30 @@ async fn kubernetes(a: Kubernetes) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn uninstall(a: Uninstall) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes API access (in-cluster service account or KUBECONFIG)")?;
+    let config = l2mesh_cluster_agent::uninstall::UninstallConfig {
+        namespace: a.namespace,
+        timeout: std::time::Duration::from_secs(a.timeout_secs),
+        clear_finalizers: a.clear_finalizers,
+        poll: std::time::Duration::from_secs(1),
+    };
+    let summary =
+        l2mesh_cluster_agent::uninstall::run(client, &config, |line| eprintln!("{line}")).await?;
+    println!(
+        "deleted {} L2Network(s){}",
+        summary.deleted,
+        if summary.finalizers_cleared > 0 {
+            format!(", cleared {} finalizer(s)", summary.finalizers_cleared)
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
 fn join_string(a: &Standalone) -> anyhow::Result<Option<JoinString>> {
     read_join_string(a.join_string.as_ref(), a.join_string_file.as_ref())
 }
@@ -205,6 +250,9 @@ fn main() -> ExitCode {
         Command::Standalone(a) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(standalone(a))),
+        Command::Uninstall(a) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(uninstall(a))),
     };
     l2mesh_telemetry::exit_code("l2mesh-agent", result)
 }

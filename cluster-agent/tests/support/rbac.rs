@@ -80,8 +80,14 @@ fn rule_allows(rule: &Value, a: &Access) -> bool {
 /// The rules of deploy/agent-rbac.yaml: (cluster-wide, in the agent's namespace).
 #[must_use]
 pub fn shipped_rules() -> (Vec<Value>, Vec<Value>) {
+    rules_of("agent-rbac.yaml")
+}
+
+/// The rules of a manifest in deploy/: (cluster-wide, namespaced).
+#[must_use]
+pub fn rules_of(deploy_file: &str) -> (Vec<Value>, Vec<Value>) {
     use serde::Deserialize as _;
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent-rbac.yaml");
+    let path = format!("{}/../deploy/{deploy_file}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(path).unwrap();
     let mut cluster = Vec::new();
     let mut namespaced = Vec::new();
@@ -100,7 +106,17 @@ pub fn shipped_rules() -> (Vec<Value>, Vec<Value>) {
 /// Panics naming every request of a caller starting with `caller_prefix`
 /// that the shipped RBAC would refuse (the agent runs in `namespace`).
 pub fn assert_allowed_by_shipped_rbac(requests: &[String], caller_prefix: &str, namespace: &str) {
-    let (cluster, namespaced) = shipped_rules();
+    assert_allowed_by_rbac("agent-rbac.yaml", requests, caller_prefix, namespace);
+}
+
+/// Like [`assert_allowed_by_shipped_rbac`] for the rules of `deploy_file`.
+pub fn assert_allowed_by_rbac(
+    deploy_file: &str,
+    requests: &[String],
+    caller_prefix: &str,
+    namespace: &str,
+) {
+    let (cluster, namespaced) = rules_of(deploy_file);
     let mut refused = Vec::new();
     let mut checked = 0;
     for line in requests.iter().filter(|l| l.starts_with(caller_prefix)) {
@@ -124,7 +140,7 @@ pub fn assert_allowed_by_shipped_rbac(requests: &[String], caller_prefix: &str, 
     refused.dedup();
     assert!(
         refused.is_empty(),
-        "deploy/agent-rbac.yaml refuses what the agent does:\n{}",
+        "deploy/{deploy_file} refuses what the caller does:\n{}",
         refused.join("\n")
     );
 }
