@@ -67,6 +67,26 @@ pub struct Mesh {
     pub pods: Vec<PodInfo>,
 }
 
+/// Waits until the standalone agent of `cluster` (state dir under the lab's
+/// log dir) has written its node-sync token and listen address; returns the
+/// node-sync dir and the address.
+pub fn wait_for_node_sync(
+    lab: &Lab,
+    cluster: &str,
+    what: &str,
+    within: Duration,
+) -> Result<(PathBuf, String)> {
+    let sync_dir = lab
+        .log_dir()
+        .join(format!("{cluster}/agent/state/node-sync"));
+    let addr_file = sync_dir.join("listen-addr");
+    let addr = lab.procs().wait_for(what, within, || {
+        let a = std::fs::read_to_string(&addr_file).ok()?;
+        (sync_dir.join("token").exists() && !a.trim().is_empty()).then(|| a.trim().to_owned())
+    })?;
+    Ok((sync_dir, addr))
+}
+
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or_default().trim().to_owned()
 }
@@ -222,18 +242,11 @@ impl Mesh {
 
         let dp_bin = bins.path("l2mesh-dataplane")?;
         for c in &plan.clusters {
-            let sync_dir = lab
-                .log_dir()
-                .join(format!("{}/agent/state/node-sync", c.name));
-            let addr_file = sync_dir.join("listen-addr");
-            let agent_addr = lab.procs().wait_for(
+            let (sync_dir, agent_addr) = wait_for_node_sync(
+                lab,
+                &c.name,
                 &format!("the agent of {} serves node sync", c.name),
                 Duration::from_secs(20),
-                || {
-                    let a = std::fs::read_to_string(&addr_file).ok()?;
-                    (sync_dir.join("token").exists() && !a.trim().is_empty())
-                        .then(|| a.trim().to_owned())
-                },
             )?;
             for n in &c.nodes {
                 progress(&format!("dataplane on {}", n.host.role));

@@ -19,6 +19,7 @@ use crate::cni::CniCall;
 use crate::lab::Lab;
 use crate::mesh::{
     BROKER_PORT, NETWORK, NETWORK_CIDR, POD_IF, WG_PORT, network_manifest, nodes_manifest,
+    wait_for_node_sync,
 };
 use crate::netns::Netns;
 use crate::plan::Segment;
@@ -374,18 +375,11 @@ impl ContainerMesh {
         let install_p = privileges::of_container(&dp_doc, "install-cni")?;
         let dp_env = literal_env(&dp_doc, "dataplane");
         for c in &plan.clusters {
-            let sync_dir = lab
-                .log_dir()
-                .join(format!("{}/agent/state/node-sync", c.name));
-            let addr_file = sync_dir.join("listen-addr");
-            let agent_addr = lab.procs().wait_for(
+            let (sync_dir, agent_addr) = wait_for_node_sync(
+                lab,
+                &c.name,
                 &format!("the agent container of {} serves node sync", c.name),
                 Duration::from_secs(60),
-                || {
-                    let a = std::fs::read_to_string(&addr_file).ok()?;
-                    (sync_dir.join("token").exists() && !a.trim().is_empty())
-                        .then(|| a.trim().to_owned())
-                },
             )?;
             // What the kubelet makes of the l2mesh-node-sync Secret: files
             // owned by root, mode 0644, read-only.
