@@ -6,7 +6,7 @@
 //! new identity and reconnects with it.
 
 use crate::engine::Shared;
-use crate::identity::{Backoff, Identity, source_chain};
+use crate::identity::{Backoff, Identity};
 use crate::tls;
 use l2mesh_proto::broker::broker_client::BrokerClient;
 use l2mesh_proto::broker::{GatewayReport, LinkHealthReport, NetworkRequest, WatchRequest};
@@ -31,7 +31,7 @@ async fn connect(id: &Identity) -> Result<BrokerClient<Channel>, String> {
                 return Ok(BrokerClient::new(ch)
                     .max_decoding_message_size(l2mesh_proto::limits::MAX_MESSAGE_BYTES));
             }
-            Err(e) => errors.push(format!("{e}: {}", source_chain(&e))),
+            Err(e) => errors.push(l2mesh_telemetry::error_chain(&e)),
         }
     }
     Err(errors.join("; "))

@@ -202,7 +202,7 @@ pub async fn join_once(js: &JoinString) -> Result<Identity, JoinError> {
                 continue;
             }
             Err(e) => {
-                last_error = format!("{e}: {}", source_chain(&e));
+                last_error = l2mesh_telemetry::error_chain(&e);
                 continue;
             }
         };
@@ -244,17 +244,6 @@ pub async fn join_once(js: &JoinString) -> Result<Identity, JoinError> {
     // One address with the wrong CA is enough: the pin is the same for all,
     // so the join string does not belong to this broker.
     Err(mismatch.map_or(JoinError::Unreachable(last_error), JoinError::PinMismatch))
-}
-
-/// The error and its causes on one line.
-pub fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        parts.push(s.to_string());
-        cur = s.source();
-    }
-    parts.join(": ")
 }
 
 /// Exponential backoff from 1 s to 30 s.
