@@ -185,6 +185,19 @@ impl Engine {
                 return;
             }
             Ok(_) => "bad_inner_source",
+            Err(wire::DecodeError::Fragment) => match wire::fragment(pkt) {
+                // Only fragments from the peer's own address are held.
+                Some(f) if f.src == tunnel_ip => {
+                    let whole = st.peers.get(&id).and_then(|p| lock(p).reassemble(&f, now));
+                    if let Some(whole) = whole {
+                        // Fragment fields cleared: this recursion ends here.
+                        self.deliver(st, id, tunnel_ip, &whole, now, bufs, out);
+                    }
+                    return;
+                }
+                Some(_) => "bad_inner_source",
+                None => "bad_vxlan",
+            },
             Err(_) => "bad_vxlan",
         };
         if let Some(p) = st.peers.get(&id) {

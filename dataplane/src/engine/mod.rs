@@ -393,7 +393,9 @@ impl Engine {
         self.initiate_pending_handshakes(bufs, out);
         let st = self.read();
         for cell in st.peers.values() {
-            lock(cell).update_timers(bufs, out);
+            let mut peer = lock(cell);
+            peer.update_timers(bufs, out);
+            peer.expire_fragments(now);
         }
     }
 
@@ -445,5 +447,7 @@ impl Engine {
 mod concurrency_tests;
 #[cfg(test)]
 mod cost_tests;
+#[cfg(test)]
+mod fragment_tests;
 #[cfg(test)]
 mod tests;

@@ -10,6 +10,7 @@ use boringtun::noise::{Tunn, TunnResult};
 
 use super::{Buffers, Output, bump, wg_error_label};
 use crate::config::PeerConfig;
+use crate::reassembly::Reassembly;
 
 /// Traffic and drop counters of one peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -41,6 +42,8 @@ pub(super) struct Peer {
     /// Send a handshake initiation on the next tick instead of waiting for
     /// traffic: a peer that rotated its key moves to it only when we handshake.
     pub(super) handshake_now: bool,
+    /// Inner IPv4 packets that arrived fragmented, being joined.
+    pub(super) reassembly: Reassembly,
 }
 
 impl Peer {
@@ -52,6 +55,7 @@ impl Peer {
             stats: PeerStats::default(),
             on_previous_key: false,
             handshake_now: endpoint.is_some(),
+            reassembly: Reassembly::default(),
         }
     }
 
@@ -66,6 +70,19 @@ impl Peer {
 
     pub(super) fn drop_packet(&mut self, reason: &'static str) {
         bump(&mut self.stats.drops, reason);
+    }
+
+    /// Adds a fragment of an inner packet; the whole packet once complete.
+    pub(super) fn reassemble(
+        &mut self,
+        fragment: &crate::wire::Fragment<'_>,
+        now: std::time::Instant,
+    ) -> Option<Vec<u8>> {
+        self.reassembly.insert(fragment, now, &mut self.stats.drops)
+    }
+
+    pub(super) fn expire_fragments(&mut self, now: std::time::Instant) {
+        self.reassembly.expire(now, &mut self.stats.drops);
     }
 
     /// Encrypts `inner` (a complete inner IPv4 packet) for this peer.
