@@ -242,6 +242,40 @@ async fn stock_wireguard_go_with_kernel_vxlan_exchanges_frames() {
     let s = node.status().await;
     assert_eq!(common::peer_drop(&s, "stock", "bad_vxlan"), 0, "{s:?}");
     assert_eq!(common::peer_drop(&s, "stock", "fragment_bad"), 0, "{s:?}");
+
+    // Key rotation towards a peer that never sends first. The stock peer is
+    // reconfigured by hand with our new key and no endpoint, so it cannot
+    // start anything: it only answers. Our pod's traffic must resume.
+    let new_key = l2mesh_dataplane::client::connect(&node.socket)
+        .await
+        .unwrap()
+        .rotate_key(l2mesh_proto::node::RotateKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .public_key;
+    let new_key = base64::engine::general_purpose::STANDARD.encode(&new_key);
+    assert_ne!(new_key, our_key);
+    w.exec(&["wg", "set", &ifname, "peer", &our_key, "remove"]);
+    w.exec(&[
+        "wg",
+        "set",
+        &ifname,
+        "peer",
+        &new_key,
+        "allowed-ips",
+        "100.64.0.1/32",
+    ]);
+    assert!(
+        ping_ok(&pod, "10.1.0.9", Duration::from_secs(30)),
+        "our pod -> stock pod after the rotation, the stock peer silent: {:?}",
+        node.status().await.peers
+    );
+    let shown = w.exec(&["wg", "show", &ifname, "latest-handshakes"]);
+    assert!(
+        shown.contains(&new_key) && !shown.trim().ends_with("\t0"),
+        "the stock peer handshook with the new key: {shown}"
+    );
 }
 
 /// Pings with 1390-byte packets (`df`: ping's `-M` argument) until one
