@@ -13,7 +13,7 @@ use crate::wire::MAX_VNI;
 /// WireGuard, inner IPv4/UDP/VXLAN and Ethernet overhead.
 pub const DEFAULT_MTU: u32 = 1390;
 const MIN_MTU: u32 = 576;
-const MAX_MTU: u32 = 9000;
+pub const MAX_MTU: u32 = 9000;
 
 /// A desired state that cannot be applied; nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

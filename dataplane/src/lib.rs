@@ -19,6 +19,7 @@ pub mod netdev;
 pub mod nft;
 pub mod offload;
 pub mod port;
+pub mod reassembly;
 pub mod status_json;
 pub mod switch;
 pub mod sync;

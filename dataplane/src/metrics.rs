@@ -7,6 +7,7 @@ use l2mesh_proto::node::NodeStatus;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::daemon::Daemon;
@@ -36,9 +37,31 @@ fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// The Prometheus text exposition of a node status.
-pub fn render(s: &NodeStatus) -> String {
+/// What the daemon measures itself over its life, beside the status it
+/// reports; clones share the values.
+#[derive(Debug, Clone)]
+pub struct DaemonMetrics {
+    /// Seconds each apply of a desired state took, failed ones included.
+    pub apply_seconds: Histogram,
+}
+
+impl Default for DaemonMetrics {
+    fn default() -> Self {
+        Self {
+            apply_seconds: l2mesh_telemetry::latency::latency_histogram(),
+        }
+    }
+}
+
+/// The Prometheus text exposition of a node status and the daemon's own
+/// measurements.
+pub fn render(s: &NodeStatus, own: &DaemonMetrics) -> String {
     let mut reg = Registry::with_prefix("l2mesh_dataplane");
+    reg.register(
+        "apply_seconds",
+        "Time to apply a desired state (validation, devices, state file, tunnels)",
+        own.apply_seconds.clone(),
+    );
     let rx_bytes = counter_family(
         &mut reg,
         "peer_rx_bytes",
@@ -147,7 +170,8 @@ pub async fn serve(
                     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
                     match d.status().await {
                         Ok(s) => {
-                            let (kind, body) = l2mesh_telemetry::negotiate(accept, render(&s));
+                            let (kind, body) =
+                                l2mesh_telemetry::negotiate(accept, render(&s, d.metrics()));
                             (StatusCode::OK, [(header::CONTENT_TYPE, kind)], body)
                         }
                         Err(e) => (
@@ -192,7 +216,9 @@ mod tests {
             }],
             ..Default::default()
         };
-        let text = super::render(&s);
+        let own = super::DaemonMetrics::default();
+        own.apply_seconds.observe(0.003);
+        let text = super::render(&s, &own);
         for needle in [
             "l2mesh_dataplane_peer_rx_bytes_total{peer=\"b\"} 10",
             "l2mesh_dataplane_peer_drops_total{peer=\"b\",reason=\"replay\"} 2",
@@ -200,6 +226,8 @@ mod tests {
             "l2mesh_dataplane_peer_handshake_age_seconds{peer=\"b\"} -1",
             "l2mesh_dataplane_network_ports{network=\"blue\"} 1",
             "l2mesh_dataplane_applied_revision 4",
+            "l2mesh_dataplane_apply_seconds_count 1",
+            "l2mesh_dataplane_apply_seconds_bucket{le=\"0.004\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

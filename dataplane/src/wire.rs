@@ -110,8 +110,25 @@ pub fn encode(out: &mut Vec<u8>, src: Ipv4Addr, dst: Ipv4Addr, vni: u32, frame: 
     out.extend_from_slice(frame);
 }
 
-/// Parses an inner IPv4/UDP/VXLAN packet. Never panics on any input.
-pub fn decode(pkt: &[u8]) -> Result<Decoded<'_>, DecodeError> {
+/// One fragment of an inner IPv4 packet; slices borrow from the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fragment<'a> {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub id: u16,
+    pub protocol: u8,
+    /// Where the payload goes in the original packet's payload, in bytes.
+    pub offset: usize,
+    /// More fragments follow (MF).
+    pub more: bool,
+    /// The IPv4 header, options included.
+    pub header: &'a [u8],
+    pub payload: &'a [u8],
+}
+
+/// The IPv4 packet without trailing padding and its header length, once
+/// version, lengths and header checksum are right.
+fn ipv4(pkt: &[u8]) -> Result<(&[u8], usize), DecodeError> {
     let first = *pkt.first().ok_or(DecodeError::Truncated)?;
     if first >> 4 != 4 {
         return Err(DecodeError::BadIpVersion);
@@ -132,6 +149,32 @@ pub fn decode(pkt: &[u8]) -> Result<Decoded<'_>, DecodeError> {
     if ipv4_checksum(&pkt[..ihl]) != 0 {
         return Err(DecodeError::BadIpChecksum);
     }
+    Ok((pkt, ihl))
+}
+
+/// The fragment an inner packet is, or `None` when it is a whole packet
+/// (or no valid IPv4 packet at all: [`decode`] says why).
+pub fn fragment(pkt: &[u8]) -> Option<Fragment<'_>> {
+    let (pkt, ihl) = ipv4(pkt).ok()?;
+    let frag = u16::from_be_bytes([pkt[6], pkt[7]]);
+    if frag & 0x3fff == 0 {
+        return None;
+    }
+    Some(Fragment {
+        src: Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]),
+        dst: Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]),
+        id: u16::from_be_bytes([pkt[4], pkt[5]]),
+        protocol: pkt[9],
+        offset: usize::from(frag & 0x1fff) * 8,
+        more: frag & 0x2000 != 0,
+        header: &pkt[..ihl],
+        payload: &pkt[ihl..],
+    })
+}
+
+/// Parses an inner IPv4/UDP/VXLAN packet. Never panics on any input.
+pub fn decode(pkt: &[u8]) -> Result<Decoded<'_>, DecodeError> {
+    let (pkt, ihl) = ipv4(pkt)?;
     let frag = u16::from_be_bytes([pkt[6], pkt[7]]);
     if frag & 0x3fff != 0 {
         return Err(DecodeError::Fragment);

@@ -279,3 +279,61 @@ async fn a_vni_taken_over_from_a_removed_network_is_given_back_on_failure() {
         [("a".to_string(), 0x31), ("c".to_string(), 0x33)]
     );
 }
+
+/// `GET /metrics` from the daemon's default endpoint inside its namespace.
+fn scrape(node: &Node) -> String {
+    node.ns.exec(&[
+        "bash",
+        "-c",
+        "exec 3<>/dev/tcp/127.0.0.1/9431 && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3",
+    ])
+}
+
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applies_are_timed_in_a_histogram_that_promtool_accepts() {
+    if !can_run(&["bash", "promtool"]) {
+        return;
+    }
+    let mut wire = Underlay::new();
+    let node = Node::start("metrics", &mut wire, "100.64.0.1").await;
+    // The daemon re-applies its (empty) saved state at start; count from here.
+    let before = sample(&scrape(&node), "l2mesh_dataplane_apply_seconds_count").unwrap_or(0.0);
+    try_apply(&node, desired(&node, 1, 0, &[("blue", 100, 1390)]))
+        .await
+        .unwrap();
+    // A failing apply is timed too (an MTU the network cannot have).
+    assert!(
+        try_apply(&node, desired(&node, 2, 0, &[("blue", 100, 70_000)]))
+            .await
+            .is_err()
+    );
+    let response = scrape(&node);
+    let body = response.split("\r\n\r\n").nth(1).unwrap();
+    assert_eq!(
+        sample(body, "l2mesh_dataplane_apply_seconds_count"),
+        Some(before + 2.0),
+        "{body}"
+    );
+    assert!(sample(body, "l2mesh_dataplane_apply_seconds_sum").unwrap() > 0.0);
+    assert!(body.contains("l2mesh_dataplane_apply_seconds_bucket{le=\"+Inf\"}"));
+    let mut check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut check.stdin.take().unwrap(), body.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

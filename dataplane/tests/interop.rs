@@ -110,13 +110,33 @@ async fn stock_wireguard_go_with_kernel_vxlan_exchanges_frames() {
         &VNI.to_string(),
         "local",
         "100.64.0.9",
-        "remote",
-        "100.64.0.1",
         "dstport",
         "4789",
-        "dev",
-        &ifname,
     ]);
+    // One all-zeros FDB entry per l2mesh node (ingress replication).
+    w.exec(&[
+        "bridge",
+        "fdb",
+        "append",
+        "00:00:00:00:00:00",
+        "dev",
+        "vx0",
+        "dst",
+        "100.64.0.1",
+    ]);
+    // The stock recipe: wireguard-go keeps its default MTU (1420); the vxlan
+    // device and the pods take the network's MTU (1390), so full-size frames
+    // leave as 1440-byte inner packets that the stock kernel fragments. The
+    // vxlan device has no `dev`: with one, the kernel caps its MTU at the
+    // WireGuard MTU minus 50 (1370); the route to the remote picks the
+    // WireGuard interface anyway.
+    assert_eq!(
+        w.exec(&["cat", &format!("/sys/class/net/{ifname}/mtu")])
+            .trim(),
+        "1420",
+        "the stock peer runs at WireGuard's default MTU"
+    );
+    w.exec(&["ip", "link", "set", "vx0", "mtu", "1390"]);
     w.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
     w.exec(&["ip", "link", "set", "vx0", "master", "br0", "up"]);
     w.exec(&["ip", "link", "set", "br0", "up"]);
@@ -135,7 +155,7 @@ async fn stock_wireguard_go_with_kernel_vxlan_exchanges_frames() {
         &w_pod.name,
     ]);
     w.exec(&["ip", "link", "set", "pw", "master", "br0", "up"]);
-    w_pod.exec(&["ip", "link", "set", "eth0", "mtu", "1370", "up"]);
+    w_pod.exec(&["ip", "link", "set", "eth0", "mtu", "1390", "up"]);
     w_pod.exec(&["ip", "addr", "add", "10.1.0.9/24", "dev", "eth0"]);
 
     // Our side.
@@ -165,6 +185,46 @@ async fn stock_wireguard_go_with_kernel_vxlan_exchanges_frames() {
         ping_ok(&w_pod, "10.1.0.1", Duration::from_secs(10)),
         "stock pod -> our pod"
     );
+    // Full-size frames both ways: 1362 bytes of ICMP payload make 1390-byte
+    // IPv4 packets. Ours leave with DF; the stock pod's go without DF, which
+    // its kernel fragments (with DF its vxlan device answers "fragmentation
+    // needed" instead, and the pod lowers its path MTU).
+    assert!(
+        full_size_ping_ok(&pod, "10.1.0.9", "do"),
+        "full-size frames, our pod -> stock pod"
+    );
+    if !full_size_ping_ok(&w_pod, "10.1.0.1", "dont") {
+        panic!(
+            "full-size frames, stock pod -> our pod (fragmented by the stock kernel): {:?}\n{}",
+            node.status().await.peers,
+            w.exec(&["ip", "-s", "link"])
+        );
+    }
+    // Full-size non-IP frames (local experimental ethertype) from the stock
+    // pod: fragmented too, and all of them reach our pod.
+    let rx_bytes = || -> u64 {
+        pod.exec(&["cat", "/sys/class/net/eth0/statistics/rx_bytes"])
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = rx_bytes();
+    let mut raw = vec![0xff; 6];
+    raw.extend_from_slice(&common::raw::mac_of(&w_pod, "eth0"));
+    raw.extend_from_slice(&[0x88, 0xb5]);
+    raw.resize(14 + 1390, 0x5a);
+    common::raw::send_frames(&w_pod, "eth0", vec![raw; 20]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rx_bytes() < before + 20 * 1404 {
+        assert!(
+            Instant::now() < deadline,
+            "full-size non-IP frames from the stock pod: {} of {} bytes arrived; {:?}",
+            rx_bytes() - before,
+            20 * 1404,
+            node.status().await.peers
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let s = node.status().await;
     let p = &s.peers[0];
     assert!(
@@ -179,4 +239,54 @@ async fn stock_wireguard_go_with_kernel_vxlan_exchanges_frames() {
     // Bulk TCP both ways against a stock kernel stack: our TSO segmentation
     // and TAP coalescing must produce what it accepts, byte for byte.
     common::bulk::both_ways(&pod, &w_pod, "10.1.0.9:0", 8 << 20);
+    let s = node.status().await;
+    assert_eq!(common::peer_drop(&s, "stock", "bad_vxlan"), 0, "{s:?}");
+    assert_eq!(common::peer_drop(&s, "stock", "fragment_bad"), 0, "{s:?}");
+
+    // Key rotation towards a peer that never sends first. The stock peer is
+    // reconfigured by hand with our new key and no endpoint, so it cannot
+    // start anything: it only answers. Our pod's traffic must resume.
+    let new_key = l2mesh_dataplane::client::connect(&node.socket)
+        .await
+        .unwrap()
+        .rotate_key(l2mesh_proto::node::RotateKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .public_key;
+    let new_key = base64::engine::general_purpose::STANDARD.encode(&new_key);
+    assert_ne!(new_key, our_key);
+    w.exec(&["wg", "set", &ifname, "peer", &our_key, "remove"]);
+    w.exec(&[
+        "wg",
+        "set",
+        &ifname,
+        "peer",
+        &new_key,
+        "allowed-ips",
+        "100.64.0.1/32",
+    ]);
+    assert!(
+        ping_ok(&pod, "10.1.0.9", Duration::from_secs(30)),
+        "our pod -> stock pod after the rotation, the stock peer silent: {:?}",
+        node.status().await.peers
+    );
+    let shown = w.exec(&["wg", "show", &ifname, "latest-handshakes"]);
+    assert!(
+        shown.contains(&new_key) && !shown.trim().ends_with("\t0"),
+        "the stock peer handshook with the new key: {shown}"
+    );
+}
+
+/// Pings with 1390-byte packets (`df`: ping's `-M` argument) until one
+/// answers (20 s at most).
+fn full_size_ping_ok(pod: &Netns, target: &str, df: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let o = pod.try_exec(&["ping", "-c", "1", "-W", "1", "-M", df, "-s", "1362", target]);
+        if o.status.success() {
+            return true;
+        }
+    }
+    false
 }

@@ -40,6 +40,22 @@ impl Daemon {
     /// error says so, or what is left over if undoing failed too).
     pub async fn apply(self: &Arc<Self>, desired: DesiredState) -> Result<ApplyResult, Error> {
         let _guard = self.apply_lock.lock().await;
+        // Timed from when this apply holds the lock: waiting behind another
+        // apply is that one's time.
+        let started = std::time::Instant::now();
+        let result = self.apply_locked(desired).await;
+        self.metrics
+            .apply_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// The daemon's own measurements (`/metrics`).
+    pub fn metrics(&self) -> &crate::metrics::DaemonMetrics {
+        &self.metrics
+    }
+
+    async fn apply_locked(self: &Arc<Self>, desired: DesiredState) -> Result<ApplyResult, Error> {
         let cfg = Config::from_desired(&desired)?;
         cfg.reject_own_key(&self.engine.public_key())?;
         let current = self.engine.config();

@@ -56,6 +56,7 @@ pub struct Daemon {
     netlink: Netlink,
     state_dir: PathBuf,
     apply_lock: tokio::sync::Mutex<()>,
+    metrics: crate::metrics::DaemonMetrics,
     /// Attach interfaces of any kind, not only veths and TAPs.
     attach_any_kind: AtomicBool,
 }
@@ -112,6 +113,7 @@ impl Daemon {
             netlink: Netlink::new()?,
             state_dir: state_dir.to_path_buf(),
             apply_lock: tokio::sync::Mutex::new(()),
+            metrics: crate::metrics::DaemonMetrics::default(),
             attach_any_kind: AtomicBool::new(false),
         });
         {

@@ -122,34 +122,40 @@ impl Engine {
         }
         let mut delivered: Option<&[u8]> = None;
         let mut ok = false;
-        match peer.tunn.decapsulate(Some(src.ip()), data, dec) {
-            TunnResult::Done => ok = true,
-            TunnResult::Err(e) => peer.drop_packet(wg_error_label(&e)),
-            TunnResult::WriteToNetwork(reply) => {
-                ok = true;
-                out.push(Output::Udp {
-                    to: src,
-                    data: Buffers::pooled(&mut bufs.pool, reply),
-                });
-                // Packets queued while the handshake was in flight.
-                while let TunnResult::WriteToNetwork(p) =
-                    peer.tunn.decapsulate(None, &[], &mut bufs.buf)
-                {
-                    peer.stats.tx_packets += 1;
-                    peer.stats.tx_bytes += p.len() as u64;
+        // A handshake response may answer the probe with the current key.
+        let is_response = data.first() == Some(&2);
+        if is_response && peer.take_probe_response(src, data, dec, bufs, out) {
+            ok = true;
+        } else {
+            match peer.tunn.decapsulate(Some(src.ip()), data, dec) {
+                TunnResult::Done => ok = true,
+                TunnResult::Err(e) => peer.drop_packet(wg_error_label(&e)),
+                TunnResult::WriteToNetwork(reply) => {
+                    ok = true;
                     out.push(Output::Udp {
                         to: src,
-                        data: Buffers::pooled(&mut bufs.pool, p),
+                        data: Buffers::pooled(&mut bufs.pool, reply),
                     });
+                    // Packets queued while the handshake was in flight.
+                    while let TunnResult::WriteToNetwork(p) =
+                        peer.tunn.decapsulate(None, &[], &mut bufs.buf)
+                    {
+                        peer.stats.tx_packets += 1;
+                        peer.stats.tx_bytes += p.len() as u64;
+                        out.push(Output::Udp {
+                            to: src,
+                            data: Buffers::pooled(&mut bufs.pool, p),
+                        });
+                    }
                 }
-            }
-            TunnResult::WriteToTunnelV4(pkt, _) => {
-                ok = true;
-                delivered = Some(pkt);
-            }
-            TunnResult::WriteToTunnelV6(..) => {
-                ok = true;
-                peer.drop_packet("not_vxlan");
+                TunnResult::WriteToTunnelV4(pkt, _) => {
+                    ok = true;
+                    delivered = Some(pkt);
+                }
+                TunnResult::WriteToTunnelV6(..) => {
+                    ok = true;
+                    peer.drop_packet("not_vxlan");
+                }
             }
         }
         if !ok {
@@ -185,6 +191,19 @@ impl Engine {
                 return;
             }
             Ok(_) => "bad_inner_source",
+            Err(wire::DecodeError::Fragment) => match wire::fragment(pkt) {
+                // Only fragments from the peer's own address are held.
+                Some(f) if f.src == tunnel_ip => {
+                    let whole = st.peers.get(&id).and_then(|p| lock(p).reassemble(&f, now));
+                    if let Some(whole) = whole {
+                        // Fragment fields cleared: this recursion ends here.
+                        self.deliver(st, id, tunnel_ip, &whole, now, bufs, out);
+                    }
+                    return;
+                }
+                Some(_) => "bad_inner_source",
+                None => "bad_vxlan",
+            },
             Err(_) => "bad_vxlan",
         };
         if let Some(p) = st.peers.get(&id) {

@@ -40,6 +40,9 @@ const POOL_MAX: usize = 4096;
 /// How long tunnels may stay on the previous key after a rotation: long
 /// enough for the new key to reach every peer through the control plane.
 const PREVIOUS_KEY_GRACE: Duration = Duration::from_secs(60);
+/// While a tunnel is on the previous key and sends, how often it tries a
+/// handshake with the current key (see `Peer::probe`).
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Something the shell must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +191,7 @@ impl State {
 
     /// Move one tunnel still on the previous key to the current one.
     fn move_to_current_key(&self, peer: &mut Peer) {
+        peer.probe = None;
         if peer.on_previous_key {
             peer.tunn.set_static_private(
                 self.secret.clone(),
@@ -357,7 +361,7 @@ impl Engine {
         let old_secret = std::mem::replace(&mut st.secret, secret);
         let old_public = std::mem::replace(&mut st.public, public);
         for cell in st.peers.values() {
-            lock(cell).on_previous_key = true;
+            lock(cell).start_rotation();
         }
         st.previous = Some(PreviousKey {
             secret: old_secret,
@@ -392,8 +396,11 @@ impl Engine {
         }
         self.initiate_pending_handshakes(bufs, out);
         let st = self.read();
-        for cell in st.peers.values() {
-            lock(cell).update_timers(bufs, out);
+        for (&id, cell) in st.peers.iter() {
+            let mut peer = lock(cell);
+            peer.update_timers(bufs, out);
+            peer.probe_current_key(id, &st.secret, &st.limiter, now, bufs, out);
+            peer.expire_fragments(now);
         }
     }
 
@@ -445,5 +452,7 @@ impl Engine {
 mod concurrency_tests;
 #[cfg(test)]
 mod cost_tests;
+#[cfg(test)]
+mod stock_peer_tests;
 #[cfg(test)]
 mod tests;

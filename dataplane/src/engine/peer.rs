@@ -3,13 +3,17 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
 
-use super::{Buffers, Output, bump, wg_error_label};
+use super::{Buffers, Output, PROBE_INTERVAL, PeerId, bump, wg_error_label};
 use crate::config::PeerConfig;
+use crate::reassembly::Reassembly;
 
 /// Traffic and drop counters of one peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -41,6 +45,18 @@ pub(super) struct Peer {
     /// Send a handshake initiation on the next tick instead of waiting for
     /// traffic: a peer that rotated its key moves to it only when we handshake.
     pub(super) handshake_now: bool,
+    /// Inner IPv4 packets that arrived fragmented, being joined.
+    pub(super) reassembly: Reassembly,
+    /// While the tunnel is on the previous key: a tunnel on the current key
+    /// that handshakes beside it. A peer that answers it has the new key
+    /// (a stock peer reconfigured by hand never handshakes first); its
+    /// session then replaces the old one.
+    pub(super) probe: Option<Tunn>,
+    /// When the last probe initiation left.
+    pub(super) probe_sent: Option<Instant>,
+    /// `tx_packets` when the last probe left (or at the rotation): probes
+    /// go out only while we send.
+    pub(super) probe_tx_mark: u64,
 }
 
 impl Peer {
@@ -52,6 +68,10 @@ impl Peer {
             stats: PeerStats::default(),
             on_previous_key: false,
             handshake_now: endpoint.is_some(),
+            reassembly: Reassembly::default(),
+            probe: None,
+            probe_sent: None,
+            probe_tx_mark: 0,
         }
     }
 
@@ -66,6 +86,19 @@ impl Peer {
 
     pub(super) fn drop_packet(&mut self, reason: &'static str) {
         bump(&mut self.stats.drops, reason);
+    }
+
+    /// Adds a fragment of an inner packet; the whole packet once complete.
+    pub(super) fn reassemble(
+        &mut self,
+        fragment: &crate::wire::Fragment<'_>,
+        now: std::time::Instant,
+    ) -> Option<Vec<u8>> {
+        self.reassembly.insert(fragment, now, &mut self.stats.drops)
+    }
+
+    pub(super) fn expire_fragments(&mut self, now: std::time::Instant) {
+        self.reassembly.expire(now, &mut self.stats.drops);
     }
 
     /// Encrypts `inner` (a complete inner IPv4 packet) for this peer.
@@ -104,6 +137,97 @@ impl Peer {
             TunnResult::Err(e) => self.drop_packet(wg_error_label(&e)),
             _ => {}
         }
+    }
+
+    /// The node key rotated: the tunnel stays on the previous key, and
+    /// probes with the current one start with the next packet sent.
+    pub(super) fn start_rotation(&mut self) {
+        self.on_previous_key = true;
+        self.probe = None;
+        self.probe_sent = None;
+        self.probe_tx_mark = self.stats.tx_packets;
+    }
+
+    /// On the previous key and sending: a handshake initiation with the
+    /// current key, at most one per [`PROBE_INTERVAL`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn probe_current_key(
+        &mut self,
+        id: PeerId,
+        secret: &StaticSecret,
+        limiter: &Arc<RateLimiter>,
+        now: Instant,
+        bufs: &mut Buffers,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(to) = self.endpoint else {
+            return;
+        };
+        if !self.on_previous_key
+            || self.stats.tx_packets == self.probe_tx_mark
+            || self
+                .probe_sent
+                .is_some_and(|t| now.saturating_duration_since(t) < PROBE_INTERVAL)
+        {
+            return;
+        }
+        let (key, keepalive) = (PublicKey::from(self.cfg.key), self.cfg.keepalive);
+        let probe = self.probe.get_or_insert_with(|| {
+            Tunn::new(
+                secret.clone(),
+                key,
+                None,
+                keepalive,
+                id,
+                Some(Arc::clone(limiter)),
+            )
+        });
+        if let TunnResult::WriteToNetwork(p) =
+            probe.format_handshake_initiation(&mut bufs.buf, true)
+        {
+            self.stats.tx_packets += 1;
+            self.stats.tx_bytes += p.len() as u64;
+            out.push(Output::Udp {
+                to,
+                data: Buffers::pooled(&mut bufs.pool, p),
+            });
+        }
+        self.probe_sent = Some(now);
+        self.probe_tx_mark = self.stats.tx_packets;
+    }
+
+    /// A handshake response for the probe: the peer has the current key, so
+    /// the probe's fresh session becomes the tunnel. False when the
+    /// response is not the probe's.
+    pub(super) fn take_probe_response(
+        &mut self,
+        src: SocketAddr,
+        data: &[u8],
+        dec: &mut [u8],
+        bufs: &mut Buffers,
+        out: &mut Vec<Output>,
+    ) -> bool {
+        let Some(probe) = self.probe.as_mut() else {
+            return false;
+        };
+        match probe.decapsulate(Some(src.ip()), data, dec) {
+            TunnResult::WriteToNetwork(keepalive) => {
+                self.stats.tx_packets += 1;
+                self.stats.tx_bytes += keepalive.len() as u64;
+                out.push(Output::Udp {
+                    to: src,
+                    data: Buffers::pooled(&mut bufs.pool, keepalive),
+                });
+            }
+            TunnResult::Done => {}
+            _ => return false,
+        }
+        if let Some(probe) = self.probe.take() {
+            self.tunn = probe;
+            self.on_previous_key = false;
+            tracing::debug!(peer = %self.cfg.label(), "peer answered with the new key; tunnel moved");
+        }
+        true
     }
 
     pub(super) fn initiate_if_pending(&mut self, bufs: &mut Buffers, out: &mut Vec<Output>) {

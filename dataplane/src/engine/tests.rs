@@ -5,23 +5,23 @@ use std::collections::BTreeSet;
 
 pub(super) const VNI: u32 = 100;
 
-fn secret(n: u8) -> StaticSecret {
+pub(super) fn secret(n: u8) -> StaticSecret {
     StaticSecret::from([n; 32])
 }
 
-fn pubkey(n: u8) -> [u8; 32] {
+pub(super) fn pubkey(n: u8) -> [u8; 32] {
     *PublicKey::from(&secret(n)).as_bytes()
 }
 
-fn addr(n: u8) -> SocketAddr {
+pub(super) fn addr(n: u8) -> SocketAddr {
     SocketAddr::from(([192, 0, 2, n], 51820))
 }
 
-fn tip(n: u8) -> Ipv4Addr {
+pub(super) fn tip(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(100, 64, 0, n)
 }
 
-fn peer(n: u8, group: Group, vnis: &[u32]) -> PeerConfig {
+pub(super) fn peer(n: u8, group: Group, vnis: &[u32]) -> PeerConfig {
     PeerConfig {
         key: pubkey(n),
         name: format!("node{n}"),
@@ -33,7 +33,7 @@ fn peer(n: u8, group: Group, vnis: &[u32]) -> PeerConfig {
     }
 }
 
-fn config(me: u8, peers: Vec<PeerConfig>) -> Config {
+pub(super) fn config(me: u8, peers: Vec<PeerConfig>) -> Config {
     let mut c = Config {
         revision: 1,
         node_name: format!("node{me}"),

@@ -1,5 +1,7 @@
 //! The local control API (`l2mesh.node.v1.Dataplane`) on a unix socket.
 
+pub mod authority;
+
 use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -127,11 +129,26 @@ pub async fn serve(
     daemon: Arc<Daemon>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    serve_service(listener, Service::new(daemon), shutdown).await
+}
+
+/// Serves `service` on the socket; every connection's `:authority` is made
+/// acceptable to h2 first (see [`authority`]).
+pub async fn serve_service<S: Dataplane>(
+    listener: UnixListener,
+    service: S,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::UnixListenerStream::new(listener),
+        |conn| conn.map(authority::LocalConn::new),
+    );
     tonic::transport::Server::builder()
-        .add_service(DataplaneServer::new(Service::new(daemon)))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown,
-        )
+        .add_service(DataplaneServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
+
+#[cfg(test)]
+#[path = "serve_tests.rs"]
+mod serve_tests;
