@@ -24,6 +24,12 @@ pub struct Metrics {
     pub broker_views: Counter,
     pub gateway_failovers: Counter,
     pub save_failures: Counter,
+    /// Node desired states computed (built or patched).
+    pub desired_recomputes: Counter,
+    /// L2Network statuses computed.
+    pub status_recomputes: Counter,
+    /// L2Network statuses handed to the status writer (changed ones only).
+    pub status_writes: Counter,
 }
 
 impl Default for Metrics {
@@ -43,7 +49,25 @@ impl Default for Metrics {
             broker_views: Counter::default(),
             gateway_failovers: Counter::default(),
             save_failures: Counter::default(),
+            desired_recomputes: Counter::default(),
+            status_recomputes: Counter::default(),
+            status_writes: Counter::default(),
         };
+        registry.register(
+            "desired_recomputes",
+            "Node desired states computed (built or patched)",
+            m.desired_recomputes.clone(),
+        );
+        registry.register(
+            "status_recomputes",
+            "L2Network statuses computed",
+            m.status_recomputes.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "L2Network statuses written because their content changed",
+            m.status_writes.clone(),
+        );
         registry.register(
             "allocation_save_failures",
             "Failed saves of the allocations (nothing new is published until one succeeds)",

@@ -144,6 +144,9 @@ impl Shared {
             ..
         } = round;
         let mut problems = plan.problems.clone();
+        self.metrics
+            .desired_recomputes
+            .inc_by(plan.nodes.len() as u64);
         // Nodes that left the list: their watch ends (the sender is
         // dropped) and a reconnect is refused.
         s.desired.retain(|node, _| plan.nodes.contains_key(node));
@@ -189,7 +192,9 @@ impl Shared {
             let expected = expected_nodes(&nodes, &s.hellos);
             let mut new = status::network_status(o, &s.node_status, &expected, prev, &now);
             new.observed_generation = net.metadata.generation;
+            self.metrics.status_recomputes.inc();
             if prev != Some(&new) {
+                self.metrics.status_writes.inc();
                 self.sink.write(net, Some(&new));
             }
             seen.insert(o.key.clone(), (net.clone(), new));
