@@ -323,11 +323,19 @@ fn main() -> anyhow::Result<()> {
         );
     }
     rt.block_on(shared.reconcile());
-    line("setup: intent, view, every hello", delta(t0, snapshot(&shared, &sink)), 1);
+    line(
+        "setup: intent, view, every hello",
+        delta(t0, snapshot(&shared, &sink)),
+        1,
+    );
     let vnis: Vec<(String, u32)> = {
         let rx = shared.subscribe(&node_name(1));
         let state = rx.borrow().clone().context("node 1 has no desired state")?;
-        state.networks.iter().map(|n| (n.name.clone(), n.vni)).collect()
+        state
+            .networks
+            .iter()
+            .map(|n| (n.name.clone(), n.vni))
+            .collect()
     };
     // Building the reports is not the agent's work: only the calls count.
     let mut first = Snapshot::default();
@@ -356,7 +364,11 @@ fn main() -> anyhow::Result<()> {
         rt.block_on(shared.reconcile());
     }
     let steady = delta(t0, snapshot(&shared, &sink));
-    line("one node report, nothing changed", steady, cli.reports as u64);
+    line(
+        "one node report, nothing changed",
+        steady,
+        cli.reports as u64,
+    );
     let per_minute = steady.writes as f64 / cli.reports as f64 * cli.nodes as f64 * 12.0;
     println!(
         "{:<44} {per_minute:>10.0} (every node reports every 5 s)",
@@ -367,7 +379,11 @@ fn main() -> anyhow::Result<()> {
     let t0 = snapshot(&shared, &sink);
     shared.set_view(view(&cli, 2, Some(0)));
     rt.block_on(shared.reconcile());
-    line("one remote gateway moved", delta(t0, snapshot(&shared, &sink)), 1);
+    line(
+        "one remote gateway moved",
+        delta(t0, snapshot(&shared, &sink)),
+        1,
+    );
 
     // One node rotates its WireGuard key.
     let t0 = snapshot(&shared, &sink);
@@ -375,7 +391,11 @@ fn main() -> anyhow::Result<()> {
     rotated.public_key = key(2, 1);
     shared.set_node_status(rotated);
     rt.block_on(shared.reconcile());
-    line("one node rotated its key", delta(t0, snapshot(&shared, &sink)), 1);
+    line(
+        "one node rotated its key",
+        delta(t0, snapshot(&shared, &sink)),
+        1,
+    );
 
     // One network added.
     let t0 = snapshot(&shared, &sink);

@@ -294,7 +294,7 @@ async fn lead(
     if let Some(addr) = &config.metrics_listen {
         tasks.spawn(crate::standalone::serve_metrics(
             addr.clone(),
-            shared.metrics.clone(),
+            shared.clone(),
         ));
     }
     tasks.spawn(sink_task);
