@@ -124,12 +124,18 @@ pub struct L2NetworkStatus {
     /// Clusters admitted to this network, this one included.
     #[serde(default)]
     pub member_clusters: Vec<String>,
-    /// Pod interfaces plugged into the network, per node.
+    /// Pod interfaces plugged into the network, per node: the first 64 by
+    /// node (`attachedPodCount` counts them all).
     #[serde(default)]
+    #[schemars(length(max = 64))]
     pub attached_pods: Vec<AttachedPod>,
-    /// Health of the tunnels this network's traffic uses.
+    /// How many pod interfaces are plugged into the network in all.
     #[serde(default)]
-    pub link_health: Vec<LinkHealthStatus>,
+    pub attached_pod_count: u32,
+    /// The tunnels carrying this network: how many are up and down, and
+    /// some of those down (`l2mesh-agent status` lists every link).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub links: Option<LinkSummary>,
     /// Generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -175,18 +181,18 @@ pub struct AttachedPod {
     pub interface: String,
 }
 
-/// Health of one tunnel (node to node, or gateway to remote gateway).
+/// The tunnels carrying one network, summed over the nodes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct LinkHealthStatus {
-    /// Node that reports the link.
-    pub node: String,
-    /// Peer node or `cluster/node` of a remote gateway.
-    pub peer: String,
-    pub up: bool,
-    /// Milliseconds since the last handshake, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_handshake_age_ms: Option<u64>,
+pub struct LinkSummary {
+    /// Tunnels with a handshake in the last 3 minutes.
+    pub up: u32,
+    /// Tunnels without one.
+    pub down: u32,
+    /// The first down tunnels by node, `node->peer` (at most 8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub down_links: Vec<String>,
 }
 
 /// Why an `L2Network` manifest was rejected. Nothing is changed when this is returned.

@@ -1,7 +1,11 @@
 //! Prometheus metrics of the agent and the small HTTP endpoint serving them
-//! (`/metrics`, and `/healthz` for probes).
+//! (`/metrics`, `/healthz` for probes, and `/links`: every tunnel as the
+//! nodes last reported it, JSON, what `l2mesh-agent status` shows).
 
+use crate::crd::LinkSummary;
+use crate::status::LinkRow;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -24,6 +28,14 @@ pub struct Metrics {
     pub broker_views: Counter,
     pub gateway_failovers: Counter,
     pub save_failures: Counter,
+    /// Node desired states computed (built or patched).
+    pub desired_recomputes: Counter,
+    /// L2Network statuses computed.
+    pub status_recomputes: Counter,
+    /// L2Network statuses handed to the status writer (changed ones only).
+    pub status_writes: Counter,
+    /// Tunnels carrying each network, by `network` and `state` (up, down).
+    pub network_links: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Default for Metrics {
@@ -43,7 +55,31 @@ impl Default for Metrics {
             broker_views: Counter::default(),
             gateway_failovers: Counter::default(),
             save_failures: Counter::default(),
+            desired_recomputes: Counter::default(),
+            status_recomputes: Counter::default(),
+            status_writes: Counter::default(),
+            network_links: Family::default(),
         };
+        registry.register(
+            "network_links",
+            "Tunnels carrying each network, by state (up: a handshake in the last 3 minutes)",
+            m.network_links.clone(),
+        );
+        registry.register(
+            "desired_recomputes",
+            "Node desired states computed (built or patched); each input recomputes only the nodes it affects",
+            m.desired_recomputes.clone(),
+        );
+        registry.register(
+            "status_recomputes",
+            "L2Network statuses computed",
+            m.status_recomputes.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "L2Network statuses written because their content changed",
+            m.status_writes.clone(),
+        );
         registry.register(
             "allocation_save_failures",
             "Failed saves of the allocations (nothing new is published until one succeeds)",
@@ -112,6 +148,24 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Set a network's link counts; `None` removes its series.
+    pub fn set_links(&self, network: &str, links: Option<&LinkSummary>) {
+        for (state, value) in [("up", links.map(|l| l.up)), ("down", links.map(|l| l.down))] {
+            let labels = vec![
+                ("network".to_owned(), network.to_owned()),
+                ("state".to_owned(), state.to_owned()),
+            ];
+            match value {
+                Some(v) => {
+                    self.network_links.get_or_create(&labels).set(i64::from(v));
+                }
+                None => {
+                    self.network_links.remove(&labels);
+                }
+            }
+        }
+    }
+
     /// The text exposition format.
     #[must_use]
     pub fn encode(&self) -> String {
@@ -119,9 +173,24 @@ impl Metrics {
     }
 }
 
-/// Serve `/metrics` and `/healthz` on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) -> std::io::Result<()> {
-    axum::serve(listener, l2mesh_telemetry::router(move || metrics.encode())).await
+/// Where `/links` gets the link table from.
+pub type LinkTable = std::sync::Arc<dyn Fn() -> Vec<LinkRow> + Send + Sync>;
+
+/// Serve `/metrics`, `/healthz` and `/links` on `listener` until the task
+/// is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    links: LinkTable,
+) -> std::io::Result<()> {
+    let router = l2mesh_telemetry::router(move || metrics.encode()).route(
+        "/links",
+        axum::routing::get(move || {
+            let body = serde_json::to_string(&links()).unwrap_or_else(|_| "[]".into());
+            async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
+        }),
+    );
+    axum::serve(listener, router).await
 }
 
 #[cfg(test)]
@@ -141,6 +210,21 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("l2mesh_agent_broker_connected 1"), "{text}");
+        m.set_links(
+            "blue",
+            Some(&LinkSummary {
+                up: 3,
+                down: 1,
+                down_links: vec![],
+            }),
+        );
+        let text = m.encode();
+        assert!(
+            text.contains(r#"l2mesh_agent_network_links{network="blue",state="down"} 1"#),
+            "{text}"
+        );
+        m.set_links("blue", None);
+        assert!(!m.encode().contains(r#"network="blue""#));
     }
 
     #[tokio::test]
@@ -149,7 +233,13 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let m = Metrics::default();
         m.nodes_known.set(3);
-        let task = tokio::spawn(serve(listener, m));
+        let rows = vec![LinkRow {
+            node: "n1".into(),
+            peer: "n2".into(),
+            up: true,
+            ..LinkRow::default()
+        }];
+        let task = tokio::spawn(serve(listener, m, Arc::new(move || rows.clone())));
         let get = |path: &'static str| async move {
             use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -164,6 +254,7 @@ mod tests {
         };
         assert!(get("/metrics").await.contains("l2mesh_agent_nodes_known 3"));
         assert!(get("/healthz").await.contains("ok"));
+        assert!(get("/links").await.contains(r#""peer":"n2""#));
         task.abort();
     }
 }

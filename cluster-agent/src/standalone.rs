@@ -88,7 +88,7 @@ pub async fn run(
     );
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = &config.metrics_listen {
-        tasks.spawn(serve_metrics(addr.clone(), shared.metrics.clone()));
+        tasks.spawn(serve_metrics(addr.clone(), shared.clone()));
     }
     tasks.spawn(watch_manifests(
         config.manifests.clone(),
@@ -136,11 +136,14 @@ fn unreachable_subnet() -> Result<Ipv4Net, StandaloneError> {
     ))
 }
 
-/// Serve metrics; a failure is logged and does not stop the agent.
-pub async fn serve_metrics(addr: String, metrics: crate::metrics::Metrics) {
+/// Serve metrics and the link table; a failure is logged and does not
+/// stop the agent.
+pub async fn serve_metrics(addr: String, shared: Arc<Shared>) {
+    let metrics = shared.metrics.clone();
+    let links: crate::metrics::LinkTable = Arc::new(move || shared.link_table());
     match tokio::net::TcpListener::bind(&addr).await {
         Ok(listener) => {
-            if let Err(e) = crate::metrics::serve(listener, metrics).await {
+            if let Err(e) = crate::metrics::serve(listener, metrics, links).await {
                 tracing::error!(%addr, error = %e, "metrics endpoint stopped");
             }
         }

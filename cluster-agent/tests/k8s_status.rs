@@ -285,7 +285,7 @@ async fn ready_waits_for_the_nodes_and_a_restart_repeats_no_event() {
     wait_for("blue Applying on w1 only", 20, || {
         net(&api, "default", "blue").filter(|o| {
             reason(o, "Ready").as_deref() == Some("Applying")
-                && o["status"]["conditions"][0]["message"] == "not yet applied on: w1"
+                && o["status"]["conditions"][0]["message"] == "not yet applied on 1 of 2 nodes: w1"
         })
     })
     .await;

@@ -34,6 +34,10 @@ enum Command {
     /// a pre-delete hook. Refuses (changing nothing) when no agent holds the
     /// leader Lease, unless --clear-finalizers.
     Uninstall(Uninstall),
+    /// Print every tunnel of the cluster as the nodes last reported it (node,
+    /// peer, up or down, last handshake, bytes), read from a running agent's
+    /// metrics endpoint. The L2Network status only counts them.
+    Status(Status),
 }
 
 #[derive(Debug, Args)]
@@ -49,6 +53,104 @@ struct Uninstall {
     /// is removed, and the broker keeps the cluster's memberships.
     #[arg(long, env = "L2MESH_CLEAR_FINALIZERS")]
     clear_finalizers: bool,
+}
+
+#[derive(Debug, Args)]
+struct Status {
+    /// The agent's metrics endpoint (`--metrics-listen` of the running agent).
+    #[arg(long, env = "L2MESH_AGENT_METRICS", default_value = "127.0.0.1:9444")]
+    agent: String,
+    /// Only links that are down.
+    #[arg(long, env = "L2MESH_STATUS_DOWN")]
+    down: bool,
+    /// Only links reported by this node.
+    #[arg(long, env = "L2MESH_STATUS_NODE")]
+    node: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long, env = "L2MESH_STATUS_JSON")]
+    json: bool,
+}
+
+/// One row of `/links`.
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LinkRow {
+    node: String,
+    peer: String,
+    remote: bool,
+    up: bool,
+    #[serde(default)]
+    last_handshake_age_ms: Option<u64>,
+    rx_bytes: u64,
+    tx_bytes: u64,
+}
+
+/// GET `/links` from the agent (plain HTTP, the metrics endpoint).
+async fn fetch_links(addr: &str) -> anyhow::Result<Vec<LinkRow>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| {
+            format!("cannot reach the agent's metrics endpoint at {addr} (--agent)")
+        })?;
+    conn.write_all(
+        format!("GET /links HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("the agent sent no HTTP response")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "the agent answered {}: is {addr} an l2mesh-agent metrics endpoint?",
+        head.lines().next().unwrap_or_default()
+    );
+    serde_json::from_str(body).context("the agent's link table is not JSON")
+}
+
+fn render_links(rows: &[LinkRow]) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!(
+        "{:<24} {:<28} {:<6} {:<5} {:>10} {:>14} {:>14}\n",
+        "NODE", "PEER", "GROUP", "STATE", "HANDSHAKE", "RX BYTES", "TX BYTES"
+    );
+    for r in rows {
+        let age = r
+            .last_handshake_age_ms
+            .map_or_else(|| "never".to_owned(), |ms| format!("{}s ago", ms / 1000));
+        let _ = writeln!(
+            out,
+            "{:<24} {:<28} {:<6} {:<5} {:>10} {:>14} {:>14}",
+            r.node,
+            r.peer,
+            if r.remote { "remote" } else { "local" },
+            if r.up { "up" } else { "down" },
+            age,
+            r.rx_bytes,
+            r.tx_bytes
+        );
+    }
+    let down = rows.iter().filter(|r| !r.up).count();
+    let _ = writeln!(
+        out,
+        "{} links, {} up, {down} down",
+        rows.len(),
+        rows.len() - down
+    );
+    out
+}
+
+async fn status(a: Status) -> anyhow::Result<()> {
+    let mut rows = fetch_links(&a.agent).await?;
+    rows.retain(|r| (!a.down || !r.up) && a.node.as_ref().is_none_or(|n| *n == r.node));
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", render_links(&rows));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -247,6 +349,11 @@ fn main() -> ExitCode {
         Command::Kubernetes(a) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(kubernetes(a))),
+        Command::Status(a) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(status(a))),
         Command::Standalone(a) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(standalone(a))),
@@ -264,5 +371,21 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_link_table_names_each_link_and_counts_the_down_ones() {
+        let rows: Vec<super::LinkRow> = serde_json::from_str(
+            r#"[{"node":"n1","peer":"n2","remote":false,"up":true,"lastHandshakeAgeMs":12000,"rxBytes":5,"txBytes":6},
+                {"node":"gw","peer":"cloud/gw","remote":true,"up":false,"rxBytes":0,"txBytes":0}]"#,
+        )
+        .unwrap();
+        let text = super::render_links(&rows);
+        assert!(text.contains("12s ago"), "{text}");
+        assert!(
+            text.contains("cloud/gw") && text.contains("never"),
+            "{text}"
+        );
+        assert!(text.contains("2 links, 1 up, 1 down"), "{text}");
     }
 }

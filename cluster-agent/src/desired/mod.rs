@@ -11,6 +11,8 @@ use l2mesh_proto::node::{DesiredState, NetworkSpec, NodeIdentity, PeerGroup, Pee
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+pub mod index;
+
 /// Keepalive for every tunnel: keeps NAT and conntrack state alive and makes
 /// link health measurable even when a network is idle.
 pub const PERSISTENT_KEEPALIVE_SECS: u32 = 25;
@@ -238,6 +240,21 @@ fn resolve_multi(
     o.remote_peers = vn.peers.clone();
 }
 
+/// The broker network names to request: multi-cluster networks, except
+/// invalid or clashing manifests; admitted ones with a warning (range
+/// mismatch) still are.
+pub fn requested_networks<'a>(
+    networks: impl IntoIterator<Item = &'a NetworkOutcome>,
+) -> Vec<String> {
+    networks
+        .into_iter()
+        .filter(|n| n.scope == Scope::MultiCluster && (n.problem.is_none() || n.vni.is_some()))
+        .map(|n| n.name.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
 /// Everything the nodes should have, plus what to tell the broker.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterPlan {
@@ -275,7 +292,8 @@ fn lan_endpoint(node: &NodeEntry, hello: &Hello) -> String {
         .unwrap_or_default()
 }
 
-/// Compute every node's desired state.
+/// Compute every node's desired state from scratch. The engine keeps them
+/// up to date with [`index::DesiredIndex`], which must give the same.
 pub fn plan(
     nodes: &[NodeEntry],
     hellos: &BTreeMap<String, Hello>,
@@ -284,15 +302,7 @@ pub fn plan(
     allocs: &mut Allocations,
 ) -> ClusterPlan {
     let mut plan = ClusterPlan {
-        requested_networks: networks
-            .iter()
-            // Invalid or clashing manifests are not asked for; admitted ones
-            // with a warning (range mismatch) still are.
-            .filter(|n| n.scope == Scope::MultiCluster && (n.problem.is_none() || n.vni.is_some()))
-            .map(|n| n.name.clone())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect(),
+        requested_networks: requested_networks(networks),
         ..ClusterPlan::default()
     };
     // Tunnel IPs: stable per node; released when a node leaves the list.
@@ -333,6 +343,9 @@ pub fn plan(
         .iter()
         .filter(|n| n.gateway && hellos.contains_key(&n.name) && tunnel_ips.contains_key(&n.name))
         .min_by(|a, b| a.name.cmp(&b.name));
+    // Local peers by name (the index patches them in place by name).
+    let mut by_name: Vec<&NodeEntry> = nodes.iter().collect();
+    by_name.sort_by(|a, b| a.name.cmp(&b.name));
     for node in nodes {
         let Some(tunnel_ip) = tunnel_ips.get(&node.name) else {
             continue;
@@ -368,7 +381,7 @@ pub fn plan(
                 pod_cidr,
             });
         }
-        for other in nodes {
+        for other in &by_name {
             if other.name == node.name {
                 continue;
             }

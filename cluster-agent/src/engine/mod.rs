@@ -1,7 +1,10 @@
 //! The agent's state and reconcile step, shared by the node sync server, the
-//! broker link and the intent source. Inputs are set through [`Shared`]; each
-//! change wakes [`Shared::reconcile`], which recomputes everything with the
-//! pure core and publishes what changed.
+//! broker link and the intent source. Inputs are set through [`Shared`]; an
+//! input that changed wakes [`Shared::reconcile`], which recomputes only what
+//! the change reaches (the node states through the [`DesiredIndex`], the
+//! statuses of the networks concerned) and publishes what changed. An input
+//! set again unchanged wakes nothing: a node's periodic report changes
+//! nothing unless what the agent uses of it changed (see [`NodeDigest`]).
 //!
 //! Two rules keep the state of running networks stable across restarts:
 //! - nothing is computed, freed or published before both the node list and
@@ -13,14 +16,15 @@
 //!   save fails nothing new is published and the save is retried.
 
 use crate::crd::{L2Network, L2NetworkStatus};
-use crate::desired::{Hello, NodeEntry};
+use crate::desired::index::DesiredIndex;
+use crate::desired::{Hello, NetworkOutcome, NodeEntry};
 use crate::ipam::Allocations;
-use crate::status;
+use crate::status::{self, LinkRow, NodeDigest};
 use failover::{Election, Liveness};
 use ipnet::Ipv4Net;
 use l2mesh_proto::broker::{Admission, ClusterView, Gateway, LinkHealth};
 use l2mesh_proto::node::{DesiredState, NodeStatus};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::sync::{Notify, watch};
@@ -45,7 +49,10 @@ struct State {
     /// `None` until the L2Network list is complete.
     networks: Option<Vec<L2Network>>,
     hellos: BTreeMap<String, Hello>,
-    node_status: BTreeMap<String, NodeStatus>,
+    /// What the status uses of each node's last report.
+    digests: BTreeMap<String, NodeDigest>,
+    /// Each node's links as last reported (the per-link table).
+    links: BTreeMap<String, Vec<LinkRow>>,
     view: Option<ClusterView>,
     /// Whether `view` came from the broker in this run (not from the store).
     view_live: bool,
@@ -67,6 +74,52 @@ struct State {
     unsaved: Option<String>,
     /// Set when the NetworkAttachmentDefinition CRD is missing (Kubernetes mode).
     nad_missing: Option<String>,
+    /// Every node's desired state, updated incrementally.
+    index: DesiredIndex,
+    /// Nodes whose state was recomputed and is not published yet.
+    unpublished: BTreeSet<String>,
+    /// The network outcomes of the last reconcile.
+    outcomes: BTreeMap<String, NetworkOutcome>,
+    /// The nodes expected to apply the networks, as of the last reconcile.
+    expected: Vec<String>,
+    /// Statuses to recompute at the next publish.
+    stale: Stale,
+}
+
+/// Which statuses an input change reaches (kept until they are published).
+#[derive(Debug, Default)]
+struct Stale {
+    all: bool,
+    /// L2Network keys.
+    keys: BTreeSet<String>,
+    /// Network names on the nodes (a node's pods or applied networks changed).
+    names: BTreeSet<String>,
+    /// VNIs whose links changed.
+    vnis: BTreeSet<u32>,
+}
+
+impl Stale {
+    fn covers(&self, o: &NetworkOutcome) -> bool {
+        self.all
+            || self.keys.contains(&o.key)
+            || self.names.contains(&o.name)
+            || o.vni.is_some_and(|v| self.vnis.contains(&v))
+    }
+}
+
+/// Whether two L2Network lists mean the same intent: the agent's own
+/// status writes (and other metadata) come back through the watch and
+/// must not start a reconcile.
+fn same_intent(a: &[L2Network], b: &[L2Network]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.spec == y.spec
+                && x.metadata.name == y.metadata.name
+                && x.metadata.namespace == y.metadata.namespace
+                && x.metadata.generation == y.metadata.generation
+                && x.metadata.creation_timestamp == y.metadata.creation_timestamp
+                && x.metadata.deletion_timestamp == y.metadata.deletion_timestamp
+        })
 }
 
 /// How often the gateway election is re-checked without other changes
@@ -251,24 +304,33 @@ impl Shared {
 
     /// Replace the intent (both lists complete).
     pub fn set_intent(&self, nodes: Vec<NodeEntry>, networks: Vec<L2Network>) {
-        let mut s = self.lock();
-        s.nodes = Some(nodes);
-        s.networks = Some(networks);
-        drop(s);
-        self.touch();
+        self.set_nodes(nodes);
+        self.set_networks(networks);
     }
 
     /// Replace the L2Networks only, with the complete list (Kubernetes mode:
     /// called once the initial list is in, then on every change).
     pub fn set_networks(&self, networks: Vec<L2Network>) {
-        self.lock().networks = Some(networks);
-        self.touch();
+        let mut s = self.lock();
+        let changed = !s
+            .networks
+            .as_ref()
+            .is_some_and(|old| same_intent(old, &networks));
+        s.networks = Some(networks);
+        drop(s);
+        if changed {
+            self.touch();
+        }
     }
 
     /// Replace the node list only, with the complete list.
     pub fn set_nodes(&self, nodes: Vec<NodeEntry>) {
-        self.lock().nodes = Some(nodes);
-        self.touch();
+        let mut s = self.lock();
+        if s.nodes.as_ref() != Some(&nodes) {
+            s.nodes = Some(nodes);
+            drop(s);
+            self.touch();
+        }
     }
 
     /// Whether the node list and the L2Network list are both complete.
@@ -340,9 +402,12 @@ impl Shared {
         }
     }
 
-    /// Store a node's status; returns the node's current desired revision.
-    /// A status carrying a new public key is a key rotation: the node's hello
-    /// is updated so that its peers (and the broker) get the new key at once.
+    /// Take a node's status report; returns the node's current desired
+    /// revision. Only a change of what the agent uses (see [`NodeDigest`])
+    /// wakes a reconcile, and only the statuses of the networks it concerns
+    /// are recomputed. A status carrying a new public key is a key rotation:
+    /// the node's hello is updated so that its peers (and the broker) get
+    /// the new key at once.
     pub fn set_node_status(&self, status: NodeStatus) -> u64 {
         let rotated = {
             let s = self.lock();
@@ -359,28 +424,58 @@ impl Shared {
             tracing::info!(node = %status.node_name, "node rotated its WireGuard key");
             self.set_hello(&status.node_name, hello);
         }
+        let digest = NodeDigest::of(&status.node_name, &status);
+        let node = status.node_name;
+        let rows = status::digest::link_rows(&node, status.peers);
         let mut s = self.lock();
         let rev = s
             .desired
-            .get(&status.node_name)
+            .get(&node)
             .and_then(|tx| tx.borrow().as_ref().map(|d| d.revision))
             .unwrap_or_default();
-        if let Some(l) = s.live.get_mut(&status.node_name) {
+        if let Some(l) = s.live.get_mut(&node) {
             l.last_heard = Some(Instant::now());
         }
-        s.node_status.insert(status.node_name.clone(), status);
+        s.links.insert(node.clone(), rows);
+        let changed = s.digests.get(&node) != Some(&digest);
+        if changed {
+            let (names, vnis) = NodeDigest::changes(s.digests.get(&node), Some(&digest));
+            s.stale.names.extend(names);
+            s.stale.vnis.extend(vnis);
+            s.digests.insert(node, digest);
+        }
         drop(s);
-        self.touch();
+        if changed {
+            self.touch();
+        }
         rev
     }
 
+    /// Every link as the nodes last reported it, by node then peer.
+    #[must_use]
+    pub fn link_table(&self) -> Vec<LinkRow> {
+        self.lock().links.values().flatten().cloned().collect()
+    }
+
+    /// The broker's view of this cluster; a view that differs from the
+    /// last one only in its revision changes nothing.
     pub fn set_view(&self, view: ClusterView) {
         let mut s = self.lock();
-        s.allocs.set_broker_view(&view);
+        let same = s.view.as_ref().is_some_and(|old| {
+            old.networks == view.networks
+                && old.admissions == view.admissions
+                && old.cluster_name == view.cluster_name
+                && old.tunnel_subnet == view.tunnel_subnet
+        });
+        if !same {
+            s.allocs.set_broker_view(&view);
+        }
         s.view = Some(view);
         s.view_live = true;
         drop(s);
-        self.touch();
+        if !same {
+            self.touch();
+        }
     }
 
     /// The revision to resume the broker watch from: 0 (a full snapshot)
@@ -406,8 +501,12 @@ impl Shared {
     }
 
     pub fn set_admissions(&self, admissions: Vec<Admission>) {
-        self.lock().admissions = admissions;
-        self.touch();
+        let mut s = self.lock();
+        if s.admissions != admissions {
+            s.admissions = admissions;
+            drop(s);
+            self.touch();
+        }
     }
 
     /// Desired state of one node, now and after every change.
@@ -429,7 +528,7 @@ impl Shared {
     /// Link health of the tunnels to other clusters.
     #[must_use]
     pub fn link_health(&self) -> Vec<LinkHealth> {
-        status::remote_link_health(&self.lock().node_status)
+        status::remote_link_health(&self.lock().links)
     }
 
     /// Wait for the next change of any input.
@@ -474,5 +573,7 @@ impl Shared {
     }
 }
 
+#[cfg(test)]
+mod steady_tests;
 #[cfg(test)]
 mod tests;

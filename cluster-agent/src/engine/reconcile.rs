@@ -1,5 +1,6 @@
-//! One reconcile: compute from the inputs (the pure core), make the
-//! allocations durable, then publish to the nodes, the broker and the status.
+//! One reconcile: compute from the inputs (the pure core, incrementally),
+//! make the allocations durable, then publish to the nodes, the broker and
+//! the status what changed.
 
 use super::{BrokerReports, Shared, State, gateway_candidates, now};
 use crate::crd::Scope;
@@ -12,9 +13,6 @@ use tokio::sync::watch;
 /// One reconcile's result before it is published.
 #[derive(Debug)]
 struct Round {
-    nodes: Vec<NodeEntry>,
-    outcomes: Vec<desired::NetworkOutcome>,
-    plan: desired::ClusterPlan,
     gateway: Option<String>,
 }
 
@@ -45,7 +43,7 @@ impl Shared {
                 };
                 if s.allocs == s.saved && round.gateway == s.saved_gateway {
                     s.unsaved = None;
-                    let problems = self.publish(s, round);
+                    let problems = self.publish(s);
                     self.metrics
                         .reconcile_seconds
                         .observe(started.elapsed().as_secs_f64());
@@ -73,9 +71,11 @@ impl Shared {
     }
 
     /// The pure part of a reconcile: allocations (in `s.allocs`), the
-    /// gateway election and the plan. `None` while the intent is incomplete.
+    /// gateway election, the node states the changes reach (in `s.index`,
+    /// marked unpublished) and the statuses they reach (marked stale).
+    /// `None` while the intent is incomplete.
     fn compute(&self, s: &mut State) -> Option<Round> {
-        let (Some(nodes), Some(networks)) = (s.nodes.clone(), s.networks.as_ref()) else {
+        let (Some(nodes), Some(networks)) = (s.nodes.as_ref(), s.networks.as_ref()) else {
             return None;
         };
         let mut outcomes =
@@ -93,11 +93,11 @@ impl Shared {
             }
             o.broker_refusal.clone_from(&s.broker_refusal);
         }
-        // Only the elected gateway is handed to the plan as one: the plan
-        // gives remote tunnels to a single gateway and reports it.
+        // Only the elected gateway is handed to the index as one: it gives
+        // remote tunnels to a single gateway and reports it.
         let before = s.election.active().map(str::to_owned);
         let gateway = s.election.elect(
-            &gateway_candidates(&nodes, &s.hellos, &s.live),
+            &gateway_candidates(nodes, &s.hellos, &s.live),
             Instant::now(),
         );
         if before.is_some() && before != gateway {
@@ -111,98 +111,129 @@ impl Shared {
                 ..n.clone()
             })
             .collect();
-        let plan = desired::plan(
+        let update = s.index.update(
             &plan_nodes,
             &s.hellos,
             &outcomes,
             self.tunnel_subnet,
             &mut s.allocs,
         );
+        self.metrics
+            .desired_recomputes
+            .inc_by(update.recomputed.len() as u64);
+        s.unpublished.extend(update.recomputed);
+        s.unpublished.extend(update.removed);
         // Nodes that left the (complete) list: forget what they said.
-        s.live.retain(|node, _| plan.nodes.contains_key(node));
-        s.hellos.retain(|node, _| plan.nodes.contains_key(node));
+        let states = s.index.states();
+        s.live.retain(|node, _| states.contains_key(node));
+        s.hellos.retain(|node, _| states.contains_key(node));
         s.allocs
             .known_nodes
-            .retain(|node, _| plan.nodes.contains_key(node));
-        s.node_status
-            .retain(|node, _| plan.nodes.contains_key(node));
-        Some(Round {
-            nodes,
-            outcomes,
-            plan,
-            gateway,
-        })
+            .retain(|node, _| states.contains_key(node));
+        let before = s.digests.len();
+        s.digests.retain(|node, _| states.contains_key(node));
+        s.links.retain(|node, _| states.contains_key(node));
+        if s.digests.len() != before {
+            s.stale.all = true;
+        }
+        let expected = expected_nodes(&plan_nodes, &s.hellos);
+        if expected != s.expected {
+            s.expected = expected;
+            s.stale.all = true;
+        }
+        // Networks whose outcome changed; those gone lose their status at
+        // the next publish.
+        let outcomes: BTreeMap<String, desired::NetworkOutcome> =
+            outcomes.into_iter().map(|o| (o.key.clone(), o)).collect();
+        for (key, o) in &outcomes {
+            if s.outcomes.get(key) != Some(o) {
+                s.stale.keys.insert(key.clone());
+            }
+        }
+        s.outcomes = outcomes;
+        Some(Round { gateway })
     }
 
-    /// Hand a computed round (whose allocations are saved) to the nodes,
-    /// the broker and the status.
-    fn publish(&self, s: &mut State, round: Round) -> Vec<String> {
-        let Round {
-            nodes,
-            outcomes,
-            plan,
-            ..
-        } = round;
-        let mut problems = plan.problems.clone();
+    /// Publish what the last compute changed (its allocations are saved)
+    /// to the nodes, the broker and the status.
+    fn publish(&self, s: &mut State) -> Vec<String> {
         // Nodes that left the list: their watch ends (the sender is
         // dropped) and a reconnect is refused.
-        s.desired.retain(|node, _| plan.nodes.contains_key(node));
-        for (node, mut state) in plan.nodes {
+        let states = s.index.states();
+        s.desired.retain(|node, _| states.contains_key(node));
+        for node in std::mem::take(&mut s.unpublished) {
+            let Some(state) = states.get(&node) else {
+                continue;
+            };
             let tx = s
                 .desired
                 .entry(node)
                 .or_insert_with(|| watch::channel(None).0);
             let same = tx.borrow().as_ref().is_some_and(|cur| {
-                state.revision = cur.revision;
-                *cur == state
+                cur.identity == state.identity
+                    && cur.networks == state.networks
+                    && cur.peers == state.peers
             });
             if !same {
                 s.revision += 1;
+                let mut state = state.clone();
                 state.revision = s.revision;
                 tx.send_replace(Some(state));
             }
         }
+        let outcomes: Vec<&desired::NetworkOutcome> = s.outcomes.values().collect();
         self.reports.send_if_modified(|r| {
             let next = Some(BrokerReports {
-                gateways: plan.gateways.clone(),
-                networks: plan.requested_networks.clone(),
+                gateways: s.index.gateways().to_vec(),
+                networks: desired::requested_networks(outcomes.iter().copied()),
             });
             let changed = *r != next;
             *r = next;
             changed
         });
         let now = now();
+        let stale = std::mem::take(&mut s.stale);
         let mut seen = BTreeMap::new();
         let networks = s.networks.clone().unwrap_or_default();
-        for (net, o) in networks
-            .iter()
-            .filter_map(|n| outcomes.iter().find(|o| o.key == n.key()).map(|o| (n, o)))
-        {
-            // After a restart the status the object carries is the previous
-            // one: unchanged conditions keep their times and nothing is
-            // written when nothing changed.
-            let prev = s
-                .statuses
-                .get(&o.key)
-                .map(|(_, st)| st)
-                .or(net.status.as_ref());
-            let expected = expected_nodes(&nodes, &s.hellos);
-            let mut new = status::network_status(o, &s.node_status, &expected, prev, &now);
+        for net in &networks {
+            let Some(o) = s.outcomes.get(&net.key()) else {
+                continue;
+            };
+            let prev = s.statuses.remove(&o.key);
+            let generation_changed = prev
+                .as_ref()
+                .is_some_and(|(old, _)| old.metadata.generation != net.metadata.generation);
+            let prev = match prev {
+                Some((_, st)) if !generation_changed && !stale.covers(o) => {
+                    seen.insert(o.key.clone(), (net.clone(), st));
+                    continue;
+                }
+                // After a restart the status the object carries is the
+                // previous one: unchanged conditions keep their times and
+                // nothing is written when nothing changed.
+                prev => prev.map(|(_, st)| st).or_else(|| net.status.clone()),
+            };
+            let mut new = status::network_status(o, &s.digests, &s.expected, prev.as_ref(), &now);
             new.observed_generation = net.metadata.generation;
-            if prev != Some(&new) {
+            self.metrics.status_recomputes.inc();
+            self.metrics.set_links(&o.name, new.links.as_ref());
+            if prev.as_ref() != Some(&new) {
+                self.metrics.status_writes.inc();
                 self.sink.write(net, Some(&new));
             }
             seen.insert(o.key.clone(), (net.clone(), new));
         }
         for (key, (net, _)) in &s.statuses {
             if !seen.contains_key(key) {
+                self.metrics.set_links(&net.dataplane_name(), None);
                 self.sink.write(net, None);
             }
         }
         s.statuses = seen;
+        let mut problems = s.index.problems();
         problems.extend(
-            outcomes
-                .iter()
+            s.outcomes
+                .values()
                 .filter_map(|o| o.problem.as_ref().map(|p| format!("{}: {p}", o.key))),
         );
         let m = &self.metrics;
@@ -210,11 +241,12 @@ impl Shared {
         m.reconciles.inc();
         m.desired_revision
             .set(i64::try_from(s.revision).unwrap_or(i64::MAX));
-        m.nodes_known.set(count(nodes.len()));
+        m.nodes_known
+            .set(count(s.nodes.as_ref().map_or(0, Vec::len)));
         m.nodes_with_hello.set(count(s.hellos.len()));
-        let active = outcomes.iter().filter(|o| o.active()).count();
+        let active = s.outcomes.values().filter(|o| o.active()).count();
         m.networks_active.set(count(active));
-        m.networks_inactive.set(count(outcomes.len() - active));
+        m.networks_inactive.set(count(s.outcomes.len() - active));
         m.problems.set(count(problems.len()));
         problems
     }

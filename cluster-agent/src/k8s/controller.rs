@@ -35,6 +35,11 @@ pub struct Context {
     pub client: Client,
     pub shared: Arc<Shared>,
     pub recorder: Recorder,
+    /// The NADs as a reflector sees them: a NAD that already is what it
+    /// should be is not written again. A status write triggers a
+    /// reconcile (the NAD follows `status.ipRange` and `status.mtu`), and
+    /// that reconcile writes nothing unless the NAD must change.
+    pub nads: Option<kube::runtime::reflector::Store<NetworkAttachmentDefinition>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -50,7 +55,18 @@ impl Context {
             recorder: Recorder::new(client.clone(), MANAGER.into()),
             client,
             shared,
+            nads: None,
         }
+    }
+
+    /// Skip NAD writes that would change nothing, as `store` sees the NADs.
+    #[must_use]
+    pub fn with_nad_store(
+        mut self,
+        store: kube::runtime::reflector::Store<NetworkAttachmentDefinition>,
+    ) -> Self {
+        self.nads = Some(store);
+        self
     }
 
     async fn event(&self, net: &L2Network, type_: EventType, reason: &str, note: String) {
@@ -151,6 +167,16 @@ async fn apply(net: &L2Network, ctx: &Context) -> Result<Action, ControllerError
     }
     let (range, mtu) = nad_inputs(net);
     let nad = nad_for(net, range, mtu);
+    let existing = ctx.nads.as_ref().and_then(|store| {
+        store.get(
+            &kube::runtime::reflector::ObjectRef::new(&name)
+                .within(net.metadata.namespace.as_deref().unwrap_or("default")),
+        )
+    });
+    if existing.is_some_and(|e| super::nad::up_to_date(&e, &nad)) {
+        ctx.shared.set_nad_missing(None);
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    }
     match nads
         .patch(
             &name,

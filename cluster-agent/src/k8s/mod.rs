@@ -294,7 +294,7 @@ async fn lead(
     if let Some(addr) = &config.metrics_listen {
         tasks.spawn(crate::standalone::serve_metrics(
             addr.clone(),
-            shared.metrics.clone(),
+            shared.clone(),
         ));
     }
     tasks.spawn(sink_task);
@@ -336,7 +336,21 @@ async fn lead(
             );
         },
     ));
-    let ctx = Arc::new(controller::Context::new(client.clone(), shared.clone()));
+    // The NADs as they are, so that the controller writes only those that
+    // must change.
+    let (nad_store, nad_writer) = reflector::store();
+    tasks.spawn(
+        watcher(
+            Api::<nad::NetworkAttachmentDefinition>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(nad_writer)
+        .for_each(|_| std::future::ready(())),
+    );
+    let ctx = Arc::new(
+        controller::Context::new(client.clone(), shared.clone()).with_nad_store(nad_store),
+    );
     let nets: Api<L2Network> = Api::all(client.clone());
     let nads: Api<nad::NetworkAttachmentDefinition> = Api::all(client.clone());
     tasks.spawn(

@@ -72,6 +72,34 @@ pub fn nad_for(
     nad
 }
 
+/// Whether `existing` already is `wanted` (same CNI config, labels and
+/// owner): applying it again would change nothing, so it is not written.
+#[must_use]
+pub fn up_to_date(
+    existing: &NetworkAttachmentDefinition,
+    wanted: &NetworkAttachmentDefinition,
+) -> bool {
+    let has_all = |have: Option<&std::collections::BTreeMap<String, String>>,
+                   want: Option<&std::collections::BTreeMap<String, String>>| {
+        want.into_iter()
+            .flatten()
+            .all(|(k, v)| have.and_then(|h| h.get(k)) == Some(v))
+    };
+    existing.spec == wanted.spec
+        && has_all(
+            existing.metadata.labels.as_ref(),
+            wanted.metadata.labels.as_ref(),
+        )
+        && wanted.metadata.owner_references.iter().flatten().all(|o| {
+            existing
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|e| e.uid == o.uid && e.controller == o.controller)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +126,23 @@ mod tests {
         let conf = cni_config(&net, None, 1300);
         assert!(conf.get("ipam").is_none());
         assert_eq!(conf["mtu"], 1300);
+    }
+
+    #[test]
+    fn a_nad_is_up_to_date_only_with_the_same_config_labels_and_owner() {
+        let net: L2Network = serde_yaml::from_str(
+            "apiVersion: l2mesh.io/v1alpha1\nkind: L2Network\nmetadata: {name: blue, namespace: team, uid: u-1}\nspec: {ipRange: 10.1.0.0/16}\n",
+        )
+        .unwrap();
+        let wanted = nad_for(&net, net.ip_range().unwrap(), 1390);
+        let mut existing = wanted.clone();
+        existing.metadata.resource_version = Some("7".into());
+        assert!(up_to_date(&existing, &wanted));
+        existing.spec.config = cni_config(&net, None, 1390).to_string();
+        assert!(!up_to_date(&existing, &wanted), "another config");
+        let mut existing = wanted.clone();
+        existing.metadata.owner_references = None;
+        assert!(!up_to_date(&existing, &wanted), "no owner");
     }
 
     #[test]

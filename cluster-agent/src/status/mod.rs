@@ -1,15 +1,41 @@
-//! L2Network status from a network's outcome and what the nodes reported.
-//! Pure: both the Kubernetes status patch and the standalone status files use it.
+//! L2Network status from a network's outcome and what the nodes reported
+//! (their [`NodeDigest`]s). Pure: both the Kubernetes status patch and the
+//! standalone status files use it.
+//!
+//! The status stays small whatever the cluster's size: per-link detail is
+//! not in it (counts and a few down links are; `l2mesh-agent status` and
+//! the metrics have the rest), lists that grow with the nodes are cut at
+//! [`MAX_NAMED`] or [`MAX_LISTED_PODS`] with complete counts, and nothing
+//! in it moves while the cluster does not (no handshake ages or counters),
+//! so a steady cluster writes no status.
 
-use crate::crd::{AttachedPod, Condition, L2NetworkStatus, LinkHealthStatus, Scope};
+pub mod digest;
+
+pub use digest::{LINK_DOWN_AFTER_MS, LinkRow, MAX_NAMED, NodeDigest, link_up};
+
+use crate::crd::{Condition, L2NetworkStatus, LinkSummary, Scope};
 use crate::desired::NetworkOutcome;
 use l2mesh_proto::broker::{AdmissionState, LinkHealth};
-use l2mesh_proto::node::{NetworkStatus, NodeStatus, PeerGroup};
 use std::collections::BTreeMap;
 
-/// A tunnel whose last handshake is older than this is down (WireGuard
-/// rekeys every 2 minutes while traffic or keepalives flow).
-pub const LINK_DOWN_AFTER_MS: u64 = 180_000;
+/// How many attached pods a status lists at most (`attachedPodCount`
+/// counts them all; `l2mesh-dataplane status` on a node lists its own).
+pub const MAX_LISTED_PODS: usize = 64;
+
+/// `a, b, c and 5 more`: at most [`MAX_NAMED`] names of `total`.
+fn some_names(names: &[String], total: usize) -> String {
+    let shown = names
+        .iter()
+        .take(MAX_NAMED)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if total > MAX_NAMED.min(names.len()) {
+        format!("{shown} and {} more", total - MAX_NAMED.min(names.len()))
+    } else {
+        shown
+    }
+}
 
 fn condition(type_: &str, status: &str, reason: &str, message: impl Into<String>) -> Condition {
     Condition {
@@ -21,12 +47,6 @@ fn condition(type_: &str, status: &str, reason: &str, message: impl Into<String>
     }
 }
 
-/// Whether a link with this handshake age counts as up.
-#[must_use]
-pub fn link_up(last_handshake_age_ms: Option<u64>) -> bool {
-    last_handshake_age_ms.is_some_and(|age| age < LINK_DOWN_AFTER_MS)
-}
-
 /// Compute the status. `expected` are the nodes that should apply the
 /// network (those whose dataplane said hello); `prev` keeps transition times
 /// of unchanged conditions. Fields that do not hold are left out (`None` or
@@ -34,7 +54,7 @@ pub fn link_up(last_handshake_age_ms: Option<u64>) -> bool {
 #[must_use]
 pub fn network_status(
     o: &NetworkOutcome,
-    nodes: &BTreeMap<String, NodeStatus>,
+    nodes: &BTreeMap<String, NodeDigest>,
     expected: &[String],
     prev: Option<&L2NetworkStatus>,
     now: &str,
@@ -98,7 +118,12 @@ pub fn network_status(
                     "Ready",
                     "False",
                     "Applying",
-                    format!("not yet applied on: {}", missing.join(", ")),
+                    format!(
+                        "not yet applied on {} of {} nodes: {}",
+                        missing.len(),
+                        expected.len(),
+                        some_names(&missing, missing.len())
+                    ),
                 )
             } else if let Some(p) = problem {
                 condition("Ready", "True", "ActiveWithWarning", p.clone())
@@ -123,27 +148,28 @@ pub fn network_status(
         ),
     };
 
+    let mut links = LinkSummary::default();
+    let mut pods = 0usize;
     if let Some(vni) = o.vni {
-        for (node, ns) in nodes {
-            for net in ns.networks.iter().filter(|n| n.name == o.name) {
-                status.attached_pods.extend(attached_pods(node, net));
+        for (node, d) in nodes {
+            if let Some(p) = d.networks.get(&o.name) {
+                pods += p.len();
+                let room = MAX_LISTED_PODS.saturating_sub(status.attached_pods.len());
+                status.attached_pods.extend(p.iter().take(room).cloned());
             }
-            for peer in ns.peers.iter().filter(|p| p.vnis.contains(&vni)) {
-                status.link_health.push(LinkHealthStatus {
-                    node: node.clone(),
-                    peer: peer.name.clone(),
-                    up: link_up(peer.last_handshake_age_ms),
-                    last_handshake_age_ms: peer.last_handshake_age_ms,
-                });
+            for g in d.links.iter().filter(|g| g.vnis.contains(&vni)) {
+                links.up += g.up;
+                links.down += g.down;
+                for peer in &g.down_peers {
+                    if links.down_links.len() < MAX_NAMED {
+                        links.down_links.push(format!("{node}->{peer}"));
+                    }
+                }
             }
         }
     }
-    let down: Vec<String> = status
-        .link_health
-        .iter()
-        .filter(|l| !l.up)
-        .map(|l| format!("{}->{}", l.node, l.peer))
-        .collect();
+    status.attached_pod_count = u32::try_from(pods).unwrap_or(u32::MAX);
+    let total = links.up + links.down;
     let peers = if !o.active() {
         condition(
             "PeersConnected",
@@ -151,28 +177,35 @@ pub fn network_status(
             "Inactive",
             "the network is not active",
         )
-    } else if status.link_health.is_empty() {
+    } else if total == 0 {
         condition(
             "PeersConnected",
             "Unknown",
             "NoPeers",
             "no node reports a tunnel for this network",
         )
-    } else if down.is_empty() {
+    } else if links.down == 0 {
         condition(
             "PeersConnected",
             "True",
             "AllUp",
-            format!("{} tunnels up", status.link_health.len()),
+            format!("{total} tunnels up"),
         )
     } else {
         condition(
             "PeersConnected",
             "False",
             "LinksDown",
-            format!("down: {}", down.join(", ")),
+            format!(
+                "{} of {total} tunnels down: {}",
+                links.down,
+                some_names(&links.down_links, links.down as usize)
+            ),
         )
     };
+    if o.active() && total > 0 {
+        status.links = Some(links);
+    }
     status.conditions = vec![ready, admitted, peers];
     if let Some(why) = &o.attach_problem {
         status.conditions.push(condition(
@@ -191,60 +224,19 @@ pub fn network_status(
     status
 }
 
-/// The pods on one node's bridge: every port, named by its pod when the
-/// dataplane knows it (from the CNI's `AttachPort`), else by its interface.
-fn attached_pods(node: &str, net: &NetworkStatus) -> Vec<AttachedPod> {
-    let mut ifnames: Vec<&str> = net.ports.iter().map(String::as_str).collect();
-    // The dataplane's own TAP is a port of every bridge, not a pod.
-    ifnames.retain(|i| !i.starts_with(l2mesh_proto::DATAPLANE_TAP_PREFIX));
-    // A dataplane that fills only `port_status` still has its ports listed.
-    for p in &net.port_status {
-        if !ifnames.contains(&p.ifname.as_str())
-            && !p.ifname.starts_with(l2mesh_proto::DATAPLANE_TAP_PREFIX)
-        {
-            ifnames.push(&p.ifname);
-        }
-    }
-    ifnames
-        .into_iter()
-        .map(|ifname| {
-            let pod = net
-                .port_status
-                .iter()
-                .find(|p| p.ifname == ifname && !p.pod_name.is_empty())
-                .map_or_else(
-                    || ifname.to_owned(),
-                    |p| {
-                        let ns = if p.pod_namespace.is_empty() {
-                            "default"
-                        } else {
-                            &p.pod_namespace
-                        };
-                        format!("{ns}/{}", p.pod_name)
-                    },
-                );
-            AttachedPod {
-                node: node.to_owned(),
-                pod,
-                interface: ifname.to_owned(),
-            }
-        })
-        .collect()
-}
-
 /// Expected nodes that have not applied network `name`: their last report
 /// lacks it. A node not heard from since the agent started is taken at the
 /// previous status's word (`prev_ready`), so a restart does not flap Ready.
 fn not_applied(
     name: &str,
-    nodes: &BTreeMap<String, NodeStatus>,
+    nodes: &BTreeMap<String, NodeDigest>,
     expected: &[String],
     prev_ready: bool,
 ) -> Vec<String> {
     expected
         .iter()
         .filter(|node| match nodes.get(*node) {
-            Some(ns) => !ns.networks.iter().any(|n| n.name == name),
+            Some(d) => !d.networks.contains_key(name),
             None => !prev_ready,
         })
         .cloned()
@@ -253,27 +245,42 @@ fn not_applied(
 
 /// Link health of the gateways' tunnels to other clusters, for the broker.
 #[must_use]
-pub fn remote_link_health(nodes: &BTreeMap<String, NodeStatus>) -> Vec<LinkHealth> {
-    let mut out = Vec::new();
-    for ns in nodes.values() {
-        for p in ns.peers.iter().filter(|p| p.group() == PeerGroup::Remote) {
-            out.push(LinkHealth {
-                peer_cluster: p.name.split('/').next().unwrap_or_default().to_owned(),
-                peer_public_key: p.public_key.clone(),
-                up: link_up(p.last_handshake_age_ms),
-                last_handshake_age_ms: p.last_handshake_age_ms.unwrap_or_default(),
-                rx_bytes: p.rx_bytes,
-                tx_bytes: p.tx_bytes,
-            });
-        }
-    }
-    out
+pub fn remote_link_health(links: &BTreeMap<String, Vec<LinkRow>>) -> Vec<LinkHealth> {
+    links
+        .values()
+        .flatten()
+        .filter(|l| l.remote)
+        .map(|l| LinkHealth {
+            peer_cluster: l.peer.split('/').next().unwrap_or_default().to_owned(),
+            peer_public_key: l.public_key.clone(),
+            up: l.up,
+            last_handshake_age_ms: l.last_handshake_age_ms.unwrap_or_default(),
+            rx_bytes: l.rx_bytes,
+            tx_bytes: l.tx_bytes,
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use l2mesh_proto::node::{PeerStatus, PortStatus};
+    use crate::crd::AttachedPod;
+    use l2mesh_proto::node::{NetworkStatus, NodeStatus, PeerGroup, PeerStatus, PortStatus};
+
+    /// The status from whole node reports, as the engine gets them.
+    fn from_reports(
+        o: &NetworkOutcome,
+        nodes: &BTreeMap<String, NodeStatus>,
+        expected: &[String],
+        prev: Option<&L2NetworkStatus>,
+        now: &str,
+    ) -> L2NetworkStatus {
+        let digests = nodes
+            .iter()
+            .map(|(n, s)| (n.clone(), NodeDigest::of(n, s)))
+            .collect();
+        network_status(o, &digests, expected, prev, now)
+    }
 
     fn outcome(scope: Scope, vni: Option<u32>) -> NetworkOutcome {
         NetworkOutcome {
@@ -311,7 +318,7 @@ mod tests {
     #[test]
     fn ready_only_once_every_expected_node_applied_the_network() {
         let o = outcome(Scope::Local, Some(3));
-        let none = network_status(&o, &BTreeMap::new(), &[], None, "t");
+        let none = from_reports(&o, &BTreeMap::new(), &[], None, "t");
         assert_eq!(
             (
                 get(&none, "Ready").status.as_str(),
@@ -324,7 +331,7 @@ mod tests {
         let expected = ["n1".to_owned(), "n2".to_owned()];
         let mut nodes = applied("n1", "blue");
         nodes.extend(applied("n2", "red"));
-        let half = network_status(&o, &nodes, &expected, None, "t");
+        let half = from_reports(&o, &nodes, &expected, None, "t");
         let ready = get(&half, "Ready");
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
@@ -332,13 +339,13 @@ mod tests {
         );
         assert!(ready.message.contains("n2"), "{}", ready.message);
         nodes.extend(applied("n2", "blue"));
-        let all = network_status(&o, &nodes, &expected, Some(&half), "t");
+        let all = from_reports(&o, &nodes, &expected, Some(&half), "t");
         assert_eq!(get(&all, "Ready").status, "True");
         // After an agent restart a node not heard from yet does not flip a
         // Ready network, nor make a not-ready one Ready.
-        let quiet = network_status(&o, &applied("n1", "blue"), &expected, Some(&all), "t");
+        let quiet = from_reports(&o, &applied("n1", "blue"), &expected, Some(&all), "t");
         assert_eq!(get(&quiet, "Ready").status, "True");
-        let quiet = network_status(&o, &applied("n1", "blue"), &expected, Some(&half), "t");
+        let quiet = from_reports(&o, &applied("n1", "blue"), &expected, Some(&half), "t");
         assert_eq!(get(&quiet, "Ready").status, "False");
     }
 
@@ -357,7 +364,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let s = network_status(&o, &[("n1".to_owned(), node)].into(), &[], None, "t");
+        let s = from_reports(&o, &[("n1".to_owned(), node)].into(), &[], None, "t");
         let ifaces: Vec<&str> = s
             .attached_pods
             .iter()
@@ -370,7 +377,7 @@ mod tests {
     fn a_missing_nad_crd_is_a_condition_naming_it() {
         let mut o = outcome(Scope::Local, Some(3));
         o.attach_problem = Some("the NetworkAttachmentDefinition CRD is not installed".into());
-        let s = network_status(&o, &BTreeMap::new(), &[], None, "t");
+        let s = from_reports(&o, &BTreeMap::new(), &[], None, "t");
         let c = get(&s, "Attachable");
         assert_eq!(
             (c.status.as_str(), c.reason.as_str()),
@@ -388,7 +395,7 @@ mod tests {
         let mut o = outcome(Scope::MultiCluster, Some(7));
         o.admission = Some((AdmissionState::Admitted, String::new()));
         o.broker_refusal = Some("the broker refuses this cluster".into());
-        let s = network_status(&o, &applied("n1", "blue"), &["n1".into()], None, "t0");
+        let s = from_reports(&o, &applied("n1", "blue"), &["n1".into()], None, "t0");
         let a = get(&s, "Admitted");
         assert_eq!(
             (a.status.as_str(), a.reason.as_str()),
@@ -401,7 +408,7 @@ mod tests {
         );
         let mut local = outcome(Scope::Local, Some(3));
         local.broker_refusal = o.broker_refusal.clone();
-        let s = network_status(&local, &BTreeMap::new(), &[], None, "t0");
+        let s = from_reports(&local, &BTreeMap::new(), &[], None, "t0");
         assert_eq!(get(&s, "Admitted").reason, "LocalScope");
     }
 
@@ -409,7 +416,7 @@ mod tests {
     fn denied_network_shows_the_brokers_reason() {
         let mut o = outcome(Scope::MultiCluster, None);
         o.admission = Some((AdmissionState::Denied, "edge may not join red".into()));
-        let s = network_status(&o, &BTreeMap::new(), &[], None, "t0");
+        let s = from_reports(&o, &BTreeMap::new(), &[], None, "t0");
         let a = get(&s, "Admitted");
         assert_eq!((a.status.as_str(), a.reason.as_str()), ("False", "Denied"));
         assert_eq!(a.message, "edge may not join red");
@@ -449,7 +456,7 @@ mod tests {
             ..Default::default()
         };
         let nodes: BTreeMap<String, NodeStatus> = [("n1".to_owned(), node)].into();
-        let s1 = network_status(&o, &nodes, &["n1".into()], None, "t1");
+        let s1 = from_reports(&o, &nodes, &["n1".into()], None, "t1");
         assert_eq!(
             s1.attached_pods,
             vec![AttachedPod {
@@ -458,18 +465,20 @@ mod tests {
                 interface: "l2abc".into()
             }]
         );
-        assert_eq!(s1.link_health.len(), 2);
+        let links = s1.links.clone().unwrap();
+        assert_eq!((links.up, links.down), (1, 1));
+        assert_eq!(links.down_links, vec!["n1->n3".to_owned()]);
         let pc = get(&s1, "PeersConnected");
         assert_eq!(pc.status, "False");
         assert!(pc.message.contains("n1->n3"));
         assert_eq!(get(&s1, "Ready").status, "True");
-        let s2 = network_status(&o, &nodes, &["n1".into()], Some(&s1), "t2");
+        let s2 = from_reports(&o, &nodes, &["n1".into()], Some(&s1), "t2");
         assert_eq!(
             get(&s2, "Ready").last_transition_time,
             "t1",
             "unchanged keeps its time"
         );
-        let quiet = network_status(&o, &BTreeMap::new(), &["n1".into()], Some(&s1), "t3");
+        let quiet = from_reports(&o, &BTreeMap::new(), &["n1".into()], Some(&s1), "t3");
         assert_eq!(get(&quiet, "PeersConnected").last_transition_time, "t3");
     }
 
@@ -502,7 +511,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let s = network_status(&o, &[("n1".to_owned(), node)].into(), &[], None, "t");
+        let s = from_reports(&o, &[("n1".to_owned(), node)].into(), &[], None, "t");
         let got: Vec<(&str, &str, &str)> = s
             .attached_pods
             .iter()
@@ -538,7 +547,8 @@ mod tests {
             ],
             ..Default::default()
         };
-        let links = remote_link_health(&[("gw".to_owned(), node)].into());
+        let links =
+            remote_link_health(&[("gw".to_owned(), digest::link_rows("gw", node.peers))].into());
         assert_eq!(links.len(), 1);
         assert_eq!(links[0].peer_cluster, "cloud");
         assert!(links[0].up);
