@@ -255,15 +255,16 @@ impl Config {
                         name: p.name.clone(),
                         len: p.public_key.len(),
                     })?;
-            let k = key_b64(&key);
+            // Encoded only for an error message: most states have none.
+            let k = || key_b64(&key);
             if cfg.peers.contains_key(&key) {
-                return Err(ConfigError::DuplicatePeer { key: k });
+                return Err(ConfigError::DuplicatePeer { key: k() });
             }
             let endpoint = if p.endpoint.is_empty() {
                 None
             } else {
                 Some(p.endpoint.parse().map_err(|_| ConfigError::BadEndpoint {
-                    key: k.clone(),
+                    key: k(),
                     value: p.endpoint.clone(),
                 })?)
             };
@@ -271,23 +272,26 @@ impl Config {
                 .tunnel_ip
                 .parse()
                 .map_err(|_| ConfigError::BadPeerTunnelIp {
-                    key: k.clone(),
+                    key: k(),
                     value: p.tunnel_ip.clone(),
                 })?;
             let group = match p.group() {
                 PeerGroup::Local => Group::Local,
                 PeerGroup::Remote => Group::Remote,
-                PeerGroup::Unspecified => return Err(ConfigError::MissingGroup { key: k }),
+                PeerGroup::Unspecified => return Err(ConfigError::MissingGroup { key: k() }),
             };
             if let Some(vni) = p.vnis.iter().find(|v| **v == 0 || **v > MAX_VNI) {
-                return Err(ConfigError::BadPeerVni { key: k, vni: *vni });
+                return Err(ConfigError::BadPeerVni {
+                    key: k(),
+                    vni: *vni,
+                });
             }
             let keepalive = match p.persistent_keepalive {
                 0 => None,
-                v => Some(u16::try_from(v).map_err(|_| ConfigError::BadKeepalive {
-                    key: k.clone(),
-                    value: v,
-                })?),
+                v => Some(
+                    u16::try_from(v)
+                        .map_err(|_| ConfigError::BadKeepalive { key: k(), value: v })?,
+                ),
             };
             cfg.peers.insert(
                 key,
@@ -337,6 +341,25 @@ pub struct Diff {
 
 impl Diff {
     pub fn between(old: &Config, new: &Config) -> Self {
+        let mut d = Self::networks_between(old, new);
+        for (key, p) in &new.peers {
+            match old.peers.get(key) {
+                None => d.peers_added.push(p.clone()),
+                Some(o) if o != p => d.peers_changed.push((o.clone(), p.clone())),
+                Some(_) => {}
+            }
+        }
+        for (key, o) in &old.peers {
+            if !new.peers.contains_key(key) {
+                d.peers_removed.push(o.clone());
+            }
+        }
+        d
+    }
+
+    /// The identity and network part of the diff only (peers are the
+    /// engine's business): what the device steps of an apply need.
+    pub fn networks_between(old: &Config, new: &Config) -> Self {
         let mut d = Diff {
             identity_changed: old.tunnel_ip != new.tunnel_ip
                 || old.node_name != new.node_name
@@ -353,18 +376,6 @@ impl Diff {
         for (name, o) in &old.networks {
             if !new.networks.contains_key(name) {
                 d.networks_removed.push(o.clone());
-            }
-        }
-        for (key, p) in &new.peers {
-            match old.peers.get(key) {
-                None => d.peers_added.push(p.clone()),
-                Some(o) if o != p => d.peers_changed.push((o.clone(), p.clone())),
-                Some(_) => {}
-            }
-        }
-        for (key, o) in &old.peers {
-            if !new.peers.contains_key(key) {
-                d.peers_removed.push(o.clone());
             }
         }
         d

@@ -253,21 +253,31 @@ impl Switch {
         self.nets.remove(&vni);
     }
 
-    /// Adds or updates a peer. MACs learned behind it in VNIs it left are forgotten.
-    pub fn set_peer(&mut self, id: PeerId, group: Group, vnis: BTreeSet<u32>) {
-        for (vni, net) in &mut self.nets {
-            if !vnis.contains(vni) {
-                net.macs.retain(|_, e| e.port != Port::Peer(id));
+    /// Adds or updates a peer. MACs learned behind it in VNIs it left are
+    /// forgotten. A MAC is learned behind a peer only in the VNIs it is a
+    /// member of, so only the tables of the VNIs it left are scanned; returns
+    /// how many entries that was.
+    pub fn set_peer(&mut self, id: PeerId, group: Group, vnis: BTreeSet<u32>) -> usize {
+        let mut scanned = 0;
+        if let Some(old) = self.peers.get(&id) {
+            for vni in old.vnis.difference(&vnis) {
+                scanned += forget_peer(self.nets.get_mut(vni), id);
             }
         }
         self.peers.insert(id, PeerInfo { group, vnis });
+        scanned
     }
 
-    pub fn remove_peer(&mut self, id: PeerId) {
-        self.peers.remove(&id);
-        for net in self.nets.values_mut() {
-            net.macs.retain(|_, e| e.port != Port::Peer(id));
-        }
+    /// Removes a peer and the MACs learned behind it (scanning the tables of
+    /// its VNIs only); returns how many entries were scanned.
+    pub fn remove_peer(&mut self, id: PeerId) -> usize {
+        let Some(old) = self.peers.remove(&id) else {
+            return 0;
+        };
+        old.vnis
+            .iter()
+            .map(|vni| forget_peer(self.nets.get_mut(vni), id))
+            .sum()
     }
 
     /// Whether `peer` may carry frames of `vni`.
@@ -419,6 +429,17 @@ impl Switch {
         v.sort_by_key(|m| m.mac);
         v
     }
+}
+
+/// Drops the MACs learned behind `id` from one network's table; the number
+/// of entries scanned.
+fn forget_peer(net: Option<&mut Net>, id: PeerId) -> usize {
+    let Some(net) = net else {
+        return 0;
+    };
+    let scanned = net.macs.len();
+    net.macs.retain(|_, e| e.port != Port::Peer(id));
+    scanned
 }
 
 #[cfg(test)]

@@ -58,8 +58,9 @@ impl Daemon {
     async fn apply_locked(self: &Arc<Self>, desired: DesiredState) -> Result<ApplyResult, Error> {
         let cfg = Config::from_desired(&desired)?;
         cfg.reject_own_key(&self.engine.public_key())?;
-        let current = self.engine.config();
-        let diff = Diff::between(&current, &cfg);
+        // Devices depend on the networks only; the engine diffs the peers.
+        let current = self.engine.config_without_peers();
+        let diff = Diff::networks_between(&current, &cfg);
 
         let new_udp = if cfg.listen_port != 0 && cfg.listen_port != current.listen_port {
             let port = cfg.listen_port;
@@ -97,7 +98,7 @@ impl Daemon {
         let mut scratch = io::Scratch::default();
         let diff = self.engine.apply(cfg);
         self.engine
-            .initiate_pending_handshakes(&mut scratch.bufs, &mut out);
+            .initiate_handshakes_for(&diff.peers_added, &mut scratch.bufs, &mut out);
         self.perform(&mut out, &mut scratch, 0).await;
         let changes = diff.describe();
         if !changes.is_empty() {

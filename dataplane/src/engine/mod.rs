@@ -44,6 +44,19 @@ const PREVIOUS_KEY_GRACE: Duration = Duration::from_secs(60);
 /// handshake with the current key (see `Peer::probe`).
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// What an apply did, beside comparing the states: the measure of its cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyWork {
+    /// boringtun tunnels made (new peers, a changed keepalive).
+    pub tunnels_created: usize,
+    pub tunnels_removed: usize,
+    /// Peers changed in place (endpoint, VNIs, group, name).
+    pub peers_updated: usize,
+    /// MAC table entries looked at to forget MACs behind peers that left a
+    /// VNI or were removed.
+    pub mac_entries_scanned: usize,
+}
+
 /// Something the shell must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
@@ -128,6 +141,8 @@ struct State {
 /// The node's tunnels and switch.
 pub struct Engine {
     state: RwLock<State>,
+    /// Held for a whole apply (see [`Engine::apply_counted`]).
+    apply_lock: Mutex<()>,
     switch: Mutex<Switch>,
     drops: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -228,6 +243,7 @@ impl Engine {
                 last_limiter_reset: None,
                 previous: None,
             }),
+            apply_lock: Mutex::new(()),
             switch: Mutex::new(Switch::default()),
             drops: Mutex::new(BTreeMap::new()),
         }
@@ -273,9 +289,21 @@ impl Engine {
     /// Makes `cfg` the current state, touching only what differs. Peers that
     /// did not change keep their sessions.
     pub fn apply(&self, cfg: Config) -> Diff {
+        self.apply_counted(cfg).0
+    }
+
+    /// [`Engine::apply`], also saying how much work it did: everything but
+    /// the diff itself (a comparison of the two states) is proportional to
+    /// what changed.
+    pub fn apply_counted(&self, cfg: Config) -> (Diff, ApplyWork) {
+        // Applies run one at a time, and only an apply changes `cfg`: the
+        // diff (linear in the states' size) is made under the read lock,
+        // so packets are held up only by the changes themselves.
+        let _one_at_a_time = lock(&self.apply_lock);
+        let diff = Diff::between(&self.read().cfg, &cfg);
         let mut st = self.write();
         let mut switch = lock(&self.switch);
-        let diff = Diff::between(&st.cfg, &cfg);
+        let mut work = ApplyWork::default();
         for n in &diff.networks_removed {
             switch.remove_network(n.vni);
         }
@@ -284,7 +312,11 @@ impl Engine {
                 switch.remove_network(old.vni);
             }
         }
-        for n in cfg.networks.values() {
+        for n in diff
+            .networks_added
+            .iter()
+            .chain(diff.networks_changed.iter().map(|(_, new)| new))
+        {
             switch.set_network(n.vni, n.mtu);
         }
         // A peer that rotated its key shows up as removed + added with the same
@@ -300,7 +332,8 @@ impl Engine {
                 if let Some(endpoint) = gone.and_then(|peer| peer.endpoint) {
                     last_heard.insert(p.tunnel_ip, endpoint);
                 }
-                switch.remove_peer(id);
+                work.mac_entries_scanned += switch.remove_peer(id);
+                work.tunnels_removed += 1;
             }
         }
         let me = *st.public.as_bytes();
@@ -310,7 +343,8 @@ impl Engine {
             }
             let id = st.alloc_id();
             let tunn = st.new_tunn(id, p);
-            switch.set_peer(id, p.group, p.vnis.clone());
+            work.tunnels_created += 1;
+            work.mac_entries_scanned += switch.set_peer(id, p.group, p.vnis.clone());
             st.by_key.insert(p.key, id);
             let endpoint = last_heard.get(&p.tunnel_ip).copied().or(p.endpoint);
             st.peers
@@ -327,24 +361,63 @@ impl Engine {
                     // boringtun cannot change keepalive in place.
                     peer.tunn = t;
                     peer.on_previous_key = false;
+                    work.tunnels_created += 1;
                 }
                 if old.endpoint != new.endpoint && new.endpoint.is_some() {
                     peer.endpoint = new.endpoint;
                 }
                 peer.cfg = new.clone();
+                work.peers_updated += 1;
             }
-            switch.set_peer(id, new.group, new.vnis.clone());
+            work.mac_entries_scanned += switch.set_peer(id, new.group, new.vnis.clone());
         }
         let port = if cfg.listen_port == 0 {
             st.cfg.listen_port
         } else {
             cfg.listen_port
         };
-        st.cfg = Config {
-            listen_port: port,
-            ..cfg
-        };
-        diff
+        let old = std::mem::replace(
+            &mut st.cfg,
+            Config {
+                listen_port: port,
+                ..cfg
+            },
+        );
+        drop(switch);
+        drop(st);
+        // Freed outside the locks: it is as large as the whole state.
+        drop(old);
+        (diff, work)
+    }
+
+    /// Handshake initiations for the peers an apply added (what the next
+    /// tick would send), touching no other peer.
+    pub fn initiate_handshakes_for(
+        &self,
+        added: &[PeerConfig],
+        bufs: &mut Buffers,
+        out: &mut Vec<Output>,
+    ) {
+        let st = self.read();
+        for p in added {
+            if let Some(cell) = st.by_key.get(&p.key).and_then(|id| st.peers.get(id)) {
+                lock(cell).initiate_if_pending(bufs, out);
+            }
+        }
+    }
+
+    /// The applied configuration without its peers: what the device steps
+    /// of an apply compare against (cheap whatever the number of peers).
+    pub fn config_without_peers(&self) -> Config {
+        let st = self.read();
+        Config {
+            revision: st.cfg.revision,
+            node_name: st.cfg.node_name.clone(),
+            tunnel_ip: st.cfg.tunnel_ip,
+            listen_port: st.cfg.listen_port,
+            networks: st.cfg.networks.clone(),
+            peers: BTreeMap::new(),
+        }
     }
 
     /// Rotate the node key. Existing tunnels keep their sessions (on the
@@ -448,6 +521,8 @@ impl Engine {
     }
 }
 
+#[cfg(test)]
+mod apply_cost_tests;
 #[cfg(test)]
 mod concurrency_tests;
 #[cfg(test)]
