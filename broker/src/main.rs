@@ -3,6 +3,7 @@
 mod cli_admin;
 
 use clap::{Parser, Subcommand};
+use l2mesh_broker::store::{EtcdTls, StoreSpec};
 use l2mesh_broker::{Broker, ServeConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,10 +36,83 @@ enum Command {
     Network(cli_admin::AdminArgs<cli_admin::NetworkCmd>),
     /// List or remove clusters (talks to a running broker).
     Cluster(cli_admin::AdminArgs<cli_admin::ClusterCmd>),
+    /// Copy a store into another, empty one: sled into etcd to grow from
+    /// one broker to several replicas, or etcd back into sled. Stop every
+    /// broker that uses either store first.
+    Migrate(MigrateArgs),
+}
+
+/// Options of an etcd store (`--store etcd://...`).
+#[derive(Debug, Clone, clap::Args)]
+struct EtcdArgs {
+    /// Prefix of this broker's keys in etcd (brokers sharing one etcd need
+    /// different prefixes).
+    #[arg(long, env = "L2MESH_ETCD_PREFIX", default_value = l2mesh_broker::store::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// CA certificate (PEM) of the etcd members' server certificates;
+    /// given, the broker talks TLS to etcd.
+    #[arg(long, env = "L2MESH_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's --client-cert-auth (needs
+    /// --etcd-ca and --etcd-key).
+    #[arg(long, env = "L2MESH_ETCD_CERT", requires_all = ["etcd_ca", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// Key (PEM) of --etcd-cert.
+    #[arg(long, env = "L2MESH_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// Name the etcd members' certificates are verified under (default:
+    /// the host of each member address).
+    #[arg(long, env = "L2MESH_ETCD_SERVER_NAME", requires = "etcd_ca")]
+    etcd_server_name: Option<String>,
+    /// Deadline of one request to etcd; a write that gets no answer within
+    /// it is refused with UNAVAILABLE.
+    #[arg(long, env = "L2MESH_ETCD_TIMEOUT", default_value = "3s", value_parser = cli_admin::parse_duration)]
+    etcd_timeout: Duration,
+}
+
+impl EtcdArgs {
+    /// The store `text` names, with these options on an etcd store.
+    fn store(&self, text: &str) -> anyhow::Result<StoreSpec> {
+        let spec = StoreSpec::parse(text)?;
+        Ok(match spec {
+            StoreSpec::Etcd(mut c) => {
+                c.prefix.clone_from(&self.etcd_prefix);
+                c.timeout = self.etcd_timeout;
+                c.tls = self.etcd_ca.as_ref().map(|ca| EtcdTls {
+                    ca: ca.clone(),
+                    cert: self.etcd_cert.clone(),
+                    key: self.etcd_key.clone(),
+                    server_name: self.etcd_server_name.clone(),
+                });
+                StoreSpec::Etcd(c)
+            }
+            sled => sled,
+        })
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// The store to copy: sled:<dir> or etcd://host:port,...
+    #[arg(long, env = "L2MESH_MIGRATE_FROM")]
+    from: String,
+    /// The empty store to copy into: etcd://host:port,... or sled:<dir>.
+    #[arg(long, env = "L2MESH_MIGRATE_TO")]
+    to: String,
+    #[command(flatten)]
+    etcd: EtcdArgs,
 }
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
+    /// Where the state lives: sled:<dir> (embedded, one broker; default
+    /// <data-dir>/store) or etcd://host:port,host:port,... (several broker
+    /// replicas share it; every replica needs the same ca.pem, ca.key and
+    /// admin.pem in its --data-dir).
+    #[arg(long, env = "L2MESH_STORE")]
+    store: Option<String>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// Address the gRPC API listens on.
     #[arg(long, env = "L2MESH_LISTEN", default_value = "0.0.0.0:7443")]
     listen: std::net::SocketAddr,
@@ -157,6 +231,7 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let mut config = ServeConfig::new(data_dir, advertise);
+    config.store = args.store.as_deref().map(|s| args.etcd.store(s)).transpose()?;
     config.default_token_ttl = args.token_ttl;
     config.join_failures_per_minute = args.join_failures_per_minute;
     config.max_request_bytes = args.max_request_bytes;
@@ -192,6 +267,17 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let from = args.etcd.store(&args.from)?;
+    let to = args.etcd.store(&args.to)?;
+    let n = l2mesh_broker::store::migrate(&from, &to)
+        .await
+        .with_context(|| format!("cannot copy {} into {}", args.from, args.to))?;
+    println!("copied {n} records from {} into {}", args.from, args.to);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     l2mesh_telemetry::init_logs("L2MESH_LOG", "info");
@@ -208,6 +294,7 @@ fn main() -> ExitCode {
             Command::Token(a) => cli_admin::token(&cli.data_dir, a).await,
             Command::Network(a) => cli_admin::network(&cli.data_dir, a).await,
             Command::Cluster(a) => cli_admin::cluster(&cli.data_dir, a).await,
+            Command::Migrate(a) => migrate(a).await,
         }
     });
     l2mesh_telemetry::exit_code("l2mesh-broker", result)
