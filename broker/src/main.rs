@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker (gRPC over TLS, state in an embedded store).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage onboarding tokens (talks to a running broker).
     Token(cli_admin::AdminArgs<cli_admin::TokenCmd>),
     /// Manage multi-cluster networks (talks to a running broker).
@@ -231,7 +231,11 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let mut config = ServeConfig::new(data_dir, advertise);
-    config.store = args.store.as_deref().map(|s| args.etcd.store(s)).transpose()?;
+    config.store = args
+        .store
+        .as_deref()
+        .map(|s| args.etcd.store(s))
+        .transpose()?;
     config.default_token_ttl = args.token_ttl;
     config.join_failures_per_minute = args.join_failures_per_minute;
     config.max_request_bytes = args.max_request_bytes;
@@ -290,7 +294,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(cli.data_dir, args).await,
+            Command::Serve(args) => serve(cli.data_dir, *args).await,
             Command::Token(a) => cli_admin::token(&cli.data_dir, a).await,
             Command::Network(a) => cli_admin::network(&cli.data_dir, a).await,
             Command::Cluster(a) => cli_admin::cluster(&cli.data_dir, a).await,

@@ -143,7 +143,9 @@ impl Broker {
         loop {
             match watch.next().await? {
                 WatchEvent::Compacted => {
-                    tracing::warn!("etcd compacted revisions this replica had not seen: reloading the state");
+                    tracing::warn!(
+                        "etcd compacted revisions this replica had not seen: reloading the state"
+                    );
                     let mut core = self.core.lock().await;
                     let fresh = store.load().await?;
                     self.adopt(&mut core, fresh);

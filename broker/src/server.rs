@@ -306,7 +306,10 @@ impl Broker {
             };
             match result {
                 Err(Error::Conflict) if attempt < crate::replica::MAX_ATTEMPTS => {
-                    tracing::debug!(attempt, "another replica wrote first: reloading and applying again");
+                    tracing::debug!(
+                        attempt,
+                        "another replica wrote first: reloading and applying again"
+                    );
                 }
                 Err(Error::Conflict) => {
                     break Err(Error::StoreUnavailable(format!(

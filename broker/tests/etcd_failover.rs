@@ -107,7 +107,10 @@ async fn a_cluster_fails_over_to_another_replica_and_resumes_its_watch() {
         }
     })
     .await;
-    assert!(broke.is_ok(), "the stream from the killed replica did not end");
+    assert!(
+        broke.is_ok(),
+        "the stream from the killed replica did not end"
+    );
     let mut c = alpha.connect().await.unwrap();
     let mut w = c
         .watch(pb::WatchRequest {

@@ -42,7 +42,11 @@ async fn replicas_share_one_state_and_racing_writes_keep_the_invariants() {
     let joins: Vec<_> = (0..8)
         .map(|i| {
             let mut js = js.clone();
-            js.brokers = vec![if i % 2 == 0 { a.addr.clone() } else { b.addr.clone() }];
+            js.brokers = vec![if i % 2 == 0 {
+                a.addr.clone()
+            } else {
+                b.addr.clone()
+            }];
             tokio::spawn(async move { client::join(&js).await })
         })
         .collect();
@@ -62,7 +66,11 @@ async fn replicas_share_one_state_and_racing_writes_keep_the_invariants() {
     let (admin_a, admin_b) = (a.admin().await, b.admin().await);
     let creates: Vec<_> = (0..16)
         .map(|i| {
-            let mut admin = if i % 2 == 0 { admin_a.clone() } else { admin_b.clone() };
+            let mut admin = if i % 2 == 0 {
+                admin_a.clone()
+            } else {
+                admin_b.clone()
+            };
             async move {
                 admin
                     .create_network(pb::CreateNetworkRequest {

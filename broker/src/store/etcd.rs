@@ -137,11 +137,16 @@ impl std::fmt::Debug for EtcdStore {
 }
 
 fn read_file(path: &PathBuf, what: &str) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::io(format!("cannot read the etcd {what} {}", path.display()), e))
+    std::fs::read(path)
+        .map_err(|e| Error::io(format!("cannot read the etcd {what} {}", path.display()), e))
 }
 
 fn endpoint(addr: &str, config: &EtcdConfig) -> Result<Endpoint> {
-    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
         .map_err(|e| Error::InvalidArgument(format!("etcd member {addr:?}: {e}")))?
         .connect_timeout(config.timeout)
@@ -149,7 +154,8 @@ fn endpoint(addr: &str, config: &EtcdConfig) -> Result<Endpoint> {
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
     if let Some(tls) = &config.tls {
-        let mut t = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_file(&tls.ca, "CA")?));
+        let mut t =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_file(&tls.ca, "CA")?));
         match (&tls.cert, &tls.key) {
             (Some(cert), Some(key)) => {
                 t = t.identity(Identity::from_pem(
@@ -164,7 +170,10 @@ fn endpoint(addr: &str, config: &EtcdConfig) -> Result<Endpoint> {
                 ));
             }
         }
-        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']);
+        let host = addr
+            .rsplit_once(':')
+            .map_or(addr, |(h, _)| h)
+            .trim_matches(['[', ']']);
         t = t.domain_name(tls.server_name.clone().unwrap_or_else(|| host.to_owned()));
         ep = ep
             .tls_config(t)
@@ -187,8 +196,10 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 fn with_leader<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    req.metadata_mut()
-        .insert("hasleader", tonic::metadata::MetadataValue::from_static("true"));
+    req.metadata_mut().insert(
+        "hasleader",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
     req
 }
 
@@ -229,7 +240,9 @@ impl EtcdStore {
     /// Set up the connections to every member (nothing is sent yet).
     pub async fn connect(config: EtcdConfig) -> Result<Self> {
         if config.endpoints.is_empty() {
-            return Err(Error::InvalidArgument("no etcd member address given".into()));
+            return Err(Error::InvalidArgument(
+                "no etcd member address given".into(),
+            ));
         }
         if config.prefix.is_empty() {
             return Err(Error::InvalidArgument(
@@ -350,7 +363,12 @@ impl EtcdStore {
         let mut last = String::from("no member tried");
         for (at, ch) in self.order() {
             let mut kv = KvClient::new(ch).max_decoding_message_size(MAX_RESPONSE_BYTES);
-            match tokio::time::timeout(self.inner.config.timeout, kv.range(with_leader(req.clone()))).await {
+            match tokio::time::timeout(
+                self.inner.config.timeout,
+                kv.range(with_leader(req.clone())),
+            )
+            .await
+            {
                 Ok(Ok(r)) => {
                     self.inner.current.store(at, Ordering::Relaxed);
                     self.mark_up();
@@ -397,7 +415,8 @@ impl EtcdStore {
                 at_revision = r.header.map_or(0, |h| h.revision);
             }
             for kv in &r.kvs {
-                let name = String::from_utf8_lossy(&kv.key[prefix.len().min(kv.key.len())..]).into_owned();
+                let name =
+                    String::from_utf8_lossy(&kv.key[prefix.len().min(kv.key.len())..]).into_owned();
                 if name == COMMIT_KEY {
                     commit = kv.mod_revision;
                 }
@@ -436,7 +455,9 @@ impl EtcdStore {
             let k = self.key(&key_name(key));
             success.push(pb::RequestOp {
                 request: Some(match encode_record(state, key)? {
-                    Some(value) => pb::request_op::Request::RequestPut(pb::PutRequest { key: k, value }),
+                    Some(value) => {
+                        pb::request_op::Request::RequestPut(pb::PutRequest { key: k, value })
+                    }
                     None => pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
                         key: k,
                         range_end: Vec::new(),
@@ -456,7 +477,9 @@ impl EtcdStore {
                 result: pb::compare::CompareResult::Equal.into(),
                 target: pb::compare::CompareTarget::Mod.into(),
                 key: commit_key,
-                target_union: Some(pb::compare::TargetUnion::ModRevision(self.position().commit)),
+                target_union: Some(pb::compare::TargetUnion::ModRevision(
+                    self.position().commit,
+                )),
             }],
             success,
             failure: Vec::new(),
@@ -465,7 +488,9 @@ impl EtcdStore {
         for (at, ch) in self.order() {
             let mut kv = KvClient::new(ch);
             let member = &self.inner.config.endpoints[at];
-            match tokio::time::timeout(self.inner.config.timeout, kv.txn(with_leader(txn.clone()))).await {
+            match tokio::time::timeout(self.inner.config.timeout, kv.txn(with_leader(txn.clone())))
+                .await
+            {
                 Ok(Ok(r)) => {
                     self.inner.current.store(at, Ordering::Relaxed);
                     self.mark_up();
@@ -558,7 +583,9 @@ impl EtcdStore {
                         member: self.inner.config.endpoints[at].clone(),
                     });
                 }
-                Ok(Err(s)) => last = format!("{}: {}", self.inner.config.endpoints[at], s.message()),
+                Ok(Err(s)) => {
+                    last = format!("{}: {}", self.inner.config.endpoints[at], s.message())
+                }
                 Err(_) => last = format!("{}: no answer", self.inner.config.endpoints[at]),
             }
         }
@@ -603,8 +630,12 @@ impl EtcdWatch {
             .stream
             .message()
             .await
-            .map_err(|s| Error::StoreUnavailable(format!("etcd watch on {}: {}", self.member, s.message())))?
-            .ok_or_else(|| Error::StoreUnavailable(format!("etcd watch on {} ended", self.member)))?;
+            .map_err(|s| {
+                Error::StoreUnavailable(format!("etcd watch on {}: {}", self.member, s.message()))
+            })?
+            .ok_or_else(|| {
+                Error::StoreUnavailable(format!("etcd watch on {} ended", self.member))
+            })?;
         if r.compact_revision != 0 {
             return Ok(WatchEvent::Compacted);
         }
@@ -617,7 +648,8 @@ impl EtcdWatch {
         let mut out: Vec<Revision> = Vec::new();
         for ev in r.events {
             let Some(kv) = ev.kv else { continue };
-            let name = String::from_utf8_lossy(&kv.key[self.prefix_len.min(kv.key.len())..]).into_owned();
+            let name =
+                String::from_utf8_lossy(&kv.key[self.prefix_len.min(kv.key.len())..]).into_owned();
             let rev = kv.mod_revision;
             if out.last().is_none_or(|l| l.revision != rev) {
                 out.push(Revision {
@@ -631,9 +663,12 @@ impl EtcdWatch {
                 cur.commit = true;
                 continue;
             }
-            let Some(key) = parse_key(&name) else { continue };
+            let Some(key) = parse_key(&name) else {
+                continue;
+            };
             let deleted = ev.r#type == pb::event::EventType::Delete as i32;
-            cur.changes.push((key, if deleted { None } else { Some(kv.value) }));
+            cur.changes
+                .push((key, if deleted { None } else { Some(kv.value) }));
         }
         Ok(WatchEvent::Revisions(out))
     }
@@ -668,9 +703,15 @@ mod tests {
 
     #[test]
     fn only_refusals_before_the_log_may_go_to_another_member() {
-        assert!(not_applied(&tonic::Status::unavailable("etcdserver: no leader")));
-        assert!(not_applied(&tonic::Status::unavailable("tcp connect error: Connection refused")));
-        assert!(!not_applied(&tonic::Status::unavailable("etcdserver: request timed out")));
+        assert!(not_applied(&tonic::Status::unavailable(
+            "etcdserver: no leader"
+        )));
+        assert!(not_applied(&tonic::Status::unavailable(
+            "tcp connect error: Connection refused"
+        )));
+        assert!(!not_applied(&tonic::Status::unavailable(
+            "etcdserver: request timed out"
+        )));
         assert!(!not_applied(&tonic::Status::internal("no leader")));
     }
 

@@ -307,9 +307,20 @@ mod tests {
             panic!("not etcd");
         };
         assert_eq!(c.endpoints, vec!["a:2379", "b:2380"]);
-        for bad in ["sled:", "etcd://", "etcd://a", "etcd://a:0", "etcd://a:2379/x", "redis://a:1", ""] {
+        for bad in [
+            "sled:",
+            "etcd://",
+            "etcd://a",
+            "etcd://a:0",
+            "etcd://a:2379/x",
+            "redis://a:1",
+            "",
+        ] {
             let e = StoreSpec::parse(bad).unwrap_err().to_string();
-            assert!(e.contains("store") || e.contains("etcd member"), "{bad}: {e}");
+            assert!(
+                e.contains("store") || e.contains("etcd member"),
+                "{bad}: {e}"
+            );
         }
     }
 
@@ -329,13 +340,17 @@ mod tests {
     #[test]
     fn changes_apply_puts_and_deletes() {
         let mut s = State::default();
-        s.create_token("edge", "t1".into(), "sec", 60, 1, 0).unwrap();
+        s.create_token("edge", "t1".into(), "sec", 60, 1, 0)
+            .unwrap();
         s.join("t1", "sec", "edge", [3; 32], 1).unwrap();
         let value = encode_record(&s, &Key::Cluster("edge".into())).unwrap();
         let t = encode_record(&s, &Key::Token("t1".into())).unwrap();
         let next = apply_changes(
             &State::default(),
-            vec![(Key::Cluster("edge".into()), value), (Key::Token("t1".into()), t)],
+            vec![
+                (Key::Cluster("edge".into()), value),
+                (Key::Token("t1".into()), t),
+            ],
         )
         .unwrap();
         assert_eq!(next.clusters, s.clusters);

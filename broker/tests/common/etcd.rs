@@ -50,7 +50,9 @@ fn free_ports(n: usize) -> Vec<u16> {
     let held: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
-    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 impl EtcdCluster {
@@ -147,16 +149,15 @@ impl EtcdCluster {
 
     /// Wait until a write through any member commits.
     pub async fn wait_writable(&self, within: Duration) {
-        let store = l2mesh_broker::store::EtcdStore::connect(
-            l2mesh_broker::store::EtcdConfig::new(
+        let store =
+            l2mesh_broker::store::EtcdStore::connect(l2mesh_broker::store::EtcdConfig::new(
                 self.members
                     .iter()
                     .map(|m| format!("127.0.0.1:{}", m.client))
                     .collect(),
-            ),
-        )
-        .await
-        .unwrap();
+            ))
+            .await
+            .unwrap();
         let start = Instant::now();
         loop {
             if store.probe().await {
