@@ -40,6 +40,10 @@ enum Command {
     /// one broker to several replicas, or etcd back into sled. Stop every
     /// broker that uses either store first.
     Migrate(MigrateArgs),
+    /// Create the CA and the admin credential in --data-dir (kept if they
+    /// exist) and print the CA pin: the files to put in the one Secret
+    /// that every replica on etcd mounts.
+    Init,
 }
 
 /// Options of an etcd store (`--store etcd://...`).
@@ -271,6 +275,16 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn init(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let pki = l2mesh_broker::pki::Pki::load_or_create(data_dir, &[])?;
+    println!(
+        "CA and admin credential in {} (ca.pem, ca.key, admin.pem); CA pin {}",
+        data_dir.display(),
+        pki.ca_pin()
+    );
+    Ok(())
+}
+
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let from = args.etcd.store(&args.from)?;
@@ -299,6 +313,7 @@ fn main() -> ExitCode {
             Command::Network(a) => cli_admin::network(&cli.data_dir, a).await,
             Command::Cluster(a) => cli_admin::cluster(&cli.data_dir, a).await,
             Command::Migrate(a) => migrate(a).await,
+            Command::Init => init(&cli.data_dir),
         }
     });
     l2mesh_telemetry::exit_code("l2mesh-broker", result)

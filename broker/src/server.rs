@@ -139,6 +139,9 @@ impl Broker {
             .clone()
             .unwrap_or_else(|| StoreSpec::Sled(config.data_dir.join("store")));
         let store = Store::open(&spec).await?;
+        if let Some(etcd) = store.etcd() {
+            etcd.claim_ca_pin(&pki.ca_pin()).await?;
+        }
         let (state, views) = crate::replica::load_and_refresh(&store).await?;
         let broker = Self {
             core: Arc::new(Mutex::new(Core { state, store })),

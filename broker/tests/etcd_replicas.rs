@@ -7,6 +7,7 @@ use common::etcd::EtcdCluster;
 use common::{TestBroker, gateway, request, view_until, watch};
 use l2mesh_broker::client;
 use l2mesh_broker::store::StoreSpec;
+use l2mesh_broker::{Broker, ServeConfig};
 use l2mesh_proto::broker as pb;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -119,6 +120,24 @@ async fn replicas_share_one_state_and_racing_writes_keep_the_invariants() {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_another_ca_is_refused() {
+    let Some(etcd) = EtcdCluster::start(1).await else {
+        return;
+    };
+    let one = tempfile::tempdir().unwrap();
+    let (_a, _b) = replicas(one.path(), &etcd.store(), "/ca/").await;
+    let other = tempfile::tempdir().unwrap();
+    let mut config = ServeConfig::new(other.path().to_path_buf(), vec!["127.0.0.1:1".into()]);
+    let StoreSpec::Etcd(mut c) = StoreSpec::parse(&etcd.store()).unwrap() else {
+        unreachable!()
+    };
+    c.prefix = "/ca/".into();
+    config.store = Some(StoreSpec::Etcd(c));
+    let err = Broker::open(config).await.unwrap_err().to_string();
+    assert!(err.contains("same ca.pem and ca.key"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

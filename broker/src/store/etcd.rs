@@ -32,6 +32,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 /// The key every write puts (under the prefix); its mod revision is what a
 /// write compares.
 pub const COMMIT_KEY: &str = "commit";
+/// The key holding the pin of the CA every replica must present (the CA
+/// itself stays in each replica's data dir, never in etcd).
+pub const CA_PIN_KEY: &str = "ca-pin";
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "/l2mesh/";
 /// Records read per range request while loading.
@@ -550,6 +553,68 @@ impl EtcdStore {
             })
             .await;
         r.is_ok()
+    }
+
+    /// Record `pin` as the CA of this store if none is recorded yet, and
+    /// refuse a replica whose CA is another one: agents pin the CA, so
+    /// every replica must present the same.
+    pub async fn claim_ca_pin(&self, pin: &str) -> Result<()> {
+        let key = self.key(CA_PIN_KEY);
+        let txn = pb::TxnRequest {
+            compare: vec![pb::Compare {
+                result: pb::compare::CompareResult::Equal.into(),
+                target: pb::compare::CompareTarget::Create.into(),
+                key: key.clone(),
+                target_union: Some(pb::compare::TargetUnion::CreateRevision(0)),
+            }],
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                    key: key.clone(),
+                    value: pin.as_bytes().to_vec(),
+                })),
+            }],
+            failure: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestRange(pb::RangeRequest {
+                    key,
+                    ..Default::default()
+                })),
+            }],
+        };
+        let mut last = String::from("no member tried");
+        for (at, ch) in self.order() {
+            let mut kv = KvClient::new(ch);
+            match tokio::time::timeout(self.inner.config.timeout, kv.txn(with_leader(txn.clone())))
+                .await
+            {
+                Ok(Ok(r)) => {
+                    let r = r.into_inner();
+                    if r.succeeded {
+                        tracing::info!(ca_pin = %pin, "recorded this broker's CA in etcd: every replica must load the same CA");
+                        return Ok(());
+                    }
+                    let recorded = r
+                        .responses
+                        .into_iter()
+                        .find_map(|op| match op.response {
+                            Some(pb::response_op::Response::ResponseRange(rr)) => {
+                                rr.kvs.into_iter().next().map(|kv| kv.value)
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    let recorded = String::from_utf8_lossy(&recorded);
+                    if recorded == pin {
+                        return Ok(());
+                    }
+                    return Err(Error::Pki(format!(
+                        "this replica's CA ({pin}) is not the CA of the other replicas on this etcd prefix ({recorded}): every replica must load the same ca.pem and ca.key (mount one Secret on all of them), or agents would reject it"
+                    )));
+                }
+                Ok(Err(s)) => last = format!("{}: {}", self.inner.config.endpoints[at], s.message()),
+                Err(_) => last = format!("{}: no answer", self.inner.config.endpoints[at]),
+            }
+        }
+        Err(self.unavailable(&last))
     }
 
     /// Follow every change after `after` (the position's revision).
