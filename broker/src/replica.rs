@@ -102,11 +102,17 @@ impl Broker {
         let mut shutdown = self.hub.shutdown_signal();
         let probe_store = store.clone();
         let mut probe_shutdown = self.hub.shutdown_signal();
+        let metrics = std::sync::Arc::clone(&self.metrics);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
+                let started = tokio::time::Instant::now();
                 tokio::select! {
                     r = me.follow_once(&store) => {
+                        // A watch that ran a while broke by accident: retry soon.
+                        if started.elapsed() > Duration::from_secs(10) {
+                            backoff = Duration::from_millis(100);
+                        }
                         if let Err(e) = r {
                             tracing::warn!(error = %e, retry_in = ?backoff, "etcd watch interrupted");
                         }
@@ -129,6 +135,9 @@ impl Broker {
                 if probe_store.is_down() {
                     let _ = probe_store.probe().await;
                 }
+                metrics
+                    .store_writable
+                    .set(i64::from(!probe_store.is_down()));
             }
         });
     }

@@ -309,6 +309,7 @@ impl Broker {
             };
             match result {
                 Err(Error::Conflict) if attempt < crate::replica::MAX_ATTEMPTS => {
+                    self.metrics.store_conflicts.inc();
                     tracing::debug!(
                         attempt,
                         "another replica wrote first: reloading and applying again"

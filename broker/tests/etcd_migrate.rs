@@ -96,7 +96,9 @@ async fn sled_migrates_into_etcd_and_back() {
     })
     .await
     .unwrap();
-    let alpha = client::join(&JoinString::parse(&js).unwrap()).await.unwrap();
+    let alpha = client::join(&JoinString::parse(&js).unwrap())
+        .await
+        .unwrap();
     let mut c = alpha.connect().await.unwrap();
     c.request_networks(pb::NetworkRequest {
         networks: vec!["blue".into()],

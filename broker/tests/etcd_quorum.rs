@@ -12,6 +12,30 @@ use tokio::time::{Instant, timeout};
 
 mod common;
 
+async fn metrics(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// Wait until the broker's metrics contain `line`.
+async fn metric_until(addr: &str, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = metrics(addr).await;
+        if body.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {line:?} in {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn token_request(cluster: &str) -> pb::CreateTokenRequest {
     pb::CreateTokenRequest {
         cluster: cluster.into(),
@@ -61,6 +85,8 @@ async fn quorum_loss_refuses_writes_keeps_reads_and_watches_and_recovers() {
     assert_eq!(again.code(), tonic::Code::Unavailable, "{again:?}");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 
+    metric_until(&b.metrics_addr, "l2mesh_broker_store_writable 0").await;
+
     // Reads and watches go on from memory.
     let listed = timeout(
         Duration::from_secs(2),
@@ -96,6 +122,7 @@ async fn quorum_loss_refuses_writes_keeps_reads_and_watches_and_recovers() {
             }
         }
     }
+    metric_until(&b.metrics_addr, "l2mesh_broker_store_writable 1").await;
     // And a change reaches the watch that stayed open.
     b.network("red", &[]).await;
     request(&mut alpha, &["blue", "red"]).await;

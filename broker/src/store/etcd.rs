@@ -610,7 +610,9 @@ impl EtcdStore {
                         "this replica's CA ({pin}) is not the CA of the other replicas on this etcd prefix ({recorded}): every replica must load the same ca.pem and ca.key (mount one Secret on all of them), or agents would reject it"
                     )));
                 }
-                Ok(Err(s)) => last = format!("{}: {}", self.inner.config.endpoints[at], s.message()),
+                Ok(Err(s)) => {
+                    last = format!("{}: {}", self.inner.config.endpoints[at], s.message())
+                }
                 Err(_) => last = format!("{}: no answer", self.inner.config.endpoints[at]),
             }
         }
