@@ -187,7 +187,7 @@ impl Mesh {
                 || {
                     lab.procs()
                         .log(*p)
-                        .is_ok_and(|l| l.contains("ready to serve client requests"))
+                        .is_ok_and(|l| l.contains("serving client traffic"))
                 },
             )?;
         }
