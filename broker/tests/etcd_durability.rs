@@ -1,6 +1,7 @@
 //! Durability on etcd: every write a broker replica acknowledged survives
 //! `kill -9` of that replica and of one etcd member, over rounds of
-//! concurrent writers (the same standard as the sled `kill9` test).
+//! concurrent writers on two replicas (the same standard as the sled
+//! `kill9` test).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use common::etcd::EtcdCluster;
@@ -61,10 +62,13 @@ async fn acknowledged_writes_survive_kill_9_of_the_replica_and_of_an_etcd_member
     let acked: Arc<Mutex<BTreeMap<String, u32>>> = Arc::default();
     let mut killed_member: Option<usize> = None;
     for round in 0..ROUNDS {
-        // A new replica comes up while one etcd member is still down.
-        let mut p = start_on(dir, &store);
-        let mut a = admin(&p, dir).await;
-        let listed = networks(&mut a).await;
+        // Two replicas come up while one etcd member is still down; both
+        // see everything acknowledged so far.
+        let mut a = start_on(dir, &store);
+        let mut b = start_on(dir, &store);
+        let mut admin_a = admin(&a, dir).await;
+        let admin_b = admin(&b, dir).await;
+        let listed = networks(&mut admin_a).await;
         for (name, vni) in acked.lock().unwrap().iter() {
             assert_eq!(
                 listed.get(name),
@@ -75,14 +79,24 @@ async fn acknowledged_writes_survive_kill_9_of_the_replica_and_of_an_etcd_member
         if let Some(m) = killed_member.take() {
             etcd.restart(m);
         }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writers: Vec<_> = (0..WRITERS)
             .map(|w| {
                 let acked = Arc::clone(&acked);
-                let mut a = a.clone();
+                let stop = Arc::clone(&stop);
+                // Half the writers on each replica.
+                let mut admin = if w % 2 == 0 {
+                    admin_a.clone()
+                } else {
+                    admin_b.clone()
+                };
                 tokio::spawn(async move {
                     for i in 0.. {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            return;
+                        }
                         let name = format!("r{round}-w{w}-{i}");
-                        let r = a
+                        let r = admin
                             .create_network(pb::CreateNetworkRequest {
                                 name: name.clone(),
                                 allow_all: true,
@@ -93,6 +107,10 @@ async fn acknowledged_writes_survive_kill_9_of_the_replica_and_of_an_etcd_member
                             Ok(info) => {
                                 acked.lock().unwrap().insert(name, info.into_inner().vni);
                             }
+                            // The killed replica's writers stop; the other
+                            // replica's may see a write refused while etcd
+                            // elects a new leader: go on.
+                            Err(s) if s.code() == tonic::Code::Unavailable && w % 2 == 1 => {}
                             Err(_) => return,
                         }
                     }
@@ -110,12 +128,39 @@ async fn acknowledged_writes_survive_kill_9_of_the_replica_and_of_an_etcd_member
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let member = round % 3;
-        p.child.kill().unwrap(); // SIGKILL
+        a.child.kill().unwrap(); // SIGKILL
         etcd.kill(member);
-        p.child.wait().unwrap();
+        a.child.wait().unwrap();
+        // b goes on writing a little through the loss, then stops.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
         for w in writers {
             w.await.unwrap();
         }
+        // The survivor gets every write either replica acknowledged (a's
+        // last ones reach it through etcd's watch, which may have been on
+        // the killed member).
+        let mut admin_b = admin_b;
+        let want = acked.lock().unwrap().clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let listed = networks(&mut admin_b).await;
+            let missing: Vec<&String> = want
+                .iter()
+                .filter(|(name, vni)| listed.get(*name) != Some(*vni))
+                .map(|(name, _)| name)
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: the surviving replica lacks acknowledged networks {missing:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        b.child.kill().unwrap();
+        b.child.wait().unwrap();
         killed_member = Some(member);
     }
     let p = start_on(dir, &store);
@@ -123,17 +168,10 @@ async fn acknowledged_writes_survive_kill_9_of_the_replica_and_of_an_etcd_member
     let listed = networks(&mut a).await;
     let acked = acked.lock().unwrap().clone();
     for (name, vni) in &acked {
-        assert_eq!(
-            listed.get(name),
-            Some(vni),
-            "acknowledged network {name} lost"
-        );
+        assert_eq!(listed.get(name), Some(vni), "acknowledged network {name} lost");
     }
     let vnis: std::collections::BTreeSet<u32> = listed.values().copied().collect();
     assert_eq!(vnis.len(), listed.len(), "two networks share a VNI");
     assert!(acked.len() >= ROUNDS * 30);
-    assert!(
-        !dir.join("store").exists(),
-        "the state went to etcd, not sled"
-    );
+    assert!(!dir.join("store").exists(), "the state went to etcd, not sled");
 }
