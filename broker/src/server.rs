@@ -374,6 +374,15 @@ impl Broker {
             }
         }
         let Some(mut next) = next else {
+            // Nothing to write, and something was refused: on etcd, make
+            // sure it was not refused for want of another replica's write
+            // that this one has not followed yet (a token created there).
+            if outcomes.iter().any(Result::is_err)
+                && let Some(etcd) = core.store.etcd()
+                && !etcd.is_current().await
+            {
+                return Err(Error::Conflict);
+            }
             return Ok(outcomes);
         };
         let views = view::record(&mut next, views.into_values().collect());

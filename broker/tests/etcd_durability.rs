@@ -168,10 +168,17 @@ async fn acknowledged_writes_survive_kill_9_of_the_replica_and_of_an_etcd_member
     let listed = networks(&mut a).await;
     let acked = acked.lock().unwrap().clone();
     for (name, vni) in &acked {
-        assert_eq!(listed.get(name), Some(vni), "acknowledged network {name} lost");
+        assert_eq!(
+            listed.get(name),
+            Some(vni),
+            "acknowledged network {name} lost"
+        );
     }
     let vnis: std::collections::BTreeSet<u32> = listed.values().copied().collect();
     assert_eq!(vnis.len(), listed.len(), "two networks share a VNI");
     assert!(acked.len() >= ROUNDS * 30);
-    assert!(!dir.join("store").exists(), "the state went to etcd, not sled");
+    assert!(
+        !dir.join("store").exists(),
+        "the state went to etcd, not sled"
+    );
 }

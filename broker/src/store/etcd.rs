@@ -542,6 +542,26 @@ impl EtcdStore {
         ))
     }
 
+    /// Whether the state in memory has every write of every replica (a
+    /// linearizable read of the commit key). When not, the state is marked
+    /// stale, to be reloaded. When etcd cannot tell, it counts as current.
+    pub async fn is_current(&self) -> bool {
+        let r = self
+            .range(pb::RangeRequest {
+                key: self.key(COMMIT_KEY),
+                limit: 1,
+                ..Default::default()
+            })
+            .await;
+        let Ok(r) = r else { return true };
+        let latest = r.kvs.first().map_or(0, |kv| kv.mod_revision);
+        if latest == self.position().commit {
+            return true;
+        }
+        self.inner.stale.store(true, Ordering::Relaxed);
+        false
+    }
+
     /// One linearizable read: clears the refusal of writes when etcd
     /// answers. Returns whether it did.
     pub async fn probe(&self) -> bool {
