@@ -66,6 +66,30 @@ fn same_view(a: &crate::model::Cluster, b: &crate::model::Cluster) -> bool {
 }
 
 impl Broker {
+    /// Whether a token lets `cluster` join now. On etcd a refusal is checked
+    /// against etcd's latest write first: the token may have been created
+    /// on another replica a moment ago, before this one followed it.
+    pub(crate) async fn check_token_fresh(
+        &self,
+        id: &str,
+        secret: &str,
+        cluster: &str,
+        now: i64,
+    ) -> Result<()> {
+        let mut core = self.core.lock().await;
+        let first = core.state.check_token(id, secret, cluster, now);
+        let Err(denied) = first else { return Ok(()) };
+        let Some(etcd) = core.store.etcd().cloned() else {
+            return Err(denied.into());
+        };
+        if etcd.is_current().await {
+            return Err(denied.into());
+        }
+        let fresh = etcd.load().await?;
+        self.adopt(&mut core, fresh);
+        Ok(core.state.check_token(id, secret, cluster, now)?)
+    }
+
     /// Make `next` (read from the store: other replicas' writes) the current
     /// state; publish the views whose revision or certificates changed and
     /// close the streams of removed clusters.

@@ -63,6 +63,16 @@ async fn replicas_share_one_state_and_racing_writes_keep_the_invariants() {
     }
     assert_eq!(won, 1, "exactly one join may spend a one-use token");
 
+    // A token made on one replica works on the other at once (the other
+    // checks etcd before refusing a token it has not followed yet).
+    for i in 0..20 {
+        let mut js = a.token(&format!("quick-{i}"), 600, 1).await;
+        js.brokers = vec![b.addr.clone()];
+        client::join(&js)
+            .await
+            .unwrap_or_else(|e| panic!("join {i} on the other replica: {e}"));
+    }
+
     // Networks created at once on both replicas get distinct VNIs.
     let (admin_a, admin_b) = (a.admin().await, b.admin().await);
     let creates: Vec<_> = (0..16)
