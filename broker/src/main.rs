@@ -327,4 +327,59 @@ mod tests {
     fn cli_definition_is_consistent() {
         super::Cli::command().debug_assert();
     }
+
+    fn serve_args(args: &[&str]) -> super::ServeArgs {
+        use clap::Parser as _;
+        let cli = super::Cli::try_parse_from(
+            ["l2mesh-broker", "serve"]
+                .iter()
+                .chain(args.iter())
+                .copied(),
+        )
+        .unwrap();
+        match cli.command {
+            super::Command::Serve(a) => *a,
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn serve_without_store_flags_keeps_sled_in_the_data_dir() {
+        let a = serve_args(&[]);
+        assert_eq!(a.store, None);
+    }
+
+    #[test]
+    fn etcd_store_flags_reach_the_store_config() {
+        let a = serve_args(&[
+            "--store",
+            "etcd://e0:2379,e1:2379",
+            "--etcd-prefix",
+            "/mesh-a/",
+            "--etcd-ca",
+            "/ca.crt",
+            "--etcd-cert",
+            "/c.crt",
+            "--etcd-key",
+            "/c.key",
+            "--etcd-timeout",
+            "5s",
+        ]);
+        let spec = a.etcd.store(a.store.as_deref().unwrap()).unwrap();
+        let l2mesh_broker::store::StoreSpec::Etcd(c) = spec else {
+            panic!("not etcd: {spec:?}");
+        };
+        assert_eq!(c.endpoints, vec!["e0:2379", "e1:2379"]);
+        assert_eq!(c.prefix, "/mesh-a/");
+        assert_eq!(c.timeout, std::time::Duration::from_secs(5));
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.ca, std::path::PathBuf::from("/ca.crt"));
+        assert_eq!(tls.key, Some("/c.key".into()));
+        // A client certificate needs its key and the CA.
+        use clap::Parser as _;
+        assert!(
+            super::Cli::try_parse_from(["l2mesh-broker", "serve", "--etcd-cert", "/c.crt"])
+                .is_err()
+        );
+    }
 }
