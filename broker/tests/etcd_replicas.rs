@@ -186,6 +186,50 @@ async fn a_change_on_one_replica_reaches_a_watch_on_the_other() {
     let va = view_until(&mut wa, |x| x.revision >= v.revision).await;
     assert_eq!(va, v, "the replicas disagree on alpha's view");
 
+    // Changes to alpha's view made at once on both replicas: each replica
+    // streams alpha strictly increasing revisions, ending in the same view.
+    let wanted: Vec<String> = std::iter::once("blue".to_owned())
+        .chain((0..4).flat_map(|i| [format!("ga{i}"), format!("gb{i}")]))
+        .collect();
+    let wanted_refs: Vec<&str> = wanted.iter().map(String::as_str).collect();
+    request(&mut alpha_b, &wanted_refs).await;
+    let (admin_a, admin_b) = (a.admin().await, b.admin().await);
+    let creates = (0..4).flat_map(|i| {
+        [
+            (admin_a.clone(), format!("ga{i}")),
+            (admin_b.clone(), format!("gb{i}")),
+        ]
+    });
+    let creates = creates.map(|(mut admin, name)| async move {
+        admin
+            .create_network(pb::CreateNetworkRequest {
+                name,
+                allow_all: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+    futures::future::join_all(creates).await;
+    let mut finals = Vec::new();
+    for (stream, last) in [(&mut w, v.revision), (&mut wa, va.revision)] {
+        let mut last = last;
+        let end = loop {
+            let next = common::next_view(stream).await;
+            assert!(
+                next.revision > last,
+                "revision {} after {last}",
+                next.revision
+            );
+            last = next.revision;
+            if next.networks.len() == 9 {
+                break next;
+            }
+        };
+        finals.push(end);
+    }
+    assert_eq!(finals[0], finals[1], "the replicas end on different views");
+
     // A removal on a closes alpha's stream on b.
     a.admin()
         .await
