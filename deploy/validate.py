@@ -250,6 +250,34 @@ def broker_chart(plain):
     check(svc["spec"]["ports"][0].get("nodePort") == 30443, "NodePort from values")
     err = refused(chart_dir, {}, name="mesh")
     check(err is not None and "advertise is required" in err, f"the broker chart refuses to render without advertise: {err}")
+    # Replicas on etcd: N replicas, a PodDisruptionBudget, no volume claim,
+    # the CA from one Secret, the store flags from values.
+    etcd = {"advertise": ["broker.example.com:7443"], "store": "etcd",
+            "etcd": {"replicas": 3, "endpoints": ["etcd-0.etcd:2379", "etcd-1.etcd:2379"],
+                     "caSecret": "mesh-ca", "tlsSecret": "etcd-client", "clientCertAuth": True}}
+    docs = render(chart_dir, etcd, name="mesh")
+    check_chart_docs("l2mesh-broker etcd", docs, "mesh", "l2mesh-system", "mesh-l2mesh-broker")
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for _, d in docs}
+    dep = by_kind[("Deployment", "mesh-l2mesh-broker")]
+    args = pod_spec(dep)["containers"][0]["args"]
+    check(dep["spec"]["replicas"] == 3, "etcd: replicas from values")
+    check("--store=etcd://etcd-0.etcd:2379,etcd-1.etcd:2379" in args, f"etcd: store flag: {args}")
+    check("--etcd-cert=/etc/l2mesh/etcd/tls.crt" in args, f"etcd: client certificate: {args}")
+    check(("PodDisruptionBudget", "mesh-l2mesh-broker") in by_kind, "etcd: a PodDisruptionBudget")
+    check(("PersistentVolumeClaim", "mesh-l2mesh-broker") not in by_kind, "etcd: no volume claim")
+    vols = {v["name"]: v for v in pod_spec(dep)["volumes"]}
+    check(vols["data"].get("secret", {}).get("secretName") == "mesh-ca", f"etcd: CA from the Secret: {vols}")
+    # The same privileges, plus a read-only mount of the etcd client TLS.
+    priv = privileges(dep)
+    priv["containers"] = [(n, c, sc, [m for m in mounts if m != "/etc/l2mesh/etcd"])
+                          for n, c, sc, mounts in priv["containers"]]
+    check(priv == privileges(plain[("Deployment", "l2mesh-broker")]),
+          "chart broker on etcd: privileges differ from deploy/broker.yaml")
+    for missing, why in [("endpoints", "etcd.endpoints"), ("caSecret", "etcd.caSecret")]:
+        v = copy.deepcopy(etcd)
+        del v["etcd"][missing]
+        err = refused(chart_dir, v, name="mesh")
+        check(err is not None and why in err, f"the etcd option refuses to render without {missing}: {err}")
 
 
 def crd_admission():

@@ -19,7 +19,8 @@ pub enum Output {
 /// Flags shared by every admin subcommand.
 #[derive(Debug, Args)]
 pub struct AdminArgs<T: Subcommand> {
-    /// Broker gRPC address, `host:port`.
+    /// Broker gRPC address, `host:port`; for replicas on etcd several,
+    /// comma-separated: the first that answers is used.
     #[arg(
         long,
         env = "L2MESH_BROKER",
@@ -145,7 +146,13 @@ async fn client(
             path.display()
         )
     })?;
-    Ok(admin_client(&[broker.to_owned()], &cred).await?)
+    let addrs: Vec<String> = broker
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Ok(admin_client(&addrs, &cred).await?)
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {

@@ -33,6 +33,13 @@ pub enum Error {
     /// A write could not be made durable; it was not applied.
     #[error("the broker could not save this change, nothing was changed: {0}")]
     Persist(String),
+    /// The shared store (etcd) cannot take writes now; nothing was changed.
+    #[error("{0}")]
+    StoreUnavailable(String),
+    /// Another broker replica wrote first: nothing was written; reload the
+    /// state and apply the change again (handled inside the broker).
+    #[error("another broker replica changed the store first: retry")]
+    Conflict,
     /// A stored record could not be decoded.
     #[error("corrupt stored record {key}: {reason}")]
     Corrupt { key: String, reason: String },
@@ -84,6 +91,8 @@ impl From<Error> for tonic::Status {
             Error::PermissionDenied(m) => Status::permission_denied(m),
             Error::Unauthenticated(m) => Status::unauthenticated(m),
             Error::Exhausted(m) => Status::resource_exhausted(m),
+            Error::StoreUnavailable(m) => Status::unavailable(m),
+            Error::Conflict => Status::aborted(Error::Conflict.to_string()),
             Error::Rpc(s) => *s,
             other => Status::internal(other.to_string()),
         }

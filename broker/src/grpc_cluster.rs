@@ -133,12 +133,8 @@ impl Broker {
             ));
         }
         // Check before signing so bad tokens cost no signature.
-        self.core.lock().await.state.check_token(
-            &req.token_id,
-            &req.token_secret,
-            &req.cluster_name,
-            now,
-        )?;
+        self.check_token_fresh(&req.token_id, &req.token_secret, &req.cluster_name, now)
+            .await?;
         let (cert_pem, cert_hash, _) = self.pki.sign_cluster_csr(
             &req.csr_pem,
             &req.cluster_name,

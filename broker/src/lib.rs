@@ -14,6 +14,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod pki;
 pub mod process;
+mod replica;
 pub mod server;
 pub mod store;
 

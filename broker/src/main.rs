@@ -3,6 +3,7 @@
 mod cli_admin;
 
 use clap::{Parser, Subcommand};
+use l2mesh_broker::store::{EtcdTls, StoreSpec};
 use l2mesh_broker::{Broker, ServeConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,17 +29,94 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker (gRPC over TLS, state in an embedded store).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage onboarding tokens (talks to a running broker).
     Token(cli_admin::AdminArgs<cli_admin::TokenCmd>),
     /// Manage multi-cluster networks (talks to a running broker).
     Network(cli_admin::AdminArgs<cli_admin::NetworkCmd>),
     /// List or remove clusters (talks to a running broker).
     Cluster(cli_admin::AdminArgs<cli_admin::ClusterCmd>),
+    /// Copy a store into another, empty one: sled into etcd to grow from
+    /// one broker to several replicas, or etcd back into sled. Stop every
+    /// broker that uses either store first.
+    Migrate(MigrateArgs),
+    /// Create the CA and the admin credential in --data-dir (kept if they
+    /// exist) and print the CA pin: the files to put in the one Secret
+    /// that every replica on etcd mounts.
+    Init,
+}
+
+/// Options of an etcd store (`--store etcd://...`).
+#[derive(Debug, Clone, clap::Args)]
+struct EtcdArgs {
+    /// Prefix of this broker's keys in etcd (brokers sharing one etcd need
+    /// different prefixes).
+    #[arg(long, env = "L2MESH_ETCD_PREFIX", default_value = l2mesh_broker::store::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// CA certificate (PEM) of the etcd members' server certificates;
+    /// given, the broker talks TLS to etcd.
+    #[arg(long, env = "L2MESH_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's --client-cert-auth (needs
+    /// --etcd-ca and --etcd-key).
+    #[arg(long, env = "L2MESH_ETCD_CERT", requires_all = ["etcd_ca", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// Key (PEM) of --etcd-cert.
+    #[arg(long, env = "L2MESH_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// Name the etcd members' certificates are verified under (default:
+    /// the host of each member address).
+    #[arg(long, env = "L2MESH_ETCD_SERVER_NAME", requires = "etcd_ca")]
+    etcd_server_name: Option<String>,
+    /// Deadline of one request to etcd; a write that gets no answer within
+    /// it is refused with UNAVAILABLE.
+    #[arg(long, env = "L2MESH_ETCD_TIMEOUT", default_value = "3s", value_parser = cli_admin::parse_duration)]
+    etcd_timeout: Duration,
+}
+
+impl EtcdArgs {
+    /// The store `text` names, with these options on an etcd store.
+    fn store(&self, text: &str) -> anyhow::Result<StoreSpec> {
+        let spec = StoreSpec::parse(text)?;
+        Ok(match spec {
+            StoreSpec::Etcd(mut c) => {
+                c.prefix.clone_from(&self.etcd_prefix);
+                c.timeout = self.etcd_timeout;
+                c.tls = self.etcd_ca.as_ref().map(|ca| EtcdTls {
+                    ca: ca.clone(),
+                    cert: self.etcd_cert.clone(),
+                    key: self.etcd_key.clone(),
+                    server_name: self.etcd_server_name.clone(),
+                });
+                StoreSpec::Etcd(c)
+            }
+            sled => sled,
+        })
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// The store to copy: sled:<dir> or etcd://host:port,...
+    #[arg(long, env = "L2MESH_MIGRATE_FROM")]
+    from: String,
+    /// The empty store to copy into: etcd://host:port,... or sled:<dir>.
+    #[arg(long, env = "L2MESH_MIGRATE_TO")]
+    to: String,
+    #[command(flatten)]
+    etcd: EtcdArgs,
 }
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
+    /// Where the state lives: sled:<dir> (embedded, one broker; default
+    /// <data-dir>/store) or etcd://host:port,host:port,... (several broker
+    /// replicas share it; every replica needs the same ca.pem, ca.key and
+    /// admin.pem in its --data-dir).
+    #[arg(long, env = "L2MESH_STORE")]
+    store: Option<String>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// Address the gRPC API listens on.
     #[arg(long, env = "L2MESH_LISTEN", default_value = "0.0.0.0:7443")]
     listen: std::net::SocketAddr,
@@ -157,6 +235,11 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let mut config = ServeConfig::new(data_dir, advertise);
+    config.store = args
+        .store
+        .as_deref()
+        .map(|s| args.etcd.store(s))
+        .transpose()?;
     config.default_token_ttl = args.token_ttl;
     config.join_failures_per_minute = args.join_failures_per_minute;
     config.max_request_bytes = args.max_request_bytes;
@@ -192,6 +275,27 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn init(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let pki = l2mesh_broker::pki::Pki::load_or_create(data_dir, &[])?;
+    println!(
+        "CA and admin credential in {} (ca.pem, ca.key, admin.pem); CA pin {}",
+        data_dir.display(),
+        pki.ca_pin()
+    );
+    Ok(())
+}
+
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let from = args.etcd.store(&args.from)?;
+    let to = args.etcd.store(&args.to)?;
+    let n = l2mesh_broker::store::migrate(&from, &to)
+        .await
+        .with_context(|| format!("cannot copy {} into {}", args.from, args.to))?;
+    println!("copied {n} records from {} into {}", args.from, args.to);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     l2mesh_telemetry::init_logs("L2MESH_LOG", "info");
@@ -204,10 +308,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(cli.data_dir, args).await,
+            Command::Serve(args) => serve(cli.data_dir, *args).await,
             Command::Token(a) => cli_admin::token(&cli.data_dir, a).await,
             Command::Network(a) => cli_admin::network(&cli.data_dir, a).await,
             Command::Cluster(a) => cli_admin::cluster(&cli.data_dir, a).await,
+            Command::Migrate(a) => migrate(a).await,
+            Command::Init => init(&cli.data_dir),
         }
     });
     l2mesh_telemetry::exit_code("l2mesh-broker", result)
@@ -220,5 +326,60 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    fn serve_args(args: &[&str]) -> super::ServeArgs {
+        use clap::Parser as _;
+        let cli = super::Cli::try_parse_from(
+            ["l2mesh-broker", "serve"]
+                .iter()
+                .chain(args.iter())
+                .copied(),
+        )
+        .unwrap();
+        match cli.command {
+            super::Command::Serve(a) => *a,
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn serve_without_store_flags_keeps_sled_in_the_data_dir() {
+        let a = serve_args(&[]);
+        assert_eq!(a.store, None);
+    }
+
+    #[test]
+    fn etcd_store_flags_reach_the_store_config() {
+        let a = serve_args(&[
+            "--store",
+            "etcd://e0:2379,e1:2379",
+            "--etcd-prefix",
+            "/mesh-a/",
+            "--etcd-ca",
+            "/ca.crt",
+            "--etcd-cert",
+            "/c.crt",
+            "--etcd-key",
+            "/c.key",
+            "--etcd-timeout",
+            "5s",
+        ]);
+        let spec = a.etcd.store(a.store.as_deref().unwrap()).unwrap();
+        let l2mesh_broker::store::StoreSpec::Etcd(c) = spec else {
+            panic!("not etcd: {spec:?}");
+        };
+        assert_eq!(c.endpoints, vec!["e0:2379", "e1:2379"]);
+        assert_eq!(c.prefix, "/mesh-a/");
+        assert_eq!(c.timeout, std::time::Duration::from_secs(5));
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.ca, std::path::PathBuf::from("/ca.crt"));
+        assert_eq!(tls.key, Some("/c.key".into()));
+        // A client certificate needs its key and the CA.
+        use clap::Parser as _;
+        assert!(
+            super::Cli::try_parse_from(["l2mesh-broker", "serve", "--etcd-cert", "/c.crt"])
+                .is_err()
+        );
     }
 }

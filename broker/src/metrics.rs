@@ -37,6 +37,10 @@ pub struct Metrics {
     pub connections_refused: Family<Labels, Counter>,
     /// Cluster calls refused by the per-cluster report rate limit.
     pub reports_rate_limited: Counter,
+    /// Write batches applied again because another replica wrote first.
+    pub store_conflicts: Counter,
+    /// 1 while the store takes writes, 0 while etcd does not answer.
+    pub store_writable: Gauge,
 }
 
 impl Default for Metrics {
@@ -53,6 +57,19 @@ impl Default for Metrics {
         let accept_errors = Counter::default();
         let connections_refused = Family::<Labels, Counter>::default();
         let reports_rate_limited = Counter::default();
+        let store_conflicts = Counter::default();
+        let store_writable = Gauge::default();
+        store_writable.set(1);
+        registry.register(
+            "store_conflicts",
+            "Write batches applied again because another broker replica wrote to etcd first",
+            store_conflicts.clone(),
+        );
+        registry.register(
+            "store_writable",
+            "1 while the store takes writes, 0 while etcd does not answer (writes refused)",
+            store_writable.clone(),
+        );
         registry.register(
             "connections",
             "Open client connections",
@@ -107,6 +124,8 @@ impl Default for Metrics {
             accept_errors,
             connections_refused,
             reports_rate_limited,
+            store_conflicts,
+            store_writable,
         }
     }
 }

@@ -8,7 +8,7 @@ use crate::limiter::{JoinLimiter, ReportLimiter};
 use crate::metrics::Metrics;
 use crate::pki::Pki;
 use crate::state::{Principal, State, sha256};
-use crate::store::Store;
+use crate::store::{Store, StoreSpec};
 use crate::view;
 use l2mesh_proto::broker::broker_admin_server::BrokerAdminServer;
 use l2mesh_proto::broker::broker_server::BrokerServer;
@@ -28,6 +28,8 @@ use tonic::transport::Server;
 pub struct ServeConfig {
     /// Holds `store/`, the CA and the admin credential.
     pub data_dir: PathBuf,
+    /// Where the state lives; `None`: sled in `<data_dir>/store`.
+    pub store: Option<StoreSpec>,
     /// `host:port` addresses put in join strings and the server certificate.
     pub advertise: Vec<String>,
     /// TTL of tokens created without one.
@@ -61,6 +63,7 @@ impl ServeConfig {
     pub fn new(data_dir: PathBuf, advertise: Vec<String>) -> Self {
         Self {
             data_dir,
+            store: None,
             advertise,
             default_token_ttl: Duration::from_secs(3600),
             join_failures_per_minute: 10,
@@ -84,7 +87,7 @@ pub fn now_unix() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-type Op = Box<dyn FnOnce(&mut State) -> Result<(Box<dyn Any + Send>, BTreeSet<String>)> + Send>;
+type Op = Box<dyn FnMut(&mut State) -> Result<(Box<dyn Any + Send>, BTreeSet<String>)> + Send>;
 
 /// A queued mutation and where its answer goes.
 pub(crate) struct Pending {
@@ -94,7 +97,7 @@ pub(crate) struct Pending {
 
 pub(crate) struct Core {
     pub(crate) state: State,
-    store: Store,
+    pub(crate) store: Store,
 }
 
 /// The broker: clone it freely, it is a handle.
@@ -131,12 +134,15 @@ impl Broker {
             ));
         }
         let pki = Pki::load_or_create(&config.data_dir, &config.advertise)?;
-        let store = Store::open(&config.data_dir.join("store"))?;
-        let mut state = store.load()?;
-        let all: BTreeSet<String> = state.clusters.keys().cloned().collect();
-        let views = view::refresh(&mut state, &all);
-        let dirty = state.take_dirty();
-        store.persist(&state, &dirty).await?;
+        let spec = config
+            .store
+            .clone()
+            .unwrap_or_else(|| StoreSpec::Sled(config.data_dir.join("store")));
+        let store = Store::open(&spec).await?;
+        if let Some(etcd) = store.etcd() {
+            etcd.claim_ca_pin(&pki.ca_pin()).await?;
+        }
+        let (state, views) = crate::replica::load_and_refresh(&store).await?;
         let broker = Self {
             core: Arc::new(Mutex::new(Core { state, store })),
             queue: Arc::default(),
@@ -159,6 +165,9 @@ impl Broker {
             let core = broker.core.lock().await;
             broker.publish(&core.state, views);
             broker.update_gauges(&core.state);
+            if let Some(etcd) = core.store.etcd() {
+                broker.follow(etcd.clone());
+            }
         }
         Ok(broker)
     }
@@ -175,7 +184,7 @@ impl Broker {
         self.pki.admin_path.clone()
     }
 
-    fn publish(&self, state: &State, views: Vec<l2mesh_proto::broker::ClusterView>) {
+    pub(crate) fn publish(&self, state: &State, views: Vec<l2mesh_proto::broker::ClusterView>) {
         for v in views {
             if let Some(c) = state.clusters.get(&v.cluster_name) {
                 let name = v.cluster_name.clone();
@@ -193,7 +202,7 @@ impl Broker {
     }
 
     /// Drop what memory holds of a removed cluster.
-    fn forget(&self, name: &str) {
+    pub(crate) fn forget(&self, name: &str) {
         self.health
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -236,7 +245,7 @@ impl Broker {
         })
     }
 
-    fn update_gauges(&self, state: &State) {
+    pub(crate) fn update_gauges(&self, state: &State) {
         self.metrics
             .clusters
             .set(i64::try_from(state.clusters.len()).unwrap_or(i64::MAX));
@@ -253,13 +262,17 @@ impl Broker {
     /// flushed are applied in order, one after the other, and share the next
     /// flush. The work runs in a spawned task, so a caller that goes away
     /// cannot leave a half-applied batch behind.
+    ///
+    /// On a shared store (etcd) another replica may write first; then the
+    /// batch is applied again to the reloaded state, so `f` may run more
+    /// than once (it is cloned for each run).
     pub(crate) async fn mutate<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut State) -> Result<(T, BTreeSet<String>)> + Send + 'static,
+        f: impl FnOnce(&mut State) -> Result<(T, BTreeSet<String>)> + Clone + Send + 'static,
     ) -> Result<T> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let op: Op = Box::new(move |s: &mut State| {
-            f(s).map(|(out, affected)| (Box::new(out) as Box<dyn Any + Send>, affected))
+            (f.clone())(s).map(|(out, affected)| (Box::new(out) as Box<dyn Any + Send>, affected))
         });
         self.queue
             .lock()
@@ -286,13 +299,62 @@ impl Broker {
             .map_err(|_| Error::Persist("internal type mismatch".into()))
     }
 
-    async fn commit(&self, core: &mut Core, batch: Vec<Pending>) {
+    async fn commit(&self, core: &mut Core, mut batch: Vec<Pending>) {
+        let mut attempt = 0;
+        let outcomes = loop {
+            attempt += 1;
+            let result = match crate::replica::catch_up(self, core).await {
+                Ok(()) => self.try_commit(core, &mut batch).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(Error::Conflict) if attempt < crate::replica::MAX_ATTEMPTS => {
+                    self.metrics.store_conflicts.inc();
+                    tracing::debug!(
+                        attempt,
+                        "another replica wrote first: reloading and applying again"
+                    );
+                }
+                Err(Error::Conflict) => {
+                    break Err(Error::StoreUnavailable(format!(
+                        "the store was changed by other broker replicas {attempt} times while this change was being saved: retry"
+                    )));
+                }
+                other => break other,
+            }
+        };
+        match outcomes {
+            Ok(outcomes) => {
+                for (p, out) in batch.into_iter().zip(outcomes) {
+                    let _ = p.reply.send(out);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store write failed; the batch was not applied");
+                for p in batch {
+                    let _ = p.reply.send(Err(match &e {
+                        Error::StoreUnavailable(m) => Error::StoreUnavailable(m.clone()),
+                        other => Error::Persist(other.to_string()),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Apply the batch to a copy of the state and persist it; on success
+    /// the copy becomes current and each op's outcome is returned (in
+    /// order). On a store error nothing changed.
+    async fn try_commit(
+        &self,
+        core: &mut Core,
+        batch: &mut [Pending],
+    ) -> Result<Vec<Result<Box<dyn Any + Send>>>> {
         let mut next: Option<State> = None;
         // Latest view of each affected cluster: a later op that changes a
         // cluster's view names it again, so the last one computed is current.
         let mut views = std::collections::BTreeMap::new();
-        let mut done = Vec::with_capacity(batch.len());
-        for p in batch {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for p in batch.iter_mut() {
             let mut trial = next.as_ref().unwrap_or(&core.state).clone();
             let applied = (p.op)(&mut trial).and_then(|(out, affected)| {
                 view::compute_bounded(
@@ -306,23 +368,26 @@ impl Broker {
                 Ok((out, computed)) => {
                     next = Some(trial);
                     views.extend(computed.into_iter().map(|v| (v.cluster_name.clone(), v)));
-                    done.push((p.reply, out));
+                    outcomes.push(Ok(out));
                 }
-                Err(e) => {
-                    let _ = p.reply.send(Err(e));
-                }
+                Err(e) => outcomes.push(Err(e)),
             }
         }
-        let Some(mut next) = next else { return };
+        let Some(mut next) = next else {
+            // Nothing to write, and something was refused: on etcd, make
+            // sure it was not refused for want of another replica's write
+            // that this one has not followed yet (a token created there).
+            if outcomes.iter().any(Result::is_err)
+                && let Some(etcd) = core.store.etcd()
+                && !etcd.is_current().await
+            {
+                return Err(Error::Conflict);
+            }
+            return Ok(outcomes);
+        };
         let views = view::record(&mut next, views.into_values().collect());
         let dirty = next.take_dirty();
-        if let Err(e) = core.store.persist(&next, &dirty).await {
-            tracing::error!(error = %e, "store write failed; the batch was not applied");
-            for (reply, _) in done {
-                let _ = reply.send(Err(Error::Persist(e.to_string())));
-            }
-            return;
-        }
+        core.store.persist(&next, &dirty).await?;
         let removed: Vec<String> = core
             .state
             .clusters
@@ -337,9 +402,7 @@ impl Broker {
         }
         self.publish(&core.state, views);
         self.update_gauges(&core.state);
-        for (reply, out) in done {
-            let _ = reply.send(Ok(out));
-        }
+        Ok(outcomes)
     }
 
     /// Who the verified client certificate of this request belongs to.

@@ -20,14 +20,28 @@ const RENEW_RETRY: Duration = Duration::from_secs(600);
 /// How often link health goes to the broker.
 const LINK_HEALTH_EVERY: Duration = Duration::from_secs(10);
 
-async fn connect(id: &Identity) -> Result<BrokerClient<Channel>, String> {
+/// The order in which to try `n` broker addresses, starting at `first`.
+fn try_order(n: usize, first: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |i| (first + i) % n.max(1))
+}
+
+/// Connect to the first broker (replica) that answers, trying them in turn
+/// from `*first`. On success `*first` moves past the one connected to: the
+/// next reconnect (its stream broke: that replica may be gone) tries the
+/// others before coming back to it.
+async fn connect(id: &Identity, first: &mut usize) -> Result<BrokerClient<Channel>, String> {
     let pin = id.pin().map_err(|e| e.to_string())?;
     let config = tls::broker_client_config(pin, Some((&id.cert_pem, &id.key_pem)))
         .map_err(|e| e.to_string())?;
     let mut errors = Vec::new();
-    for addr in &id.brokers {
+    for at in try_order(id.brokers.len(), *first) {
+        let addr = &id.brokers[at];
         match tls::broker_channel(addr, config.clone()).await {
             Ok(ch) => {
+                if id.brokers.len() > 1 {
+                    tracing::info!(broker = %addr, "connected to broker replica");
+                }
+                *first = at + 1;
                 return Ok(BrokerClient::new(ch)
                     .max_decoding_message_size(l2mesh_proto::limits::MAX_MESSAGE_BYTES));
             }
@@ -82,8 +96,9 @@ async fn renew_if_due(
 /// Run until the process stops.
 pub async fn run(mut id: Identity, shared: Arc<Shared>, store: StoreIdentity) {
     let mut backoff = Backoff::default();
+    let mut first = 0;
     loop {
-        match session(&mut id, &shared, &mut backoff, &store).await {
+        match session(&mut id, &shared, &mut backoff, &store, &mut first).await {
             Ok(()) => tracing::warn!("the broker closed the watch; reconnecting"),
             Err(e) => tracing::warn!(error = %e, "broker session failed"),
         }
@@ -97,11 +112,15 @@ async fn session(
     shared: &Shared,
     backoff: &mut Backoff,
     store: &StoreIdentity,
+    first: &mut usize,
 ) -> Result<(), String> {
-    let mut client = connect(id).await?;
+    let mut client = connect(id, first).await?;
     let mut renew_failed = false;
     match renew_if_due(id, &mut client, store).await {
-        Ok(true) => client = connect(id).await?,
+        Ok(true) => {
+            *first = first.saturating_sub(1);
+            client = connect(id, first).await?;
+        }
         Ok(false) => {}
         // The current certificate still works: try again a while later.
         Err(e) => {
@@ -221,5 +240,19 @@ async fn session_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::try_order;
+
+    #[test]
+    fn replicas_are_tried_in_turn_from_the_one_after_the_last_used() {
+        assert_eq!(try_order(3, 0).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(try_order(3, 1).collect::<Vec<_>>(), vec![1, 2, 0]);
+        assert_eq!(try_order(3, 3).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(try_order(1, 1).collect::<Vec<_>>(), vec![0]);
+        assert_eq!(try_order(0, 0).count(), 0);
     }
 }

@@ -21,6 +21,10 @@ use crate::{Error, Result};
 
 /// TCP port of the broker, in its own namespace.
 pub const BROKER_PORT: u16 = 7443;
+/// Client port of the first etcd member of a replicated broker (member `i`
+/// uses this + 10 i, its peer port one more), on the broker host's loopback.
+pub const ETCD_PORT: u16 = 2379;
+const ETCD_MEMBERS: u16 = 3;
 /// UDP port of every dataplane.
 pub const WG_PORT: u16 = 51820;
 /// The multi-cluster network every pod joins.
@@ -60,7 +64,12 @@ pub struct Mesh {
     broker_bin: PathBuf,
     broker_data: PathBuf,
     pub broker: ProcId,
+    /// Where admin commands go: the broker, or every replica (comma-separated).
     pub broker_addr: String,
+    /// Every broker process: the one broker, or the replicas on etcd.
+    pub replicas: Vec<ProcId>,
+    /// The etcd members the replicas share (none for a sled broker).
+    pub etcd: Vec<ProcId>,
     /// Agent of cluster `i` at index `i-1`.
     pub agents: Vec<ProcId>,
     pub nodes: Vec<NodeInfo>,
@@ -146,6 +155,76 @@ impl Mesh {
         progress: &mut dyn FnMut(&str),
         attach: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
+        Self::start_full(lab, bins, progress, attach, 0)
+    }
+
+    /// Like [`Mesh::start`] with `replicas` brokers sharing a 3-member etcd
+    /// cluster (on the broker host's loopback), all named in the join
+    /// strings, so agents fail over between them.
+    pub fn start_replicated(
+        lab: &Lab,
+        bins: &Binaries,
+        progress: &mut dyn FnMut(&str),
+        replicas: usize,
+    ) -> Result<Self> {
+        Self::start_full(lab, bins, progress, &|_| true, replicas.max(1))
+    }
+
+    /// Starts 3 etcd members in the broker's namespace and waits until
+    /// each serves clients; returns them and the `--store` value.
+    fn start_etcd(lab: &Lab) -> Result<(Vec<ProcId>, String)> {
+        let topo = lab.topology();
+        let initial = (0..ETCD_MEMBERS)
+            .map(|i| format!("e{i}=http://127.0.0.1:{}", ETCD_PORT + 10 * i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut procs = Vec::new();
+        for i in 0..ETCD_MEMBERS {
+            let client = format!("http://127.0.0.1:{}", ETCD_PORT + 10 * i);
+            let peer = format!("http://127.0.0.1:{}", ETCD_PORT + 10 * i + 1);
+            procs.push(
+                lab.procs().spawn(
+                    ProcSpec::new(&format!("etcd-{i}"), topo.broker()?, "etcd")
+                        .args(["--name", &format!("e{i}")])
+                        .arg("--data-dir")
+                        .arg(lab.log_dir().join(format!("etcd-{i}")))
+                        .args(["--listen-client-urls", &client])
+                        .args(["--advertise-client-urls", &client])
+                        .args(["--listen-peer-urls", &peer])
+                        .args(["--initial-advertise-peer-urls", &peer])
+                        .args(["--initial-cluster", &initial])
+                        .args(["--initial-cluster-state", "new"])
+                        .args(["--max-txn-ops", "100000"])
+                        .args(["--logger", "zap"])
+                        .daemon(),
+                )?,
+            );
+        }
+        for (i, p) in procs.iter().enumerate() {
+            lab.procs().wait_until(
+                &format!("etcd member {i} serves clients"),
+                Duration::from_secs(30),
+                || {
+                    lab.procs()
+                        .log(*p)
+                        .is_ok_and(|l| l.contains("serving client traffic"))
+                },
+            )?;
+        }
+        let store = (0..ETCD_MEMBERS)
+            .map(|i| format!("127.0.0.1:{}", ETCD_PORT + 10 * i))
+            .collect::<Vec<_>>()
+            .join(",");
+        Ok((procs, format!("etcd://{store}")))
+    }
+
+    fn start_full(
+        lab: &Lab,
+        bins: &Binaries,
+        progress: &mut dyn FnMut(&str),
+        attach: &dyn Fn(&str) -> bool,
+        replicas: usize,
+    ) -> Result<Self> {
         let topo = lab.topology();
         let plan = topo.plan().clone();
         let broker_bin = bins.path("l2mesh-broker")?.to_path_buf();
@@ -155,29 +234,65 @@ impl Mesh {
             .addr_on(Segment::Wan)
             .unwrap_or(Ipv4Addr::UNSPECIFIED);
 
-        progress("broker");
-        let broker = lab.procs().spawn(
-            ProcSpec::new("broker", topo.broker()?, &broker_bin)
+        let (etcd, store) = if replicas == 0 {
+            (Vec::new(), None)
+        } else {
+            progress("etcd: 3 members");
+            let (procs, store) = Self::start_etcd(lab)?;
+            (procs, Some(store))
+        };
+        // Every replica advertises them all: join strings name each one.
+        let ports: Vec<u16> = (0..replicas.max(1))
+            .map(|i| BROKER_PORT + u16::try_from(i).unwrap_or(0))
+            .collect();
+        let advertise = ports
+            .iter()
+            .map(|p| format!("{broker_ip}:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut procs = Vec::new();
+        let mut addrs = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let name = if replicas == 0 {
+                "broker".to_owned()
+            } else {
+                format!("broker-{i}")
+            };
+            progress(&name);
+            let mut spec = ProcSpec::new(&name, topo.broker()?, &broker_bin)
                 .arg("--data-dir")
                 .arg(&broker_data)
-                .args(["serve", "--listen", &format!("{broker_ip}:{BROKER_PORT}")])
+                .args(["serve", "--listen", &format!("{broker_ip}:{port}")])
                 .args(["--metrics-listen", "127.0.0.1:0"])
                 .env("NO_COLOR", "1")
-                .daemon(),
-        )?;
-        let broker_addr =
-            lab.procs()
-                .wait_for("the broker is serving", Duration::from_secs(20), || {
+                .daemon();
+            if let Some(store) = &store {
+                spec = spec.args(["--store", store, "--advertise", &advertise]);
+            }
+            let proc = lab.procs().spawn(spec)?;
+            // One at a time: the first creates the CA the others load.
+            let addr = lab.procs().wait_for(
+                &format!("{name} is serving"),
+                Duration::from_secs(20),
+                || {
                     lab.procs()
-                        .log(broker)
+                        .log(proc)
                         .ok()
                         .and_then(|l| parse_broker_listen(&l))
-                })?;
+                },
+            )?;
+            procs.push(proc);
+            addrs.push(addr);
+        }
         let mut mesh = Self {
             broker_bin,
             broker_data,
-            broker,
-            broker_addr,
+            broker: *procs
+                .first()
+                .ok_or_else(|| Error::Spec("no broker started".into()))?,
+            broker_addr: addrs.join(","),
+            replicas: procs,
+            etcd,
             agents: Vec::new(),
             nodes: Vec::new(),
             pods: Vec::new(),

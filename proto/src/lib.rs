@@ -3,6 +3,7 @@
 //! - [`broker`]: what cluster agents and the admin CLI say to the broker.
 //! - [`node`]: desired dataplane state and node status between the cluster
 //!   agent, the per-node dataplane, the CLI and the CNI plugin.
+//! - [`etcd`]: the subset of etcd's API the broker's etcd store speaks.
 //!
 //! Messages that carry secrets (token secrets, join strings) redact them in
 //! their `Debug` output.
@@ -25,6 +26,13 @@ pub mod broker {
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod node {
     tonic::include_proto!("l2mesh.node.v1");
+}
+
+/// `etcdserverpb`: the part of etcd's v3 API (ranges, transactions,
+/// watches) that the broker's etcd store uses, client side only.
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
 }
 
 /// Prefix of the TAP device the dataplane puts on each network's bridge: a

@@ -32,6 +32,103 @@ struct Args {
     /// The broker binary [default: `l2mesh-broker` next to this binary].
     #[arg(long, env = "L2MESH_BENCH_BROKER_BIN")]
     broker_bin: Option<PathBuf>,
+    /// Store of the broker (repeatable: one run each): `sled` (a temp dir),
+    /// `etcd://host:port,...` (an existing etcd; each run uses its own key
+    /// prefix), or `etcd-local:N` (N etcd members started on loopback for
+    /// the run, data in temp dirs; needs the `etcd` binary).
+    #[arg(long = "store", env = "L2MESH_BENCH_STORE", default_values_t = [String::from("sled")])]
+    stores: Vec<String>,
+}
+
+/// etcd members on loopback for `--store etcd-local:N`, killed on drop.
+struct LocalEtcd {
+    children: Vec<std::process::Child>,
+    store: String,
+    _tmp: tempfile::TempDir,
+}
+
+impl LocalEtcd {
+    async fn start(n: usize) -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let held: Vec<std::net::TcpListener> = (0..2 * n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<_>>()?;
+        let ports: Vec<u16> = held
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<std::io::Result<_>>()?;
+        drop(held);
+        let initial = (0..n)
+            .map(|i| format!("m{i}=http://127.0.0.1:{}", ports[2 * i + 1]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut me = Self {
+            children: Vec::new(),
+            store: format!(
+                "etcd://{}",
+                (0..n)
+                    .map(|i| format!("127.0.0.1:{}", ports[2 * i]))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            _tmp: tmp,
+        };
+        for i in 0..n {
+            let client = format!("http://127.0.0.1:{}", ports[2 * i]);
+            let peer = format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+            let child = Command::new("etcd")
+                .args(["--name", &format!("m{i}")])
+                .arg("--data-dir")
+                .arg(me._tmp.path().join(format!("m{i}")))
+                .args([
+                    "--listen-client-urls",
+                    &client,
+                    "--advertise-client-urls",
+                    &client,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                ])
+                .args([
+                    "--initial-cluster",
+                    &initial,
+                    "--initial-cluster-state",
+                    "new",
+                ])
+                .args(["--max-txn-ops", "100000", "--max-request-bytes", "33554432"])
+                .args(["--logger", "zap", "--log-level", "error"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("cannot start etcd (Debian package etcd-server)")?;
+            me.children.push(child);
+        }
+        let spec = l2mesh_broker::store::StoreSpec::parse(&me.store)?;
+        let l2mesh_broker::store::StoreSpec::Etcd(config) = spec else {
+            return Err(anyhow!("not an etcd store: {}", me.store));
+        };
+        let probe = l2mesh_broker::store::EtcdStore::connect(config).await?;
+        let t = Instant::now();
+        while !probe.probe().await {
+            if t.elapsed() > Duration::from_secs(30) {
+                return Err(anyhow!("etcd did not become ready within 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for LocalEtcd {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 type Pred = Box<dyn Fn(usize, &pb::ClusterView) -> bool + Send>;
@@ -59,18 +156,19 @@ impl Probe {
     }
 }
 
-fn start_broker(bin: &Path, dir: &Path) -> Result<BrokerProcess> {
+fn start_broker(bin: &Path, dir: &Path, store: Option<(&str, &str)>) -> Result<BrokerProcess> {
     let mut cmd = Command::new(bin);
-    cmd.arg("--data-dir")
-        .arg(dir)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--join-failures-per-minute", "0"])
+    cmd.arg("--data-dir").arg(dir).args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    if let Some((store, prefix)) = store {
+        cmd.args(["--store", store, "--etcd-prefix", prefix]);
+    }
+    cmd.args(["--join-failures-per-minute", "0"])
         // Every simulated agent connects from 127.0.0.1 and reports as fast
         // as the benchmark drives it: lift the per-source and rate bounds.
         .args(["--max-connections-per-source", "100000"])
@@ -182,14 +280,35 @@ fn report(what: &str, n_affected: usize, mut all: Vec<Duration>, rounds: &[Durat
 }
 
 #[allow(clippy::too_many_lines)]
-async fn run(bin: &Path, n: usize, rounds: usize) -> Result<()> {
+async fn run(bin: &Path, n: usize, rounds: usize, store: Option<(&str, &str)>) -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let broker = start_broker(bin, tmp.path())?;
+    let broker = start_broker(bin, tmp.path(), store)?;
     let pid = broker.child.id();
     let addr = broker.addr.clone();
     let cred = AdminCredential::load(&tmp.path().join("admin.pem"))?;
     let mut admin = client::admin_client(std::slice::from_ref(&addr), &cred).await?;
     let rss_idle = rss_kib(pid, "VmRSS:");
+
+    // Write latency: one token created at a time (one record, acknowledged
+    // once durable).
+    let mut writes = Vec::with_capacity(200);
+    for i in 0..200 {
+        let t = Instant::now();
+        admin
+            .create_token(pb::CreateTokenRequest {
+                cluster: format!("probe-{i}"),
+                ttl_seconds: 60,
+                uses: 1,
+            })
+            .await?;
+        writes.push(t.elapsed());
+    }
+    writes.sort();
+    println!(
+        "N = {n}: write latency (token create, sequential) p50 {} p99 {}",
+        ms(pct(&writes, 0.5)),
+        ms(pct(&writes, 0.99))
+    );
 
     // Join N agents, 16 at a time.
     let t_join = Instant::now();
@@ -430,11 +549,41 @@ async fn main() -> Result<()> {
         bin.display(),
         std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
     );
-    for n in args.agents {
-        if n < 2 {
-            return Err(anyhow!("--agents must be at least 2"));
+    for (k, store) in args.stores.iter().enumerate() {
+        let local = match store.strip_prefix("etcd-local:") {
+            Some(members) => Some(
+                LocalEtcd::start(members.parse().map_err(|_| {
+                    anyhow!("--store etcd-local:N needs a number of members, got {store:?}")
+                })?)
+                .await?,
+            ),
+            None => None,
+        };
+        let spec = match (&local, store.as_str()) {
+            (Some(l), _) => Some(l.store.clone()),
+            (None, "sled") => None,
+            (None, s) if s.starts_with("etcd://") => Some(s.to_owned()),
+            (None, s) => {
+                return Err(anyhow!(
+                    "--store {s:?}: use sled, etcd://... or etcd-local:N"
+                ));
+            }
+        };
+        println!("store: {store}");
+        for &n in &args.agents {
+            if n < 2 {
+                return Err(anyhow!("--agents must be at least 2"));
+            }
+            let prefix = format!("/l2mesh-bench-{}-{k}-{n}/", std::process::id());
+            run(
+                &bin,
+                n,
+                args.rounds.max(1),
+                spec.as_deref().map(|s| (s, prefix.as_str())),
+            )
+            .await?;
         }
-        run(&bin, n, args.rounds.max(1)).await?;
+        drop(local);
     }
     Ok(())
 }

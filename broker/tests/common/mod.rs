@@ -14,6 +14,8 @@ use std::process::Command;
 use std::time::Duration;
 use tonic::transport::Channel;
 
+pub mod etcd;
+
 pub struct TestBroker {
     pub dir: PathBuf,
     pub addr: String,
@@ -206,4 +208,23 @@ pub fn start(dir: &Path) -> BrokerProcess {
         ])
         .env("L2MESH_LOG", "info");
     BrokerProcess::spawn(cmd, Duration::from_secs(20)).unwrap()
+}
+
+/// The real broker binary serving on port 0 with its CA in `dir` and its
+/// state in `store` (`etcd://...`); killed when dropped.
+pub fn start_on(dir: &Path, store: &str) -> BrokerProcess {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_l2mesh-broker"));
+    cmd.arg("--data-dir")
+        .arg(dir)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--store",
+            store,
+        ])
+        .env("L2MESH_LOG", "info");
+    BrokerProcess::spawn(cmd, Duration::from_secs(30)).unwrap()
 }

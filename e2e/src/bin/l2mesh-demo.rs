@@ -37,6 +37,10 @@ struct Cli {
     /// Pods per node (0-20).
     #[arg(long, env = "L2MESH_DEMO_PODS", default_value_t = 1)]
     pods: usize,
+    /// Broker replicas on a 3-member etcd (started on the broker host);
+    /// 0: one broker on its embedded sled store.
+    #[arg(long, env = "L2MESH_DEMO_BROKER_REPLICAS", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=5))]
+    broker_replicas: u8,
     /// Leave the topology up on exit, with instructions for poking at it.
     #[arg(long, env = "L2MESH_DEMO_KEEP")]
     keep: bool,
@@ -171,7 +175,11 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         STEPS,
         "starting l2mesh: broker, network, tokens, agents, dataplanes, pods",
     );
-    let mesh = Mesh::start(&lab, &bins, progress)?;
+    let mesh = if cli.broker_replicas > 0 {
+        Mesh::start_replicated(&lab, &bins, progress, usize::from(cli.broker_replicas))?
+    } else {
+        Mesh::start(&lab, &bins, progress)?
+    };
     println!("\n      clusters at the broker:");
     print!("{}", indent(&mesh.admin(&lab, &["cluster", "list"])?));
     println!("\n      networks at the broker:");

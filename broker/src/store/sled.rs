@@ -1,56 +1,27 @@
-//! Persistence on sled: one tree, one JSON record per key. A mutation's keys
-//! go in one atomic batch and are flushed before the caller acknowledges.
+//! The embedded store on sled: one tree, one JSON record per key. A
+//! mutation's keys go in one atomic batch and are flushed before the caller
+//! acknowledges.
 
+use super::{Records, encode_record, key_name};
 use crate::error::{Error, Result};
-use crate::model::{Cluster, Meta, Network, Token};
 use crate::state::{Key, State};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use std::collections::BTreeSet;
 use std::path::Path;
 
-const TOKEN: &str = "token/";
-const CLUSTER: &str = "cluster/";
-const NETWORK: &str = "network/";
-const META: &str = "meta";
-
 /// The sled database in the data directory.
 #[derive(Debug, Clone)]
-pub struct Store {
-    db: sled::Db,
+pub struct SledStore {
+    db: ::sled::Db,
 }
 
-fn key_bytes(key: &Key) -> String {
-    match key {
-        Key::Token(id) => format!("{TOKEN}{id}"),
-        Key::Cluster(n) => format!("{CLUSTER}{n}"),
-        Key::Network(n) => format!("{NETWORK}{n}"),
-        Key::Meta => META.to_owned(),
-    }
-}
-
-fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|e| Error::Corrupt {
-        key: key.to_owned(),
-        reason: e.to_string(),
-    })
-}
-
-fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
-    serde_json::from_slice(value).map_err(|e| Error::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason: e.to_string(),
-    })
-}
-
-impl Store {
+impl SledStore {
     /// Open (or create) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        match sled::open(path) {
+        match ::sled::open(path) {
             Ok(db) => Ok(Self { db }),
             // sled reports the lock conflict as an `Other` I/O error whose
             // text embeds a Debug dump; name the situation instead.
-            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+            Err(::sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
                 Err(Error::StoreInUse(path.display().to_string()))
             }
             Err(e) => Err(e.into()),
@@ -59,23 +30,12 @@ impl Store {
 
     /// Read everything into a [`State`].
     pub fn load(&self) -> Result<State> {
-        let mut tokens = Vec::new();
-        let mut clusters = Vec::new();
-        let mut networks = Vec::new();
-        let mut meta = Meta::default();
+        let mut records = Records::default();
         for item in self.db.iter() {
             let (k, v) = item?;
-            if k.starts_with(TOKEN.as_bytes()) {
-                tokens.push(decode::<Token>(&k, &v)?);
-            } else if k.starts_with(CLUSTER.as_bytes()) {
-                clusters.push(decode::<Cluster>(&k, &v)?);
-            } else if k.starts_with(NETWORK.as_bytes()) {
-                networks.push(decode::<Network>(&k, &v)?);
-            } else if &*k == META.as_bytes() {
-                meta = decode(&k, &v)?;
-            }
+            records.add(&String::from_utf8_lossy(&k), &v)?;
         }
-        Ok(State::from_records(tokens, clusters, networks, meta))
+        Ok(records.into_state())
     }
 
     /// Write the `dirty` keys of `state` in one atomic batch (absent records
@@ -84,16 +44,10 @@ impl Store {
         if dirty.is_empty() {
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = ::sled::Batch::default();
         for key in dirty {
-            let k = key_bytes(key);
-            let value = match key {
-                Key::Token(id) => state.tokens.get(id).map(|v| encode(&k, v)).transpose()?,
-                Key::Cluster(n) => state.clusters.get(n).map(|v| encode(&k, v)).transpose()?,
-                Key::Network(n) => state.networks.get(n).map(|v| encode(&k, v)).transpose()?,
-                Key::Meta => Some(encode(&k, &state.meta)?),
-            };
-            match value {
+            let k = key_name(key);
+            match encode_record(state, key)? {
                 Some(v) => batch.insert(k.as_bytes(), v),
                 None => batch.remove(k.as_bytes()),
             }
@@ -112,8 +66,8 @@ mod tests {
     fn a_second_opener_of_one_store_is_told_it_is_in_use() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let _first = Store::open(&path).unwrap();
-        let err = Store::open(&path).unwrap_err();
+        let _first = SledStore::open(&path).unwrap();
+        let err = SledStore::open(&path).unwrap_err();
         assert!(matches!(err, Error::StoreInUse(_)), "{err:?}");
         let text = err.to_string();
         assert!(text.contains("locked by another l2mesh-broker"), "{text}");
@@ -123,7 +77,7 @@ mod tests {
     #[tokio::test]
     async fn state_round_trips_and_deletes_are_persisted() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).unwrap();
+        let store = SledStore::open(&dir.path().join("db")).unwrap();
         let mut s = State::default();
         s.create_token("edge", "t1".into(), "sec", 60, 2, 0)
             .unwrap();
@@ -139,7 +93,7 @@ mod tests {
         store.persist(&s, &dirty).await.unwrap();
         drop(store);
 
-        let store = Store::open(&dir.path().join("db")).unwrap();
+        let store = SledStore::open(&dir.path().join("db")).unwrap();
         let loaded = store.load().unwrap();
         assert_eq!(loaded.tokens, s.tokens);
         assert_eq!(loaded.clusters, s.clusters);
@@ -160,7 +114,7 @@ mod timing {
     #[ignore = "timing probe, not a test"]
     async fn flush_timing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).unwrap();
+        let store = SledStore::open(&dir.path().join("db")).unwrap();
         let mut s = State::default();
         let t = std::time::Instant::now();
         for i in 0..50 {
