@@ -502,3 +502,7 @@ impl AsyncWrite for LocalConn {
 #[cfg(test)]
 #[path = "authority_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "authority_prop_tests.rs"]
+mod prop_tests;
