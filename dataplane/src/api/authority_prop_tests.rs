@@ -99,7 +99,10 @@ fn list_of(r: &Req) -> List {
     .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
     .collect();
     for &(name, len, fill) in &r.metadata {
-        l.push((format!("x-meta-{name}").into_bytes(), vec![b'a' + fill % 26; len]));
+        l.push((
+            format!("x-meta-{name}").into_bytes(),
+            vec![b'a' + fill % 26; len],
+        ));
     }
     l
 }
