@@ -267,5 +267,16 @@ proptest! {
         prop_assert_eq!(seen_lists, lists);
         prop_assert_eq!(seen_data, data);
         prop_assert!(r.pending.is_empty() && r.block.is_none());
+        // Stopping after every header block (as the connection does when
+        // it holds enough) gives the same bytes.
+        let mut r = AuthorityRewriter::new();
+        let mut stepped = Vec::new();
+        let mut rest = &input[..];
+        while !rest.is_empty() {
+            let taken = r.push_some(rest, &mut stepped, 1).unwrap();
+            prop_assert!(taken > 0);
+            rest = &rest[taken..];
+        }
+        prop_assert_eq!(stepped, out);
     }
 }
