@@ -40,6 +40,7 @@ const HPACK_TABLE_BYTES: usize = 4096;
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
 const TYPE_HEADERS: u8 = 0x1;
+const TYPE_PUSH_PROMISE: u8 = 0x5;
 const TYPE_CONTINUATION: u8 = 0x9;
 const FLAG_END_STREAM: u8 = 0x1;
 const FLAG_END_HEADERS: u8 = 0x4;
@@ -59,6 +60,8 @@ pub enum AuthorityError {
     BadHeaders,
     #[error("HPACK decoding failed: {0}")]
     Hpack(String),
+    #[error("PUSH_PROMISE from a client")]
+    PushPromise,
 }
 
 enum State {
@@ -213,6 +216,12 @@ impl AuthorityRewriter {
                     } else {
                         if self.block.is_some() {
                             return Err(AuthorityError::Interleaved(kind));
+                        }
+                        // Its header block would change the client's HPACK
+                        // table behind the rewriter's back; only servers
+                        // push, and h2 would end the connection anyway.
+                        if kind == TYPE_PUSH_PROMISE {
+                            return Err(AuthorityError::PushPromise);
                         }
                         out.append(&mut self.pending);
                         self.state = State::Forward(len);

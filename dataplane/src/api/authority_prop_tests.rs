@@ -44,6 +44,8 @@ fn parse_frames(mut bytes: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
 }
 
 type List = Vec<(Vec<u8>, Vec<u8>)>;
+/// DATA frames: stream and payload.
+type Bodies = Vec<(u32, Vec<u8>)>;
 
 /// One request of the generated connection.
 #[derive(Debug, Clone)]
@@ -108,7 +110,7 @@ fn list_of(r: &Req) -> List {
 }
 
 /// The client's bytes, and the lists and DATA frames h2 must see.
-fn connection(reqs: &[Req]) -> (Vec<u8>, Vec<List>, Vec<(u32, Vec<u8>)>) {
+fn connection(reqs: &[Req]) -> (Vec<u8>, Vec<List>, Bodies) {
     let mut enc = loona_hpack::Encoder::new();
     let mut input = PREFACE.to_vec();
     encode_frame(0x4, 0, 0, &[], &mut input);
@@ -180,7 +182,7 @@ fn connection(reqs: &[Req]) -> (Vec<u8>, Vec<List>, Vec<(u32, Vec<u8>)>) {
 
 /// What h2 sees: one HPACK decoder (empty table, default size) over the
 /// rewritten blocks, and the DATA frames.
-fn server_view(out: &[u8]) -> (Vec<List>, Vec<(u32, Vec<u8>)>) {
+fn server_view(out: &[u8]) -> (Vec<List>, Bodies) {
     assert!(out.starts_with(PREFACE));
     let mut dec = loona_hpack::Decoder::new();
     let mut lists = Vec::new();

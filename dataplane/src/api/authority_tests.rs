@@ -246,6 +246,16 @@ fn hostile_input_is_bounded() {
         AuthorityRewriter::new().push(&input, &mut Vec::new()),
         Err(AuthorityError::Interleaved(0))
     );
+    // A client never pushes: its PUSH_PROMISE carries a header block
+    // that would desynchronise the HPACK tables.
+    let mut input = PREFACE.to_vec();
+    let mut promise = vec![0, 0, 0, 2];
+    promise.extend_from_slice(&headers_block("x"));
+    encode_frame(0x5, FLAG_END_HEADERS, 1, &promise, &mut input);
+    assert_eq!(
+        AuthorityRewriter::new().push(&input, &mut Vec::new()),
+        Err(AuthorityError::PushPromise)
+    );
     // So is a CONTINUATION of another stream.
     let mut input = PREFACE.to_vec();
     encode_frame(TYPE_HEADERS, 0, 1, &headers_block("x"), &mut input);
