@@ -28,6 +28,8 @@ pub const MAX_PACKET: usize = crate::config::MAX_MTU as usize + ETH_HEADER + 4 +
 /// Fragments per packet (a kernel at MTU 1420 makes 2 of a 1440-byte
 /// packet; 9000-byte jumbo frames over 576-byte links make 17).
 pub const MAX_FRAGMENTS: usize = 32;
+/// An IPv4 header without options.
+const MIN_IPV4_HEADER: usize = 20;
 /// How long the fragments of one packet may take to arrive.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -78,7 +80,15 @@ impl Pending {
     fn add(&mut self, f: &Fragment<'_>) -> Result<(), &'static str> {
         let start = f.offset;
         let end = start + f.payload.len();
-        if f.header.len() + end > MAX_PACKET {
+        // The whole packet gets the first fragment's header, whose options
+        // the others need not carry: bound it with that header's length.
+        let header_len = match (start, &self.header) {
+            (0, _) => f.header.len(),
+            (_, Some(h)) => h.len(),
+            (_, None) => MIN_IPV4_HEADER,
+        };
+        let payload_len = end.max(self.data.len());
+        if header_len + payload_len > MAX_PACKET {
             return Err(DROP_TOO_LARGE);
         }
         if f.payload.is_empty() || (f.more && !f.payload.len().is_multiple_of(8)) {

@@ -166,16 +166,110 @@ fn overlaps_and_inconsistent_lengths_drop_the_packet() {
     assert_eq!(drops.get(DROP_BAD), Some(&1));
 }
 
+/// Gives a fragment's header `options` bytes of IPv4 options (NOPs) and
+/// redoes its lengths and checksum.
+fn with_options(frag: &[u8], options: usize) -> Vec<u8> {
+    let mut h = frag[..20].to_vec();
+    h.extend(std::iter::repeat_n(1u8, options));
+    h[0] = 0x40 | u8::try_from(h.len() / 4).unwrap();
+    let len = u16::try_from(h.len() + frag.len() - 20).unwrap();
+    h[2..4].copy_from_slice(&len.to_be_bytes());
+    h[10] = 0;
+    h[11] = 0;
+    let c = ipv4_checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(&frag[20..]);
+    h
+}
+
+#[test]
+fn a_first_fragment_with_options_counts_towards_the_bound() {
+    // The largest packet with a plain header, whose first fragment carries
+    // 40 bytes of options: joined, it would be 40 bytes over MAX_PACKET.
+    let whole = packet(MAX_PACKET - OVERHEAD);
+    assert_eq!(whole.len(), MAX_PACKET);
+    for first_last in [true, false] {
+        let mut frags = split(&whole, 1500, 3);
+        frags[0] = with_options(&frags[0], 40);
+        if first_last {
+            frags.rotate_left(1);
+        }
+        let mut r = Reassembly::default();
+        let mut drops = BTreeMap::new();
+        let out = feed(&mut r, &frags, Instant::now(), &mut drops);
+        assert!(
+            out.is_empty(),
+            "first_last {first_last}: {:?}",
+            out[0].len()
+        );
+        assert_eq!(drops.get(DROP_TOO_LARGE), Some(&1));
+    }
+    // With fewer options it still fits and is joined.
+    let whole = packet(MAX_PACKET - 40 - OVERHEAD);
+    let mut frags = split(&whole, 1500, 4);
+    frags[0] = with_options(&frags[0], 40);
+    let mut r = Reassembly::default();
+    let out = feed(&mut r, &frags, Instant::now(), &mut BTreeMap::new());
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].len(), MAX_PACKET);
+}
+
+proptest::proptest! {
+    #[test]
+    fn any_split_in_any_order_gives_the_packet_back(
+        frame_len in 14usize..=(MAX_PACKET - OVERHEAD),
+        step in 1usize..250,
+        options in 0usize..=10,
+        order in proptest::collection::vec(proptest::prelude::any::<u32>(), 0..64),
+        others in proptest::collection::vec(1usize..64, 0..(MAX_PENDING - 1)),
+    ) {
+        let whole = packet(frame_len);
+        // Fragments of `step` * 8 bytes, but never more than MAX_FRAGMENTS.
+        let payload = whole.len() - 20;
+        let step = step.max(payload.div_ceil(8 * MAX_FRAGMENTS)) * 8;
+        let mut frags = split(&whole, 20 + step, 0x77);
+        proptest::prop_assume!(frags.len() > 1);
+        proptest::prop_assert!(frags.len() <= MAX_FRAGMENTS);
+        frags[0] = with_options(&frags[0], options * 4);
+        // A permutation from `order`, and unrelated pending packets of other
+        // ids (never complete: only a first fragment each).
+        for (i, &k) in order.iter().enumerate() {
+            let n = frags.len();
+            frags.swap(i % n, usize::try_from(k).unwrap() % n);
+        }
+        let mut r = Reassembly::default();
+        let mut drops = BTreeMap::new();
+        let now = Instant::now();
+        for (id, len) in (1000u16..).zip(others) {
+            let f = split(&packet(600), 20 + len * 8, id);
+            feed(&mut r, &f[..1], now, &mut drops);
+        }
+        let out = feed(&mut r, &frags, now, &mut drops);
+        let fits = whole.len() + options * 4 <= MAX_PACKET;
+        if fits {
+            proptest::prop_assert_eq!(out.len(), 1);
+            let d = wire::decode(&out[0]).unwrap();
+            proptest::prop_assert_eq!(d.frame, &frame(frame_len)[..]);
+            proptest::prop_assert_eq!(out[0].len(), whole.len() + options * 4);
+            proptest::prop_assert!(!drops.contains_key(DROP_BAD), "{:?}", drops);
+        } else {
+            proptest::prop_assert!(out.is_empty());
+            proptest::prop_assert_eq!(drops.get(DROP_TOO_LARGE), Some(&1));
+        }
+    }
+}
+
 proptest::proptest! {
     #[test]
     fn arbitrary_fragments_never_panic_and_stay_bounded(
         frags in proptest::collection::vec(
-            (0u16..4, 0u16..0x2000, proptest::bool::ANY, 1usize..1500), 0..200)
+            (0u16..4, 0u16..0x2000, proptest::bool::ANY, 1usize..1500), 0..200),
+        options in proptest::collection::vec(0usize..=10, 1..8),
     ) {
         let mut r = Reassembly::default();
         let mut drops = BTreeMap::new();
         let now = Instant::now();
-        for (id, off, more, len) in frags {
+        for (i, (id, off, more, len)) in frags.into_iter().enumerate() {
             let mut h = packet(60)[..20].to_vec();
             let total = u16::try_from(20 + len).unwrap();
             h[2..4].copy_from_slice(&total.to_be_bytes());
@@ -187,6 +281,7 @@ proptest::proptest! {
             let c = ipv4_checksum(&h);
             h[10..12].copy_from_slice(&c.to_be_bytes());
             h.resize(20 + len, 0xab);
+            let h = with_options(&h, options[i % options.len()] * 4);
             if let Some(fr) = wire::fragment(&h)
                 && let Some(p) = r.insert(&fr, now, &mut drops)
             {

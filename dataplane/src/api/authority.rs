@@ -40,6 +40,7 @@ const HPACK_TABLE_BYTES: usize = 4096;
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
 const TYPE_HEADERS: u8 = 0x1;
+const TYPE_PUSH_PROMISE: u8 = 0x5;
 const TYPE_CONTINUATION: u8 = 0x9;
 const FLAG_END_STREAM: u8 = 0x1;
 const FLAG_END_HEADERS: u8 = 0x4;
@@ -59,6 +60,8 @@ pub enum AuthorityError {
     BadHeaders,
     #[error("HPACK decoding failed: {0}")]
     Hpack(String),
+    #[error("PUSH_PROMISE from a client")]
+    PushPromise,
 }
 
 enum State {
@@ -135,12 +138,27 @@ impl AuthorityRewriter {
     /// Takes bytes read from the client and appends what h2 should read to
     /// `out`. Bytes of an incomplete frame header or header frame are kept
     /// until the next call.
-    pub fn push(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), AuthorityError> {
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), AuthorityError> {
+        self.push_some(input, out, usize::MAX).map(|_| ())
+    }
+
+    /// Like [`push`](Self::push), but stops after the header block that
+    /// makes `out` reach `limit` bytes; returns how much of `input` it took.
+    /// A block of one-byte references to a large table entry expands a
+    /// thousandfold, so a reader that rewrote a whole read at once could be
+    /// made to hold megabytes per connection.
+    pub fn push_some(
+        &mut self,
+        mut input: &[u8],
+        out: &mut Vec<u8>,
+        limit: usize,
+    ) -> Result<usize, AuthorityError> {
+        let given = input.len();
         loop {
             match self.state {
                 State::Opaque => {
                     out.extend_from_slice(input);
-                    return Ok(());
+                    return Ok(given);
                 }
                 State::Forward(n) => {
                     let take = n.min(input.len());
@@ -152,7 +170,7 @@ impl AuthorityRewriter {
                         State::Forward(n - take)
                     };
                     if input.is_empty() {
-                        return Ok(());
+                        return Ok(given);
                     }
                 }
                 State::Preface => {
@@ -166,7 +184,7 @@ impl AuthorityRewriter {
                         continue;
                     }
                     if self.pending.len() < PREFACE.len() {
-                        return Ok(());
+                        return Ok(given);
                     }
                     out.append(&mut self.pending);
                     self.state = State::Frame;
@@ -176,7 +194,7 @@ impl AuthorityRewriter {
                     self.pending.extend_from_slice(&input[..take]);
                     input = &input[take..];
                     if self.pending.len() < FRAME_HEADER {
-                        return Ok(());
+                        return Ok(given);
                     }
                     let h = &self.pending;
                     let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
@@ -199,6 +217,12 @@ impl AuthorityRewriter {
                         if self.block.is_some() {
                             return Err(AuthorityError::Interleaved(kind));
                         }
+                        // Its header block would change the client's HPACK
+                        // table behind the rewriter's back; only servers
+                        // push, and h2 would end the connection anyway.
+                        if kind == TYPE_PUSH_PROMISE {
+                            return Err(AuthorityError::PushPromise);
+                        }
                         out.append(&mut self.pending);
                         self.state = State::Forward(len);
                     }
@@ -213,11 +237,14 @@ impl AuthorityRewriter {
                     self.pending.extend_from_slice(&input[..take]);
                     input = &input[take..];
                     if self.pending.len() < len {
-                        return Ok(());
+                        return Ok(given);
                     }
                     let payload = std::mem::take(&mut self.pending);
                     self.state = State::Frame;
                     self.header_frame(kind, flags, stream, &payload, out)?;
+                    if out.len() >= limit {
+                        return Ok(given - input.len());
+                    }
                 }
             }
         }
@@ -267,8 +294,11 @@ impl AuthorityRewriter {
         } else {
             match self.block.as_mut() {
                 Some(b) if b.stream == stream => b.fragment.extend_from_slice(payload),
+                // Passed on, it would reach h2 ahead of the block it
+                // interrupts; a connection error either way.
+                Some(_) => return Err(AuthorityError::Interleaved(kind)),
                 // A CONTINUATION without its HEADERS: h2 refuses it itself.
-                _ => {
+                None => {
                     out.extend_from_slice(&frame_header(payload.len(), kind, flags, stream));
                     out.extend_from_slice(payload);
                     return Ok(());
@@ -402,15 +432,22 @@ pub fn encode_frame(kind: u8, flags: u8, stream: u32, payload: &[u8], out: &mut 
     out.extend_from_slice(payload);
 }
 
+/// What [`LocalConn`] rewrites ahead of h2's reads, at most (plus one
+/// header block).
+const READY_LIMIT: usize = 64 * 1024;
+
 /// A unix-socket connection whose incoming bytes pass through an
 /// [`AuthorityRewriter`].
 #[derive(Debug)]
 pub struct LocalConn {
     inner: UnixStream,
     rewriter: AuthorityRewriter,
+    /// Rewritten bytes for h2, from `ready_pos` on.
     ready: Vec<u8>,
     ready_pos: usize,
+    /// Bytes read from the socket, not yet rewritten from `unread` on.
     scratch: Box<[u8]>,
+    unread: std::ops::Range<usize>,
 }
 
 impl LocalConn {
@@ -421,6 +458,7 @@ impl LocalConn {
             ready: Vec::new(),
             ready_pos: 0,
             scratch: vec![0; 16 * 1024].into_boxed_slice(),
+            unread: 0..0,
         }
     }
 }
@@ -451,18 +489,28 @@ impl AsyncRead for LocalConn {
                 }
                 return Poll::Ready(Ok(()));
             }
+            if !this.unread.is_empty() {
+                let taken = this
+                    .rewriter
+                    .push_some(
+                        &this.scratch[this.unread.clone()],
+                        &mut this.ready,
+                        READY_LIMIT,
+                    )
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                this.unread.start += taken;
+                continue;
+            }
             let mut rb = ReadBuf::new(&mut this.scratch);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
-                    let got = rb.filled();
-                    if got.is_empty() {
+                    let got = rb.filled().len();
+                    if got == 0 {
                         return Poll::Ready(Ok(()));
                     }
-                    this.rewriter
-                        .push(got, &mut this.ready)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    this.unread = 0..got;
                 }
             }
         }
@@ -502,3 +550,7 @@ impl AsyncWrite for LocalConn {
 #[cfg(test)]
 #[path = "authority_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "authority_prop_tests.rs"]
+mod prop_tests;

@@ -246,6 +246,24 @@ fn hostile_input_is_bounded() {
         AuthorityRewriter::new().push(&input, &mut Vec::new()),
         Err(AuthorityError::Interleaved(0))
     );
+    // A client never pushes: its PUSH_PROMISE carries a header block
+    // that would desynchronise the HPACK tables.
+    let mut input = PREFACE.to_vec();
+    let mut promise = vec![0, 0, 0, 2];
+    promise.extend_from_slice(&headers_block("x"));
+    encode_frame(0x5, FLAG_END_HEADERS, 1, &promise, &mut input);
+    assert_eq!(
+        AuthorityRewriter::new().push(&input, &mut Vec::new()),
+        Err(AuthorityError::PushPromise)
+    );
+    // So is a CONTINUATION of another stream.
+    let mut input = PREFACE.to_vec();
+    encode_frame(TYPE_HEADERS, 0, 1, &headers_block("x"), &mut input);
+    encode_frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 3, b"", &mut input);
+    assert_eq!(
+        AuthorityRewriter::new().push(&input, &mut Vec::new()),
+        Err(AuthorityError::Interleaved(TYPE_CONTINUATION))
+    );
 }
 
 #[test]
@@ -253,4 +271,40 @@ fn not_http2_passes_through() {
     let input = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
     let (out, _) = rewrite_all(input);
     assert_eq!(out, input);
+}
+
+#[tokio::test]
+async fn expanding_blocks_are_rewritten_as_h2_reads_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // One 4000-byte table entry, then 200 small blocks of 15 references to
+    // it: 5 KB that expand to 12 MB. The connection holds a bounded amount
+    // of rewritten bytes however much one read from the socket expands.
+    let mut entry = vec![0x40];
+    encode_integer(5, 7, 0, &mut entry);
+    entry.extend_from_slice(b"x-big");
+    encode_integer(4000, 7, 0, &mut entry);
+    entry.extend_from_slice(&[b'v'; 4000]);
+    let mut input = client_bytes(&[(FLAG_END_HEADERS, entry)]);
+    for _ in 0..200 {
+        encode_frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &[0xbe; 15], &mut input);
+    }
+    let (mut client, server) = tokio::net::UnixStream::pair().unwrap();
+    client.write_all(&input).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut conn = LocalConn::new(server);
+    let mut buf = vec![0; 4096];
+    let mut total = 0;
+    loop {
+        let n = conn.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n;
+        assert!(
+            conn.ready.capacity() <= 64 * 1024 + 2 * MAX_HEADER_LIST_BYTES,
+            "{} bytes held",
+            conn.ready.capacity()
+        );
+    }
+    assert!(total > 200 * 15 * 4000, "everything came through: {total}");
 }

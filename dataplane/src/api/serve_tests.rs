@@ -17,12 +17,28 @@ struct Stub;
 
 #[tonic::async_trait]
 impl Dataplane for Stub {
-    async fn apply(&self, _: Request<DesiredState>) -> Result<Response<ApplyResult>, Status> {
-        Err(Status::unimplemented("stub"))
+    /// Echoes what it received: the revision, the `x-call` metadata and a
+    /// digest of the body, so that a test sees the request arrived intact.
+    async fn apply(&self, req: Request<DesiredState>) -> Result<Response<ApplyResult>, Status> {
+        let call = metadata(&req, "x-call");
+        let state = req.into_inner();
+        Ok(Response::new(ApplyResult {
+            applied_revision: state.revision,
+            changes: vec![call, body_digest(&state)],
+        }))
     }
-    async fn get_status(&self, _: Request<StatusRequest>) -> Result<Response<NodeStatus>, Status> {
+    /// `node_name` is the `x-echo` metadata when there is one.
+    async fn get_status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<NodeStatus>, Status> {
+        let echo = metadata(&req, "x-echo");
         Ok(Response::new(NodeStatus {
-            node_name: "stub-node".into(),
+            node_name: if echo.is_empty() {
+                "stub-node".into()
+            } else {
+                echo
+            },
             ..Default::default()
         }))
     }
@@ -44,6 +60,25 @@ impl Dataplane for Stub {
     ) -> Result<Response<RotateKeyResult>, Status> {
         Err(Status::unimplemented("stub"))
     }
+}
+
+fn metadata<T>(req: &Request<T>, name: &str) -> String {
+    req.metadata()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn body_digest(state: &DesiredState) -> String {
+    let bytes: usize = state.peers.iter().map(|p| p.endpoint.len()).sum();
+    let sum: u64 = state
+        .peers
+        .iter()
+        .flat_map(|p| p.endpoint.bytes())
+        .map(u64::from)
+        .sum();
+    format!("{} peers {bytes} bytes sum {sum}", state.peers.len())
 }
 
 #[derive(Debug, PartialEq)]
@@ -183,6 +218,85 @@ async fn plain_h2_resets_a_socket_path_authority() {
             raw_get_status(&path, "/run/l2mesh/dataplane.sock").await,
             Outcome::Reset(1)
         );
+    })
+    .await;
+}
+
+/// A request whose body is about `size` bytes of peer endpoints.
+fn big_state(revision: u64, size: usize) -> DesiredState {
+    let peers = (0..size / 1000 + 1)
+        .map(|i| l2mesh_proto::node::PeerSpec {
+            endpoint: format!("{i}-{revision}-").repeat(1000 / 8),
+            ..Default::default()
+        })
+        .collect();
+    DesiredState {
+        revision,
+        peers,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn one_connection_carries_many_calls_with_changing_metadata() {
+    // h2's client encoder indexes metadata in its HPACK table; values of
+    // many sizes evict entries, so a table the rewriter and the client
+    // disagree on shows up as a wrong echo or a broken connection. Large
+    // bodies go through flow control while other calls run.
+    with_server(true, |path| async move {
+        let path2 = path.clone();
+        let channel = tonic::transport::Endpoint::from_static("http://dataplane.node.invalid:9")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path2.clone();
+                async move {
+                    let s = UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .unwrap();
+        let c = l2mesh_proto::node::dataplane_client::DataplaneClient::new(channel);
+        for i in 0..60u64 {
+            let mut req = Request::new(StatusRequest::default());
+            let echo = format!(
+                "call-{i}-{}",
+                "v".repeat(usize::try_from(i * 37 % 900).unwrap())
+            );
+            req.metadata_mut().insert("x-echo", echo.parse().unwrap());
+            req.metadata_mut()
+                .insert("x-fixed", "the same value every time".parse().unwrap());
+            let key = format!("x-rotating-{}", i % 5);
+            req.metadata_mut().insert(
+                tonic::metadata::MetadataKey::from_bytes(key.as_bytes()).unwrap(),
+                "r".repeat(usize::try_from(i % 3 * 700).unwrap())
+                    .parse()
+                    .unwrap(),
+            );
+            let st = c.clone().get_status(req).await.unwrap().into_inner();
+            assert_eq!(st.node_name, echo);
+        }
+        let calls = (0..16u64).map(|i| {
+            let mut c = c.clone();
+            async move {
+                if i % 2 == 0 {
+                    let state = big_state(i, 200_000 + usize::try_from(i).unwrap() * 10_000);
+                    let digest = body_digest(&state);
+                    let mut req = Request::new(state);
+                    req.metadata_mut()
+                        .insert("x-call", format!("apply-{i}").parse().unwrap());
+                    let r = c.apply(req).await.unwrap().into_inner();
+                    assert_eq!(r.applied_revision, i);
+                    assert_eq!(r.changes, vec![format!("apply-{i}"), digest]);
+                } else {
+                    let mut req = Request::new(StatusRequest::default());
+                    req.metadata_mut()
+                        .insert("x-echo", format!("concurrent-{i}").parse().unwrap());
+                    let st = c.get_status(req).await.unwrap().into_inner();
+                    assert_eq!(st.node_name, format!("concurrent-{i}"));
+                }
+            }
+        });
+        futures::future::join_all(calls).await;
     })
     .await;
 }

@@ -210,17 +210,24 @@ impl Peer {
         let Some(probe) = self.probe.as_mut() else {
             return false;
         };
-        match probe.decapsulate(Some(src.ip()), data, dec) {
-            TunnResult::WriteToNetwork(keepalive) => {
-                self.stats.tx_packets += 1;
-                self.stats.tx_bytes += keepalive.len() as u64;
-                out.push(Output::Udp {
-                    to: src,
-                    data: Buffers::pooled(&mut bufs.pool, keepalive),
-                });
-            }
-            TunnResult::Done => {}
+        let reply = match probe.decapsulate(Some(src.ip()), data, dec) {
+            TunnResult::WriteToNetwork(reply) => Some(reply),
+            TunnResult::Done => None,
             _ => return false,
+        };
+        // Under load the limiter answers a response with a cookie reply,
+        // which is WriteToNetwork too, and the probe has no session: the
+        // tunnel stays as it is and handles the response itself.
+        if probe.time_since_last_handshake().is_none() {
+            return false;
+        }
+        if let Some(keepalive) = reply {
+            self.stats.tx_packets += 1;
+            self.stats.tx_bytes += keepalive.len() as u64;
+            out.push(Output::Udp {
+                to: src,
+                data: Buffers::pooled(&mut bufs.pool, keepalive),
+            });
         }
         if let Some(probe) = self.probe.take() {
             self.tunn = probe;

@@ -230,3 +230,52 @@ fn probes_go_out_only_while_sending_and_at_most_once_per_interval() {
     // not moved (make-before-break for l2mesh peers).
     assert_eq!(exchange(&e, &mut stock, from_tap(&e, 4)).len(), 1);
 }
+
+#[test]
+fn a_cookie_reply_from_the_limiter_is_no_answer_to_the_probe() {
+    // The engine's limiter passes the handshake response, but the probe's
+    // own check of it finds the node under load and answers with a cookie
+    // reply: the peer has not completed the probe's handshake, so the
+    // tunnel must stay on its session with the previous key.
+    let (e, mut stock) = engine_and_stock_peer();
+    exchange(&e, &mut stock, from_tap(&e, 1));
+    e.set_private_key(secret(11));
+    let new_key = *PublicKey::from(&secret(11)).as_bytes();
+    let mut stock = Tunn::new(secret(2), PublicKey::from(new_key), None, None, 8, None);
+    from_tap(&e, 2);
+    let mut out = Vec::new();
+    e.tick(Instant::now(), &mut Buffers::default(), &mut out);
+    let Some(Output::Udp { data: probe, .. }) = out.pop() else {
+        panic!("a probe: {out:?}")
+    };
+    let mut dec = vec![0; BUF_SIZE];
+    let TunnResult::WriteToNetwork(response) = stock.decapsulate(None, &probe, &mut dec) else {
+        panic!("a handshake response")
+    };
+    let response = response.to_vec();
+    // Handshake messages seen this second, up to one below the limit.
+    let mut scratch = vec![0; BUF_SIZE];
+    for _ in 0..HANDSHAKE_RATE_LIMIT - 1 {
+        assert!(
+            e.read()
+                .limiter
+                .verify_packet(Some(addr(2).ip()), &response, &mut scratch)
+                .is_ok()
+        );
+    }
+    let mut out = Vec::new();
+    e.handle_datagram(
+        addr(2),
+        &response,
+        Instant::now(),
+        &mut Buffers::default(),
+        &mut out,
+    );
+    let st = e.read();
+    let peer = lock(st.peers.values().next().unwrap());
+    assert!(peer.on_previous_key, "the tunnel moved on a cookie reply");
+    assert!(
+        peer.tunn.time_since_last_handshake().is_some(),
+        "the tunnel lost its session"
+    );
+}
