@@ -258,23 +258,32 @@ async fn session_with<A: Applier>(
                 }
                 let status = applier.status().await?;
                 reported_key.clone_from(&status.public_key);
-                client.report_status(status).await?;
+                client.report_status(for_agent(status)).await?;
             }
             _ = tick.tick() => {
                 let status = applier.status().await?;
                 reported_key.clone_from(&status.public_key);
-                client.report_status(status).await?;
+                client.report_status(for_agent(status)).await?;
             }
             _ = key_check.tick() => {
                 if applier.public_key().as_slice() != reported_key.as_slice() {
                     let status = applier.status().await?;
                     tracing::info!("public key rotated; reporting it to the agent");
                     reported_key.clone_from(&status.public_key);
-                    client.report_status(status).await?;
+                    client.report_status(for_agent(status)).await?;
                 }
             }
         }
     }
+}
+
+/// The report the agent gets: the status without the MAC tables, which
+/// the agent does not use (they stay in `l2mesh-dataplane status`).
+fn for_agent(mut status: NodeStatus) -> NodeStatus {
+    for n in &mut status.networks {
+        n.macs = Vec::new();
+    }
+    status
 }
 
 #[cfg(test)]

@@ -260,3 +260,23 @@ fn backoff_doubles_up_to_a_ceiling() {
     assert_eq!(next_backoff(Duration::from_secs(1)), Duration::from_secs(2));
     assert_eq!(next_backoff(Duration::from_secs(20)), MAX_BACKOFF);
 }
+
+#[test]
+fn the_report_to_the_agent_leaves_the_mac_tables_on_the_node() {
+    let status = NodeStatus {
+        networks: vec![l2mesh_proto::node::NetworkStatus {
+            name: "blue".into(),
+            ports: vec!["l2a".into()],
+            macs: vec![l2mesh_proto::node::MacEntry {
+                mac: "02:00:00:00:00:01".into(),
+                port: "tap".into(),
+                age_ms: 5,
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let sent = for_agent(status);
+    assert!(sent.networks[0].macs.is_empty());
+    assert_eq!(sent.networks[0].ports, vec!["l2a".to_owned()]);
+}

@@ -360,11 +360,19 @@ pub async fn patch_status(
     .map(drop)
 }
 
-/// The status as a merge patch: every field present, absent ones as `null`.
+/// The status as a merge patch: every field present, absent ones as `null`
+/// (`linkHealth` is the per-link list older agents wrote: it goes).
 fn status_patch(status: &L2NetworkStatus) -> serde_json::Value {
     let mut value = serde_json::to_value(status).unwrap_or_default();
     if let Some(map) = value.as_object_mut() {
-        for field in ["vni", "ipRange", "mtu", "observedGeneration"] {
+        for field in [
+            "vni",
+            "ipRange",
+            "mtu",
+            "observedGeneration",
+            "links",
+            "linkHealth",
+        ] {
             map.entry(field).or_insert(serde_json::Value::Null);
         }
     }
@@ -400,6 +408,17 @@ mod tests {
         let conf = super::super::nad::cni_config(&n, range, mtu);
         assert_eq!(conf["ipam"]["subnet"], "10.200.0.0/16");
         assert_eq!(conf["mtu"], 1400);
+    }
+
+    #[test]
+    fn the_status_patch_removes_what_no_longer_holds_and_the_old_link_list() {
+        let patch = status_patch(&L2NetworkStatus::default());
+        for field in ["vni", "links", "linkHealth", "ipRange"] {
+            assert!(
+                patch[field].is_null() && patch.get(field).is_some(),
+                "{field}: {patch}"
+            );
+        }
     }
 
     #[test]
