@@ -1,9 +1,10 @@
-//! The running broker: shared state behind one lock, persistence before
-//! acknowledgement, fan-out of views, and the TLS gRPC + metrics servers.
+//! The running broker: one writer (group commit, persistence before
+//! acknowledgement), readers on the last committed state, fan-out of view
+//! changes, and the TLS gRPC + metrics servers.
 
 use crate::conn::{ConnLimits, RequestConn, Tracker};
 use crate::error::{Error, Result};
-use crate::hub::{Hub, Published};
+use crate::hub::Hub;
 use crate::limiter::{JoinLimiter, ReportLimiter};
 use crate::metrics::Metrics;
 use crate::pki::Pki;
@@ -17,7 +18,7 @@ use std::any::Any;
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::{Arc, Mutex as StdMutex, RwLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
@@ -76,6 +77,13 @@ impl ServeConfig {
     }
 }
 
+/// The certificates that may receive a cluster's view.
+fn certs_of(c: &crate::model::Cluster) -> Vec<[u8; 32]> {
+    std::iter::once(c.cert_sha256)
+        .chain(c.prev_cert_sha256)
+        .collect()
+}
+
 /// Unix time now, in seconds.
 #[must_use]
 pub fn now_unix() -> i64 {
@@ -97,10 +105,37 @@ pub(crate) struct Core {
     store: Store,
 }
 
+/// The last committed state, for readers that must not wait for a commit.
+#[derive(Default)]
+pub(crate) struct Committed(RwLock<Arc<State>>);
+
+impl Committed {
+    pub(crate) fn get(&self) -> Arc<State> {
+        Arc::clone(
+            &self
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    fn set(&self, state: Arc<State>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = state;
+    }
+}
+
 /// The broker: clone it freely, it is a handle.
 #[derive(Clone)]
 pub struct Broker {
     pub(crate) core: Arc<Mutex<Core>>,
+    /// What the last commit made current (readers and watch snapshots).
+    pub(crate) committed: Arc<Committed>,
+    /// When each cluster last called in (memory; folded into the state by
+    /// the next commit, so persisted with its next write).
+    pub(crate) seen: Arc<StdMutex<HashMap<String, i64>>>,
     queue: Arc<StdMutex<Vec<Pending>>>,
     pub(crate) pki: Arc<Pki>,
     pub(crate) hub: Arc<Hub>,
@@ -133,12 +168,20 @@ impl Broker {
         let pki = Pki::load_or_create(&config.data_dir, &config.advertise)?;
         let store = Store::open(&config.data_dir.join("store"))?;
         let mut state = store.load()?;
-        let all: BTreeSet<String> = state.clusters.keys().cloned().collect();
-        let views = view::refresh(&mut state, &all);
+        if state.upgrade_view_format(view::VIEW_FORMAT) {
+            tracing::info!(
+                format = view::VIEW_FORMAT,
+                "views are built differently from the stored revisions: every cluster gets a new revision"
+            );
+        }
         let dirty = state.take_dirty();
         store.persist(&state, &dirty).await?;
+        let committed = Arc::new(Committed::default());
+        committed.set(Arc::new(state.clone()));
         let broker = Self {
             core: Arc::new(Mutex::new(Core { state, store })),
+            committed,
+            seen: Arc::default(),
             queue: Arc::default(),
             pki: Arc::new(pki),
             hub: Arc::new(Hub::default()),
@@ -156,9 +199,14 @@ impl Broker {
             config: Arc::new(config),
         };
         {
-            let core = broker.core.lock().await;
-            broker.publish(&core.state, views);
-            broker.update_gauges(&core.state);
+            let state = broker.committed.get();
+            for (name, c) in &state.clusters {
+                broker.hub.update(name, |p| {
+                    p.advance(c.view_rev, None);
+                    p.certs = certs_of(c);
+                });
+            }
+            broker.update_gauges(&state);
         }
         Ok(broker)
     }
@@ -175,21 +223,9 @@ impl Broker {
         self.pki.admin_path.clone()
     }
 
-    fn publish(&self, state: &State, views: Vec<l2mesh_proto::broker::ClusterView>) {
-        for v in views {
-            if let Some(c) = state.clusters.get(&v.cluster_name) {
-                let name = v.cluster_name.clone();
-                self.hub.publish(
-                    &name,
-                    Published {
-                        view: Arc::new(v),
-                        certs: std::iter::once(c.cert_sha256)
-                            .chain(c.prev_cert_sha256)
-                            .collect(),
-                    },
-                );
-            }
-        }
+    /// The last committed state. Never waits for a commit in progress.
+    pub(crate) fn current(&self) -> Arc<State> {
+        self.committed.get()
     }
 
     /// Drop what memory holds of a removed cluster.
@@ -221,7 +257,7 @@ impl Broker {
                     _ = stop.wait_for(|s| *s) => return,
                 }
                 let now = now_unix();
-                let due = me.core.lock().await.state.tokens_due(now, retention_secs);
+                let due = me.current().tokens_due(now, retention_secs);
                 if !due {
                     continue;
                 }
@@ -288,24 +324,18 @@ impl Broker {
 
     async fn commit(&self, core: &mut Core, batch: Vec<Pending>) {
         let mut next: Option<State> = None;
-        // Latest view of each affected cluster: a later op that changes a
-        // cluster's view names it again, so the last one computed is current.
-        let mut views = std::collections::BTreeMap::new();
+        let mut affected = BTreeSet::new();
         let mut done = Vec::with_capacity(batch.len());
+        let max_view = self.config.max_view_bytes.min(MAX_MESSAGE_BYTES);
         for p in batch {
             let mut trial = next.as_ref().unwrap_or(&core.state).clone();
-            let applied = (p.op)(&mut trial).and_then(|(out, affected)| {
-                view::compute_bounded(
-                    &trial,
-                    &affected,
-                    self.config.max_view_bytes.min(MAX_MESSAGE_BYTES),
-                )
-                .map(|computed| (out, computed))
+            let applied = (p.op)(&mut trial).and_then(|(out, touched)| {
+                view::check_bounded(&trial, &touched, max_view).map(|()| (out, touched))
             });
             match applied {
-                Ok((out, computed)) => {
+                Ok((out, touched)) => {
                     next = Some(trial);
-                    views.extend(computed.into_iter().map(|v| (v.cluster_name.clone(), v)));
+                    affected.extend(touched);
                     done.push((p.reply, out));
                 }
                 Err(e) => {
@@ -314,7 +344,17 @@ impl Broker {
             }
         }
         let Some(mut next) = next else { return };
-        let views = view::record(&mut next, views.into_values().collect());
+        for (name, at) in self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain()
+        {
+            next.seen(&name, at);
+        }
+        // One delta per affected cluster for the whole batch: the views
+        // move from the last committed state to this one.
+        let moved = view::advance(&core.state, &mut next, &affected);
         let dirty = next.take_dirty();
         if let Err(e) = core.store.persist(&next, &dirty).await {
             tracing::error!(error = %e, "store write failed; the batch was not applied");
@@ -331,11 +371,23 @@ impl Broker {
             .cloned()
             .collect();
         core.state = next;
+        self.committed.set(Arc::new(core.state.clone()));
         for name in removed {
             self.hub.close(&name);
             self.forget(&name);
         }
-        self.publish(&core.state, views);
+        for name in &affected {
+            let Some(c) = core.state.clusters.get(name) else {
+                continue;
+            };
+            let change = moved.get(name);
+            self.hub.update(name, |p| {
+                if let Some((revision, delta)) = change {
+                    p.advance(*revision, delta.clone());
+                }
+                p.certs = certs_of(c);
+            });
+        }
         self.update_gauges(&core.state);
         for (reply, out) in done {
             let _ = reply.send(Ok(out));

@@ -328,7 +328,6 @@ impl State {
                 gateways: Vec::new(),
                 requested: BTreeSet::new(),
                 view_rev: 0,
-                view_sha256: [0; 32],
             });
         entry.cert_sha256 = cert_sha256;
         entry.prev_cert_sha256 = None;
@@ -457,20 +456,33 @@ impl State {
         Ok((cluster, affected))
     }
 
-    /// Record a freshly computed view hash; bumps the cluster's revision if
-    /// the view changed. Returns the cluster's (possibly new) revision.
-    pub fn record_view(&mut self, cluster: &str, view_sha256: [u8; 32]) -> Option<u64> {
+    /// A cluster's view changed: give it the next revision (durable, with
+    /// the cluster record). Returns the new revision.
+    pub fn bump_view_rev(&mut self, cluster: &str) -> Option<u64> {
         let next = self.meta.revision + 1;
         let c = self.clusters.get_mut(cluster)?;
-        if c.view_sha256 == view_sha256 && c.view_rev != 0 {
-            return Some(c.view_rev);
-        }
-        c.view_sha256 = view_sha256;
         c.view_rev = next;
         self.meta.revision = next;
         self.touch(Key::Cluster(cluster.to_owned()));
         self.touch(Key::Meta);
         Some(next)
+    }
+
+    /// Views of the stored revisions were built by a broker that built them
+    /// differently (`meta.view_format` is not `format`): give every cluster
+    /// a new revision, so every agent gets a fresh snapshot. Returns whether
+    /// it did.
+    pub fn upgrade_view_format(&mut self, format: u32) -> bool {
+        if self.meta.view_format == format {
+            return false;
+        }
+        let names: Vec<String> = self.clusters.keys().cloned().collect();
+        for name in names {
+            self.bump_view_rev(&name);
+        }
+        self.meta.view_format = format;
+        self.touch(Key::Meta);
+        true
     }
 }
 
