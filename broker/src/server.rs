@@ -363,12 +363,14 @@ impl Broker {
             }
             return;
         }
-        let removed: Vec<String> = core
-            .state
-            .clusters
-            .keys()
-            .filter(|k| !next.clusters.contains_key(*k))
-            .cloned()
+        let removed: Vec<String> = dirty
+            .iter()
+            .filter_map(|k| match k {
+                crate::state::Key::Cluster(name) if !next.clusters.contains_key(name) => {
+                    Some(name.clone())
+                }
+                _ => None,
+            })
             .collect();
         core.state = next;
         self.committed.set(Arc::new(core.state.clone()));

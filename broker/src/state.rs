@@ -2,16 +2,18 @@
 //!
 //! A mutation works on a clone of the [`State`]; the shell persists the keys
 //! it marked dirty and only then swaps the clone in, so a failed write
-//! changes nothing.
+//! changes nothing. The maps are persistent (structure-sharing): a clone
+//! costs O(1) and a change copies only the path to what it touches.
 
 use crate::error::{Error, Result};
 use crate::model::{Cluster, Gateway, Meta, Network, Token};
+use imbl::{OrdMap, OrdSet};
 use ipnet::{IpNet, Ipv4Net};
 use l2mesh_proto::limits::{
     MAX_ENDPOINT_BYTES, MAX_ENDPOINTS_PER_GATEWAY, MAX_GATEWAYS_PER_CLUSTER, MAX_LABEL_BYTES,
     MAX_NAME_BYTES, MAX_NETWORKS_PER_CLUSTER, check_len, preview,
 };
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use subtle::ConstantTimeEq;
 
@@ -50,12 +52,15 @@ pub enum Principal {
 /// Everything the broker knows.
 #[derive(Clone, Debug, Default)]
 pub struct State {
-    pub tokens: BTreeMap<String, Token>,
-    pub clusters: BTreeMap<String, Cluster>,
-    pub networks: BTreeMap<String, Network>,
+    pub tokens: OrdMap<String, Token>,
+    pub clusters: OrdMap<String, Cluster>,
+    pub networks: OrdMap<String, Network>,
     pub meta: Meta,
-    cert_index: HashMap<[u8; 32], String>,
-    dirty: BTreeSet<Key>,
+    /// Certificate hash -> the cluster it speaks for.
+    cert_index: imbl::HashMap<[u8; 32], String>,
+    /// Network name -> the clusters that ask for it (admitted or not).
+    requesters: OrdMap<String, OrdSet<String>>,
+    dirty: OrdSet<Key>,
 }
 
 /// SHA-256 of some bytes (the same function that checks join-string pins).
@@ -168,20 +173,65 @@ impl State {
     }
 
     fn reindex(&mut self) {
-        self.cert_index = self
-            .clusters
-            .values()
-            .flat_map(|c| {
-                std::iter::once(c.cert_sha256)
-                    .chain(c.prev_cert_sha256)
-                    .map(|h| (h, c.name.clone()))
-            })
-            .collect();
+        let clusters: Vec<Cluster> = self.clusters.values().cloned().collect();
+        for c in &clusters {
+            self.index(c);
+        }
+    }
+
+    /// Add a cluster's certificates and requests to the indexes.
+    fn index(&mut self, c: &Cluster) {
+        for h in std::iter::once(c.cert_sha256).chain(c.prev_cert_sha256) {
+            self.cert_index.insert(h, c.name.clone());
+        }
+        for net in &c.requested {
+            self.requesters
+                .entry(net.clone())
+                .or_default()
+                .insert(c.name.clone());
+        }
+    }
+
+    /// Remove a cluster's certificates and requests from the indexes.
+    fn unindex(&mut self, c: &Cluster) {
+        for h in std::iter::once(c.cert_sha256).chain(c.prev_cert_sha256) {
+            if self.cert_index.get(&h) == Some(&c.name) {
+                self.cert_index.remove(&h);
+            }
+        }
+        for net in &c.requested {
+            if let Some(set) = self.requesters.get_mut(net) {
+                set.remove(&c.name);
+                if set.is_empty() {
+                    self.requesters.remove(net);
+                }
+            }
+        }
+    }
+
+    /// Replace a cluster record, keeping the indexes in step.
+    fn put_cluster(&mut self, c: Cluster) {
+        if let Some(old) = self.clusters.get(&c.name).cloned() {
+            self.unindex(&old);
+        }
+        self.index(&c);
+        self.clusters.insert(c.name.clone(), c);
+    }
+
+    /// Whether the indexes say what a rebuild from the records would say.
+    #[cfg(test)]
+    pub(crate) fn indexes_match_records(&self) -> bool {
+        let mut fresh = Self {
+            clusters: self.clusters.clone(),
+            ..Self::default()
+        };
+        fresh.reindex();
+        fresh.cert_index == self.cert_index && fresh.requesters == self.requesters
     }
 
     /// The keys changed since the last call; the caller persists them.
     pub fn take_dirty(&mut self) -> BTreeSet<Key> {
-        std::mem::take(&mut self.dirty)
+        std::mem::take(&mut self.dirty).into_iter().collect()
     }
 
     fn touch(&mut self, key: Key) {
@@ -315,10 +365,11 @@ impl State {
             Some(c) => c.subnet_index,
             None => self.free_subnet_index()?,
         };
-        let entry = self
+        let mut c = self
             .clusters
-            .entry(cluster.to_owned())
-            .or_insert_with(|| Cluster {
+            .get(cluster)
+            .cloned()
+            .unwrap_or_else(|| Cluster {
                 name: cluster.to_owned(),
                 subnet_index,
                 cert_sha256,
@@ -329,13 +380,12 @@ impl State {
                 requested: BTreeSet::new(),
                 view_rev: 0,
             });
-        entry.cert_sha256 = cert_sha256;
-        entry.prev_cert_sha256 = None;
-        entry.joined_unix = now;
-        let out = entry.clone();
+        c.cert_sha256 = cert_sha256;
+        c.prev_cert_sha256 = None;
+        c.joined_unix = now;
+        self.put_cluster(c.clone());
         self.touch(Key::Cluster(cluster.to_owned()));
-        self.reindex();
-        Ok(out)
+        Ok(c)
     }
 
     fn free_subnet_index(&self) -> Result<u32> {
@@ -356,11 +406,11 @@ impl State {
     /// Give a cluster a renewed certificate; the one it called with stays
     /// valid (until it expires), any older one stops working.
     pub fn renew_cert(&mut self, name: &str, current: [u8; 32], renewed: [u8; 32]) -> Result<()> {
-        let cluster = self.cluster_mut(name)?;
-        cluster.prev_cert_sha256 = Some(current);
-        cluster.cert_sha256 = renewed;
+        let mut c = self.cluster_mut(name)?.clone();
+        c.prev_cert_sha256 = Some(current);
+        c.cert_sha256 = renewed;
+        self.put_cluster(c);
         self.touch(Key::Cluster(name.to_owned()));
-        self.reindex();
         Ok(())
     }
 
@@ -409,11 +459,12 @@ impl State {
             validate_name("network", n)?;
         }
         let new: BTreeSet<String> = networks.into_iter().collect();
-        let cluster = self.cluster_mut(name)?;
+        let mut cluster = self.cluster_mut(name)?.clone();
         if cluster.requested == new {
             return Ok(BTreeSet::new());
         }
         let old = std::mem::replace(&mut cluster.requested, new.clone());
+        self.put_cluster(cluster);
         self.touch(Key::Cluster(name.to_owned()));
         // Other clusters' views change only where the membership did: asking
         // for an unknown network, or being denied, changes nothing for them.
@@ -432,6 +483,7 @@ impl State {
         let cluster = self.clusters.remove(name).ok_or_else(|| {
             Error::NotFound(format!("no cluster named {name:?}: see `cluster list`"))
         })?;
+        self.unindex(&cluster);
         self.touch(Key::Cluster(name.to_owned()));
         // Its unused tokens go too, so a removed cluster cannot walk back in
         // with a leftover multi-use token; re-adding it takes a new token.
@@ -451,7 +503,6 @@ impl State {
         for net in &cluster.requested {
             let _ = self.reconcile_slots(net);
         }
-        self.reindex();
         let affected = self.requesters_of(&cluster.requested);
         Ok((cluster, affected))
     }

@@ -214,6 +214,10 @@ fn deltas_applied_in_any_grouping_equal_the_snapshot() {
             for _ in 0..rand::Rng::gen_range(&mut rng, 1..3) {
                 affected.extend(random_change(&mut rng, &mut s, round));
             }
+            assert!(
+                s.indexes_match_records(),
+                "seed {seed} seq {sequence} round {round}"
+            );
             let moved = advance(&old, &mut s, &affected);
             for (name, (rev, delta)) in moved {
                 published.entry(name).or_default().advance(rev, delta);
@@ -262,4 +266,16 @@ fn view_size_bound_is_an_upper_bound_of_the_encoding() {
         let err = check_bounded(&s, &one, len - 1).unwrap_err();
         assert!(err.to_string().contains(name), "{err}");
     }
+}
+
+#[test]
+fn a_change_shares_what_it_did_not_touch() {
+    let s = world();
+    let mut t = s.clone();
+    t.report_gateways("c", vec![gw("gw", 99, "100.64.2.1")])
+        .unwrap();
+    assert!(s.tokens.ptr_eq(&t.tokens), "tokens are shared, not copied");
+    assert!(s.networks.ptr_eq(&t.networks));
+    assert!(!s.clusters.ptr_eq(&t.clusters));
+    assert_eq!(s.clusters["a"], t.clusters["a"]);
 }
