@@ -81,7 +81,7 @@ impl Broker {
         if let Err(wait) = limited {
             // Over the limit, only a valid token gets through: failures of
             // others (same NAT, same token id guessed) must not lock it out.
-            let valid = self.core.lock().await.state.check_token(
+            let valid = self.current().check_token(
                 &req.token_id,
                 &req.token_secret,
                 &req.cluster_name,
@@ -134,12 +134,8 @@ impl Broker {
             ));
         }
         // Check before signing so bad tokens cost no signature.
-        self.core.lock().await.state.check_token(
-            &req.token_id,
-            &req.token_secret,
-            &req.cluster_name,
-            now,
-        )?;
+        self.current()
+            .check_token(&req.token_id, &req.token_secret, &req.cluster_name, now)?;
         let (cert_pem, cert_hash, _) = self.pki.sign_cluster_csr(
             &req.csr_pem,
             &req.cluster_name,

@@ -399,14 +399,14 @@ impl Broker {
     /// Who the verified client certificate of this request belongs to.
     pub(crate) async fn identify<T>(&self, req: &tonic::Request<T>) -> Result<Principal> {
         let conn = req.extensions().get::<RequestConn>();
-        let principal = self.identify_certs(conn).await?;
+        let principal = self.identify_certs(conn)?;
         if let Some(c) = conn {
             c.get_ref().handle.authenticate();
         }
         Ok(principal)
     }
 
-    async fn identify_certs(&self, conn: Option<&RequestConn>) -> Result<Principal> {
+    fn identify_certs(&self, conn: Option<&RequestConn>) -> Result<Principal> {
         let certs = conn.and_then(RequestConn::peer_certs).ok_or_else(|| {
             Error::Unauthenticated(
                 "this call needs a client certificate: the one Join returned, or the admin credential"
@@ -420,10 +420,16 @@ impl Broker {
         if hash == self.pki.admin_sha256 {
             return Ok(Principal::Admin);
         }
-        let mut core = self.core.lock().await;
-        let name = core
-            .state
-            .cluster_for_cert(&hash)
+        self.principal_for_cert(&hash)
+    }
+
+    /// The cluster a certificate hash speaks for, from the committed state:
+    /// authentication never waits for the writer (a commit holds it across
+    /// its flush to disk).
+    pub(crate) fn principal_for_cert(&self, hash: &[u8; 32]) -> Result<Principal> {
+        let name = self
+            .current()
+            .cluster_for_cert(hash)
             .map(str::to_owned)
             .ok_or_else(|| {
                 Error::Unauthenticated(
@@ -431,7 +437,10 @@ impl Broker {
                         .into(),
                 )
             })?;
-        core.state.seen(&name, now_unix());
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.clone(), now_unix());
         Ok(Principal::Cluster(name))
     }
 
@@ -559,5 +568,40 @@ impl Broker {
             let _ = t.await;
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn authentication_does_not_wait_for_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(ServeConfig::new(
+            dir.path().to_owned(),
+            vec!["127.0.0.1:1".into()],
+        ))
+        .await
+        .unwrap();
+        broker
+            .mutate(|s| {
+                s.create_token("edge", "t".into(), "sec", 60, 1, 0)?;
+                s.join("t", "sec", "edge", [7; 32], 1)?;
+                Ok(((), BTreeSet::from(["edge".to_string()])))
+            })
+            .await
+            .unwrap();
+        // A commit in progress holds the writer's lock across its flush.
+        let writer = broker.core.lock().await;
+        assert_eq!(
+            broker.principal_for_cert(&[7; 32]).unwrap(),
+            Principal::Cluster("edge".into())
+        );
+        assert!(broker.principal_for_cert(&[8; 32]).is_err());
+        drop(writer);
+        // The last call is remembered and folded into the next commit.
+        broker.mutate(|_| Ok(((), BTreeSet::new()))).await.unwrap();
+        assert!(broker.current().clusters["edge"].last_seen_unix > 0);
     }
 }
