@@ -1,10 +1,12 @@
 //! `l2mesh-broker-bench`: N simulated cluster agents joined to a real broker
 //! process and watching; measures how long a change (network created or
-//! deleted, key rotated, cluster removed) takes to reach every affected
-//! agent, and the broker's memory. Prints the figures.
+//! deleted, gateway key rotated, cluster removed) takes to reach every
+//! affected agent, how many bytes of watch messages it sends in total, and
+//! the broker's memory. Prints the figures; with `--compare-broker-bin` it
+//! runs every layout against that broker first and prints the ratios.
 //!
 //! Run it from a release build for meaningful numbers:
-//! `cargo run --release -p l2mesh-broker --bin l2mesh-broker-bench -- --agents 100 --agents 1000`
+//! `cargo run --release -p l2mesh-broker --bin l2mesh-broker-bench -- --agents 1000 --spread 5000:50`
 
 use anyhow::{Context as _, Result, anyhow};
 use clap::Parser;
@@ -13,8 +15,10 @@ use l2mesh_broker::pki::AdminCredential;
 use l2mesh_broker::process::BrokerProcess;
 use l2mesh_proto::broker as pb;
 use l2mesh_proto::join::JoinString;
+use prost::Message as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -23,15 +27,39 @@ use tokio::sync::Semaphore;
 #[derive(Debug, Parser)]
 #[command(name = "l2mesh-broker-bench", version, about)]
 struct Args {
-    /// Number of simulated agents (repeatable: one run each).
-    #[arg(long = "agents", env = "L2MESH_BENCH_AGENTS", default_values_t = [100, 1000])]
+    /// Run with N agents all in one network (repeatable: one run each).
+    #[arg(long = "agents", env = "L2MESH_BENCH_AGENTS", value_delimiter = ',', default_values_t = [100, 1000])]
     agents: Vec<usize>,
+    /// Run with N agents in networks of M members each, as `N:M`
+    /// (repeatable), e.g. `5000:50` for 100 networks of 50.
+    #[arg(long = "spread", env = "L2MESH_BENCH_SPREAD", value_delimiter = ',', value_parser = parse_spread)]
+    spread: Vec<(usize, usize)>,
     /// Rounds per kind of change.
     #[arg(long, env = "L2MESH_BENCH_ROUNDS", default_value_t = 3)]
     rounds: usize,
     /// The broker binary [default: `l2mesh-broker` next to this binary].
     #[arg(long, env = "L2MESH_BENCH_BROKER_BIN")]
     broker_bin: Option<PathBuf>,
+    /// A second broker binary (for example one built from an older
+    /// commit) to run every layout against first, for before/after ratios.
+    #[arg(long, env = "L2MESH_BENCH_COMPARE_BROKER_BIN")]
+    compare_broker_bin: Option<PathBuf>,
+    /// The simulated agents ask for full snapshots on every change (the
+    /// watch protocol of agents that do not apply deltas).
+    #[arg(long, env = "L2MESH_BENCH_SNAPSHOTS")]
+    snapshots: bool,
+}
+
+fn parse_spread(s: &str) -> Result<(usize, usize), String> {
+    let (n, m) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected N:M, e.g. 5000:50"))?;
+    let n: usize = n.parse().map_err(|_| format!("{s:?}: N is not a number"))?;
+    let m: usize = m.parse().map_err(|_| format!("{s:?}: M is not a number"))?;
+    if m < 2 || n < m {
+        return Err(format!("{s:?}: need 2 <= M <= N"));
+    }
+    Ok((n, m))
 }
 
 type Pred = Box<dyn Fn(usize, &pb::ClusterView) -> bool + Send>;
@@ -76,6 +104,7 @@ fn start_broker(bin: &Path, dir: &Path) -> Result<BrokerProcess> {
         .args(["--max-connections-per-source", "100000"])
         .args(["--max-unauthenticated-per-source", "100000"])
         .args(["--max-unauthenticated-connections", "100000"])
+        .args(["--max-connections", "100000"])
         .args(["--reports-per-minute", "0"])
         .args(["--view-interval-ms", "0"])
         .env("L2MESH_LOG", "warn,l2mesh_broker=info");
@@ -111,6 +140,16 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
+fn bytes(b: u64) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    let f = b as f64;
+    if b >= 1 << 20 {
+        format!("{:.1} MB", f / f64::from(1u32 << 20))
+    } else {
+        format!("{:.1} KB", f / 1024.0)
+    }
+}
+
 fn gateway(i: usize, cred: &ClusterCredential, key: u8) -> pb::Gateway {
     let base: std::net::Ipv4Addr = cred
         .tunnel_subnet
@@ -123,26 +162,81 @@ fn gateway(i: usize, cred: &ClusterCredential, key: u8) -> pb::Gateway {
     pb::Gateway {
         node: format!("gw-{i}"),
         public_key,
-        endpoints: vec![format!("192.0.2.{}:{}", i % 250 + 1, 40000 + i % 20000)],
+        endpoints: vec![format!(
+            "192.0.{}.{}:{}",
+            i / 250 % 250,
+            i % 250 + 1,
+            40000 + i % 20000
+        )],
         tunnel_ip: std::net::Ipv4Addr::from(u32::from(base) + 1).to_string(),
     }
+}
+
+/// Figures of one kind of change.
+#[derive(Clone, Debug, Default)]
+struct Figures {
+    affected: usize,
+    p50: Duration,
+    p99: Duration,
+    worst_round: Duration,
+    bytes_per_change: u64,
+}
+
+/// Figures of one run (one layout, one broker).
+#[derive(Clone, Debug, Default)]
+struct Summary {
+    joins_per_s: f64,
+    changes: Vec<(&'static str, Figures)>,
+    rss_watching_kib: u64,
+    rss_full_kib: u64,
+    rss_peak_kib: u64,
 }
 
 struct Run {
     n: usize,
     probe: Arc<Mutex<Probe>>,
+    received: Arc<AtomicU64>,
     admin: pb::broker_admin_client::BrokerAdminClient<tonic::transport::Channel>,
+}
+
+/// Latencies of all rounds of one kind, and the bytes each round sent.
+#[derive(Default)]
+struct Rounds {
+    all: Vec<Duration>,
+    worst: Vec<Duration>,
+    bytes: Vec<u64>,
+}
+
+impl Rounds {
+    fn add(&mut self, (lat, sent): (Vec<Duration>, u64)) {
+        self.worst.push(lat.last().copied().unwrap_or_default());
+        self.all.extend(lat);
+        self.bytes.push(sent);
+    }
+
+    fn figures(mut self, affected: usize) -> Figures {
+        self.all.sort();
+        let n = u64::try_from(self.bytes.len().max(1)).unwrap_or(1);
+        Figures {
+            affected,
+            p50: pct(&self.all, 0.5),
+            p99: pct(&self.all, 0.99),
+            worst_round: self.worst.iter().max().copied().unwrap_or_default(),
+            bytes_per_change: self.bytes.iter().sum::<u64>() / n,
+        }
+    }
 }
 
 impl Run {
     /// Arm the probe, run `change`, wait until every expected agent matched.
+    /// Returns the latencies and the watch bytes all agents received.
     async fn measure(
         &mut self,
         what: &str,
         expected: Vec<usize>,
         pred: Pred,
         change: impl AsyncFnOnce(&mut Self) -> Result<()>,
-    ) -> Result<Vec<Duration>> {
+    ) -> Result<(Vec<Duration>, u64)> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
             let mut p = self.probe.lock().map_err(|_| anyhow!("poisoned"))?;
@@ -154,11 +248,13 @@ impl Run {
             p.done = Some(tx);
             p.pred = Some(pred);
         }
+        let before = self.received.load(Ordering::Relaxed);
         let t0 = Instant::now();
         change(self).await?;
-        tokio::time::timeout(Duration::from_secs(120), rx)
+        tokio::time::timeout(Duration::from_secs(300), rx)
             .await
-            .with_context(|| format!("{what}: not every agent saw the change within 120 s"))??;
+            .with_context(|| format!("{what}: not every agent saw the change within 300 s"))??;
+        let sent = self.received.load(Ordering::Relaxed) - before;
         let mut p = self.probe.lock().map_err(|_| anyhow!("poisoned"))?;
         p.pred = None;
         let mut lat: Vec<Duration> = expected
@@ -166,23 +262,73 @@ impl Run {
             .filter_map(|&i| p.hits[i].map(|t| t.saturating_duration_since(t0)))
             .collect();
         lat.sort();
-        Ok(lat)
+        Ok((lat, sent))
     }
 }
 
-fn report(what: &str, n_affected: usize, mut all: Vec<Duration>, rounds: &[Duration]) {
-    all.sort();
-    let worst = rounds.iter().max().copied().unwrap_or_default();
-    println!(
-        "  {what:<18} affected {n_affected:>5}  p50 {:>10}  p99 {:>10}  all-received (worst round) {:>10}",
-        ms(pct(&all, 0.5)),
-        ms(pct(&all, 0.99)),
-        ms(worst)
-    );
+/// How the agents are spread: `group` members per network.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    n: usize,
+    group: usize,
+}
+
+impl Layout {
+    fn network_of(self, i: usize) -> String {
+        if self.group >= self.n {
+            "bench".into()
+        } else {
+            format!("bench-{}", i / self.group)
+        }
+    }
+
+    fn networks(self) -> usize {
+        self.n.div_ceil(self.group)
+    }
+
+    fn members_of(self, i: usize) -> Vec<usize> {
+        let first = i / self.group * self.group;
+        (first..(first + self.group).min(self.n)).collect()
+    }
+
+    fn label(self) -> String {
+        if self.group >= self.n {
+            format!("N = {}, one network", self.n)
+        } else {
+            format!(
+                "N = {}, {} networks of {}",
+                self.n,
+                self.networks(),
+                self.group
+            )
+        }
+    }
+}
+
+async fn create_network(
+    admin: &mut pb::broker_admin_client::BrokerAdminClient<tonic::transport::Channel>,
+    name: String,
+    members: usize,
+) -> Result<()> {
+    admin
+        .create_network(pb::CreateNetworkRequest {
+            name,
+            allow_all: true,
+            // A cidr splits into at most 256 cluster slices.
+            cidr: if members <= 256 {
+                "10.128.0.0/9".into()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
 }
 
 #[allow(clippy::too_many_lines)]
-async fn run(bin: &Path, n: usize, rounds: usize) -> Result<()> {
+async fn run(bin: &Path, layout: Layout, rounds: usize, deltas: bool) -> Result<Summary> {
+    let n = layout.n;
     let tmp = tempfile::tempdir()?;
     let broker = start_broker(bin, tmp.path())?;
     let pid = broker.child.id();
@@ -190,6 +336,7 @@ async fn run(bin: &Path, n: usize, rounds: usize) -> Result<()> {
     let cred = AdminCredential::load(&tmp.path().join("admin.pem"))?;
     let mut admin = client::admin_client(std::slice::from_ref(&addr), &cred).await?;
     let rss_idle = rss_kib(pid, "VmRSS:");
+    let one_network = layout.group >= n;
 
     // Join N agents, 16 at a time.
     let t_join = Instant::now();
@@ -206,6 +353,7 @@ async fn run(bin: &Path, n: usize, rounds: usize) -> Result<()> {
             .into_inner();
         let join = JoinString::parse(&tok.join_string)?;
         let sem = Arc::clone(&sem);
+        let net = layout.network_of(i);
         joins.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await?;
             let cred = client::join(&join).await?;
@@ -215,7 +363,7 @@ async fn run(bin: &Path, n: usize, rounds: usize) -> Result<()> {
             })
             .await?;
             c.request_networks(pb::NetworkRequest {
-                networks: vec!["bench".into()],
+                networks: vec![net],
             })
             .await?;
             Ok::<_, anyhow::Error>((cred, c))
@@ -227,28 +375,42 @@ async fn run(bin: &Path, n: usize, rounds: usize) -> Result<()> {
     }
     let join_time = t_join.elapsed();
 
-    // Every agent watches; views go through the probe.
+    // Every agent watches; views (snapshots, or deltas applied to the view
+    // held) go through the probe.
     let probe = Arc::new(Mutex::new(Probe {
         pred: None,
         hits: vec![None; n],
         remaining: 0,
         done: None,
     }));
+    let received = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(n);
     let mut clients = Vec::with_capacity(n);
     for (i, (cred, mut c)) in agents.into_iter().enumerate() {
-        let mut stream = c.watch(pb::WatchRequest::default()).await?.into_inner();
+        let mut stream = c
+            .watch(pb::WatchRequest {
+                last_revision: 0,
+                deltas,
+            })
+            .await?
+            .into_inner();
         let probe = Arc::clone(&probe);
+        let received = Arc::clone(&received);
         let ready = ready_tx.clone();
         tokio::spawn(async move {
-            let mut first = true;
-            while let Ok(Some(view)) = stream.message().await {
+            let mut held = None;
+            while let Ok(Some(msg)) = stream.message().await {
+                received.fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
+                let first = held.is_none();
+                if let Err(e) = l2mesh_proto::view::apply(&mut held, msg) {
+                    eprintln!("agent {i}: {e}");
+                    return;
+                }
                 if first {
-                    first = false;
                     let _ = ready.send(()).await;
                 }
-                if let Ok(mut p) = probe.lock() {
-                    p.offer(i, &view);
+                if let (Ok(mut p), Some(view)) = (probe.lock(), held.as_ref()) {
+                    p.offer(i, view);
                 }
             }
         });
@@ -258,10 +420,12 @@ async fn run(bin: &Path, n: usize, rounds: usize) -> Result<()> {
         ready_rx.recv().await;
     }
     let rss_watching = rss_kib(pid, "VmRSS:");
+    #[allow(clippy::cast_precision_loss)]
+    let joins_per_s = n as f64 / join_time.as_secs_f64();
     println!(
-        "N = {n}: joined in {:.2} s ({:.0} joins/s); broker RSS idle {} MiB, with {n} agents watching {} MiB",
+        "{}: joined in {:.2} s ({joins_per_s:.0} joins/s); broker RSS idle {} MiB, with {n} agents watching {} MiB",
+        layout.label(),
         join_time.as_secs_f64(),
-        n as f64 / join_time.as_secs_f64(),
         rss_idle / 1024,
         rss_watching / 1024
     );
@@ -269,54 +433,46 @@ async fn run(bin: &Path, n: usize, rounds: usize) -> Result<()> {
     let mut run = Run {
         n,
         probe,
+        received,
         admin: admin.clone(),
     };
     let everyone: Vec<usize> = (0..n).collect();
-    let (mut create_all, mut create_rounds) = (Vec::new(), Vec::new());
-    let (mut delete_all, mut delete_rounds) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        let lat = run
-            .measure(
-                "network create",
-                everyone.clone(),
-                Box::new(|_, v| v.networks.iter().any(|x| x.name == "bench")),
-                async |r: &mut Run| {
-                    r.admin
-                        .create_network(pb::CreateNetworkRequest {
-                            name: "bench".into(),
-                            allow_all: true,
-                            // A cidr splits into at most 256 cluster slices.
-                            cidr: if r.n <= 256 {
-                                "10.128.0.0/9".into()
-                            } else {
-                                String::new()
-                            },
-                            ..Default::default()
-                        })
-                        .await?;
-                    Ok(())
-                },
-            )
-            .await?;
-        create_rounds.push(lat.last().copied().unwrap_or_default());
-        create_all.extend(lat);
-        let lat = run
-            .measure(
-                "network delete",
-                everyone.clone(),
-                Box::new(|_, v| v.networks.is_empty()),
-                async |r: &mut Run| {
-                    r.admin
-                        .delete_network(pb::DeleteNetworkRequest {
-                            name: "bench".into(),
-                        })
-                        .await?;
-                    Ok(())
-                },
-            )
-            .await?;
-        delete_rounds.push(lat.last().copied().unwrap_or_default());
-        delete_all.extend(lat);
+    let mut summary = Summary {
+        joins_per_s,
+        rss_watching_kib: rss_watching,
+        ..Summary::default()
+    };
+    if one_network {
+        let (mut create, mut delete) = (Rounds::default(), Rounds::default());
+        for _ in 0..rounds {
+            create.add(
+                run.measure(
+                    "network create",
+                    everyone.clone(),
+                    Box::new(|_, v| v.networks.iter().any(|x| x.name == "bench")),
+                    async |r: &mut Run| create_network(&mut r.admin, "bench".into(), r.n).await,
+                )
+                .await?,
+            );
+            delete.add(
+                run.measure(
+                    "network delete",
+                    everyone.clone(),
+                    Box::new(|_, v| v.networks.is_empty()),
+                    async |r: &mut Run| {
+                        r.admin
+                            .delete_network(pb::DeleteNetworkRequest {
+                                name: "bench".into(),
+                            })
+                            .await?;
+                        Ok(())
+                    },
+                )
+                .await?,
+            );
+        }
+        summary.changes.push(("network create", create.figures(n)));
+        summary.changes.push(("network delete", delete.figures(n)));
     }
     run.measure(
         "setup",
@@ -324,33 +480,35 @@ async fn run(bin: &Path, n: usize, rounds: usize) -> Result<()> {
         Box::new(|_, v| {
             v.networks
                 .iter()
-                .any(|x| x.name == "bench" && !x.peers.is_empty())
+                .any(|x| x.name.starts_with("bench") && !x.peers.is_empty())
         }),
         async |r: &mut Run| {
-            r.admin
-                .create_network(pb::CreateNetworkRequest {
-                    name: "bench".into(),
-                    allow_all: true,
-                    ..Default::default()
-                })
-                .await?;
+            for net in 0..layout.networks() {
+                let name = layout.network_of(net * layout.group);
+                create_network(&mut r.admin, name, layout.group).await?;
+            }
             Ok(())
         },
     )
     .await?;
-    let rss_full = rss_kib(pid, "VmRSS:");
+    summary.rss_full_kib = rss_kib(pid, "VmRSS:");
 
-    let (mut rot_all, mut rot_rounds) = (Vec::new(), Vec::new());
+    let mut rotation = Rounds::default();
     for round in 0..rounds {
         let key = u8::try_from(round + 2).unwrap_or(2);
-        let rotating = round % n;
+        // Spread the rotating agents over the networks.
+        let rotating = (round * layout.group + round) % n;
         let expect_key = gateway(rotating, &clients[rotating].0, key).public_key;
         let name = format!("agent-{rotating}");
-        let expected: Vec<usize> = (0..n).filter(|&i| i != rotating).collect();
+        let expected: Vec<usize> = layout
+            .members_of(rotating)
+            .into_iter()
+            .filter(|&i| i != rotating)
+            .collect();
         let gw = gateway(rotating, &clients[rotating].0, key);
         let mut c = clients[rotating].1.clone();
-        let lat = run
-            .measure(
+        rotation.add(
+            run.measure(
                 "key rotation",
                 expected,
                 Box::new(move |_, v| {
@@ -366,21 +524,30 @@ async fn run(bin: &Path, n: usize, rounds: usize) -> Result<()> {
                     Ok(())
                 },
             )
-            .await?;
-        rot_rounds.push(lat.last().copied().unwrap_or_default());
-        rot_all.extend(lat);
+            .await?,
+        );
     }
+    summary
+        .changes
+        .push(("gateway change", rotation.figures(layout.group.min(n) - 1)));
 
-    let (mut rm_all, mut rm_rounds) = (Vec::new(), Vec::new());
+    let mut removal = Rounds::default();
     let mut removed = Vec::new();
-    for round in 0..rounds.min(n.saturating_sub(1)) {
-        let victim = n - 1 - round;
+    let mut affected = 0;
+    for round in 0..rounds.min(layout.group.saturating_sub(2)) {
+        // The last members of the first network go.
+        let victim = layout.group.min(n) - 1 - round;
         removed.push(victim);
         let name = format!("agent-{victim}");
-        let expected: Vec<usize> = (0..n).filter(|i| !removed.contains(i)).collect();
+        let expected: Vec<usize> = layout
+            .members_of(victim)
+            .into_iter()
+            .filter(|i| !removed.contains(i))
+            .collect();
+        affected = expected.len();
         let gone = name.clone();
-        let lat = run
-            .measure(
+        removal.add(
+            run.measure(
                 "cluster remove",
                 expected,
                 Box::new(move |_, v| v.networks.iter().all(|x| !x.members.contains(&gone))),
@@ -391,28 +558,74 @@ async fn run(bin: &Path, n: usize, rounds: usize) -> Result<()> {
                     Ok(())
                 },
             )
-            .await?;
-        rm_rounds.push(lat.last().copied().unwrap_or_default());
-        rm_all.extend(lat);
+            .await?,
+        );
     }
+    summary
+        .changes
+        .push(("cluster remove", removal.figures(affected)));
+    summary.rss_peak_kib = rss_kib(pid, "VmHWM:");
 
     println!(
-        "  change-to-received latency per agent over {rounds} round(s), all N agents in one network:"
+        "  per change: latency from the change to each affected agent's view, over {rounds} round(s); bytes of watch messages all agents received"
     );
-    report("network create", n, create_all, &create_rounds);
-    report("network delete", n, delete_all, &delete_rounds);
-    report("key rotation", n - 1, rot_all, &rot_rounds);
-    report("cluster remove", n.saturating_sub(2), rm_all, &rm_rounds);
+    for (what, f) in &summary.changes {
+        println!(
+            "  {what:<16} affected {:>5}  p50 {:>10}  p99 {:>10}  all-received (worst round) {:>10}  sent {:>9}",
+            f.affected,
+            ms(f.p50),
+            ms(f.p99),
+            ms(f.worst_round),
+            bytes(f.bytes_per_change)
+        );
+    }
     println!(
-        "  broker RSS with every agent in one network: {} MiB; peak (VmHWM) {} MiB",
-        rss_full / 1024,
-        rss_kib(pid, "VmHWM:") / 1024
+        "  broker RSS with every agent in its network: {} MiB; peak (VmHWM) {} MiB",
+        summary.rss_full_kib / 1024,
+        summary.rss_peak_kib / 1024
     );
     admin = run.admin;
     drop(admin);
     drop(clients);
     drop(broker);
-    Ok(())
+    Ok(summary)
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn ratio(before: f64, after: f64) -> String {
+    if after <= 0.0 {
+        "-".into()
+    } else {
+        format!("{:.1}x", before / after)
+    }
+}
+
+fn compare(before: &Summary, after: &Summary) {
+    println!("  before/after (how many times smaller or faster now):");
+    for ((what, b), (_, a)) in before.changes.iter().zip(&after.changes) {
+        #[allow(clippy::cast_precision_loss)]
+        let sent = ratio(b.bytes_per_change as f64, a.bytes_per_change as f64);
+        println!(
+            "  {what:<16} p50 {:>8}  p99 {:>8}  sent {:>8}",
+            ratio(b.p50.as_secs_f64(), a.p50.as_secs_f64()),
+            ratio(b.p99.as_secs_f64(), a.p99.as_secs_f64()),
+            sent,
+        );
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let rss = ratio(before.rss_full_kib as f64, after.rss_full_kib as f64);
+    #[allow(clippy::cast_precision_loss)]
+    let peak = ratio(before.rss_peak_kib as f64, after.rss_peak_kib as f64);
+    #[allow(clippy::cast_precision_loss)]
+    let watching = ratio(
+        before.rss_watching_kib as f64,
+        after.rss_watching_kib as f64,
+    );
+    println!("  broker RSS       {rss:>8}  peak {peak:>8}  only watching {watching:>8}");
+    println!(
+        "  joins/s          {:.0} -> {:.0}",
+        before.joins_per_s, after.joins_per_s
+    );
 }
 
 #[tokio::main]
@@ -425,16 +638,48 @@ async fn main() -> Result<()> {
             .ok_or_else(|| anyhow!("no parent dir of this binary"))?
             .join("l2mesh-broker"),
     };
+    raise_fd_limit();
     println!(
-        "l2mesh broker benchmark: broker {} (one process, loopback TLS), {} core(s)",
+        "l2mesh broker benchmark: broker {} (one process, loopback TLS), {} core(s), agents take {}",
         bin.display(),
-        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        if args.snapshots {
+            "snapshots"
+        } else {
+            "deltas"
+        }
     );
+    let mut layouts: Vec<Layout> = Vec::new();
     for n in args.agents {
         if n < 2 {
             return Err(anyhow!("--agents must be at least 2"));
         }
-        run(&bin, n, args.rounds.max(1)).await?;
+        layouts.push(Layout { n, group: n });
+    }
+    layouts.extend(args.spread.iter().map(|&(n, group)| Layout { n, group }));
+    for layout in layouts {
+        let before = match &args.compare_broker_bin {
+            Some(old) => {
+                println!("-- before: {}", old.display());
+                Some(run(old, layout, args.rounds.max(1), !args.snapshots).await?)
+            }
+            None => None,
+        };
+        if before.is_some() {
+            println!("-- after: {}", bin.display());
+        }
+        let after = run(&bin, layout, args.rounds.max(1), !args.snapshots).await?;
+        if let Some(before) = before {
+            compare(&before, &after);
+        }
     }
     Ok(())
+}
+
+/// Thousands of agents need thousands of sockets in this process.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
