@@ -12,6 +12,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 /// another format gives every cluster a new revision (and a snapshot).
 pub const VIEW_FORMAT: u32 = 1;
 
+/// Members of a network beyond which a cluster that gains the whole
+/// network gets a snapshot instead of a delta carrying it.
+pub const DELTA_MAX_MEMBERS: usize = 128;
+
 /// Per-network data shared by every member's view: computed once per
 /// network instead of once per member (a network of N members would
 /// otherwise format N² peer entries).
@@ -189,7 +193,8 @@ pub enum Moved {
     Same,
     /// The changes, to apply to the view of the old state.
     Delta(pb::ViewDelta),
-    /// The cluster is new: there is nothing to apply a delta to.
+    /// No delta: the cluster is new (there is nothing to apply one to), or
+    /// the change brings a whole network about as large as a snapshot.
     Fresh,
     /// The cluster is gone.
     Gone,
@@ -241,6 +246,12 @@ impl<'a> Differ<'a> {
         };
         for (net, head) in &after.heads {
             if before.heads.get(net) != Some(head) {
+                // A large network arriving whole is sent as part of a
+                // snapshot when the watcher asks, not built here for every
+                // member at once.
+                if self.new.networks.get(net).map_or(0, |n| n.slots.len()) > DELTA_MAX_MEMBERS {
+                    return Moved::Fresh;
+                }
                 if let Some(whole) = network_pb(self.new, cluster, net, &mut self.shared) {
                     d.upserted_networks.push(whole);
                 }

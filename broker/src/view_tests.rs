@@ -279,3 +279,38 @@ fn a_change_shares_what_it_did_not_touch() {
     assert!(!s.clusters.ptr_eq(&t.clusters));
     assert_eq!(s.clusters["a"], t.clusters["a"]);
 }
+
+#[test]
+fn a_large_network_arriving_whole_comes_as_a_snapshot() {
+    let mut s = State::default();
+    let n = DELTA_MAX_MEMBERS + 2;
+    for i in 0..n {
+        let name = format!("k{i}");
+        s.create_token(&name, format!("t{i}"), "sec", 60, 1, 0)
+            .unwrap();
+        s.join(&format!("t{i}"), "sec", &name, [1; 32], 1).unwrap();
+        s.request_networks(&name, vec!["big".into(), "small".into()])
+            .unwrap();
+    }
+    let all_names: BTreeSet<String> = s.clusters.keys().cloned().collect();
+    let _ = step(&mut s, |_| all_names.clone());
+    let moved = step(&mut s, |s| {
+        s.create_network("small", 0, 0, "", vec!["k0".into(), "k1".into()], false, 0)
+            .unwrap()
+            .1
+    });
+    assert!(
+        moved["k0"]
+            .1
+            .as_ref()
+            .is_some_and(|d| d.upserted_networks.len() == 1),
+        "a small network comes whole in a delta"
+    );
+    let moved = step(&mut s, |s| {
+        s.create_network("big", 0, 0, "", vec![], true, 0)
+            .unwrap()
+            .1
+    });
+    assert_eq!(moved.len(), n);
+    assert!(moved.values().all(|(_, d)| d.is_none()), "snapshots");
+}
