@@ -304,9 +304,22 @@ pub fn advance(
 ) -> HashMap<String, (u64, Option<pb::ViewDelta>)> {
     let moved: Vec<(String, Moved)> = {
         let mut differ = Differ::new(old, new);
+        let rev = |s: &State, c: &str| s.clusters.get(c).map(|c| c.view_rev);
         affected
             .iter()
-            .map(|c| (c.clone(), differ.moved(c)))
+            .map(|c| {
+                let m = differ.moved(c);
+                // Removed and joined again: a new record, a new history.
+                let recreated = rev(old, c).is_some() && rev(new, c) != rev(old, c);
+                (
+                    c.clone(),
+                    if recreated && m != Moved::Gone {
+                        Moved::Fresh
+                    } else {
+                        m
+                    },
+                )
+            })
             .collect()
     };
     let mut out = HashMap::new();
@@ -322,6 +335,31 @@ pub fn advance(
         if let Some(rev) = new.bump_view_rev(&name) {
             out.insert(name, (rev, delta));
         }
+    }
+    out
+}
+
+/// For a broker that takes a state another broker committed (a replica
+/// following a shared store): the clusters whose revision moved from `old`
+/// to `new`, each with its revision in `new` and the delta from `old`
+/// (`None`: send a snapshot). Revisions are the writer's, never bumped here.
+#[must_use]
+pub fn follow(old: &State, new: &State) -> HashMap<String, (u64, Option<pb::ViewDelta>)> {
+    let mut differ = Differ::new(old, new);
+    let mut out = HashMap::new();
+    for (name, c) in &new.clusters {
+        let before = old.clusters.get(name).map(|o| o.view_rev);
+        if before == Some(c.view_rev) {
+            continue;
+        }
+        let delta = match (before, differ.moved(name)) {
+            (Some(base), Moved::Delta(mut d)) => {
+                d.base_revision = base;
+                Some(d)
+            }
+            _ => None,
+        };
+        out.insert(name.clone(), (c.view_rev, delta));
     }
     out
 }
