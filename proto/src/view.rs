@@ -35,35 +35,39 @@ pub fn apply(held: &mut Option<ClusterView>, mut msg: ClusterView) -> Result<(),
         *held = Some(msg);
         return Ok(());
     };
-    let view = held.as_ref().ok_or(ViewError::NoView)?;
+    let view = held.as_mut().ok_or(ViewError::NoView)?;
     if view.revision != delta.base_revision {
         return Err(ViewError::WrongBase {
             base: delta.base_revision,
             held: view.revision,
         });
     }
-    let mut next = view.clone();
-    apply_delta(&mut next, &delta)?;
-    next.revision = msg.revision;
-    *held = Some(next);
+    apply_delta(view, &delta)?;
+    view.revision = msg.revision;
     Ok(())
 }
 
-/// Apply `delta` to `view` in place (revision untouched).
+/// Apply `delta` to `view` in place (revision untouched). Checked first:
+/// on error the view is unchanged.
 pub fn apply_delta(view: &mut ClusterView, delta: &ViewDelta) -> Result<(), ViewError> {
+    for change in &delta.changed_networks {
+        let name = &change.network;
+        let kept =
+            view.networks.iter().any(|n| &n.name == name) && !delta.removed_networks.contains(name);
+        if !kept && !delta.upserted_networks.iter().any(|n| &n.name == name) {
+            return Err(ViewError::UnknownNetwork(name.clone()));
+        }
+    }
     view.networks
         .retain(|n| !delta.removed_networks.contains(&n.name));
     for n in &delta.upserted_networks {
         upsert_by(&mut view.networks, n.clone(), |x| &x.name);
     }
     for change in &delta.changed_networks {
-        let net = view
-            .networks
-            .iter_mut()
-            .find(|n| n.name == change.network)
-            .ok_or_else(|| ViewError::UnknownNetwork(change.network.clone()))?;
-        for m in &change.members {
-            apply_member(net, m);
+        if let Some(net) = view.networks.iter_mut().find(|n| n.name == change.network) {
+            for m in &change.members {
+                apply_member(net, m);
+            }
         }
     }
     view.admissions

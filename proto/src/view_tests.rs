@@ -199,3 +199,28 @@ fn member_changes_keep_the_canonical_order() {
     assert_eq!(net.members, ["a", "c"]);
     assert_eq!(net.peers.len(), 2);
 }
+
+#[test]
+fn a_delta_that_does_not_fit_changes_nothing() {
+    let mut held = Some(ClusterView {
+        revision: 1,
+        networks: vec![ViewNetwork {
+            name: "a".into(),
+            ..ViewNetwork::default()
+        }],
+        ..ClusterView::default()
+    });
+    let before = held.clone();
+    let bad = ViewDelta {
+        base_revision: 1,
+        removed_networks: vec!["a".into()],
+        changed_networks: vec![NetworkChange {
+            network: "b".into(),
+            members: vec![],
+        }],
+        ..ViewDelta::default()
+    };
+    let err = apply(&mut held, delta_msg(2, bad)).unwrap_err();
+    assert_eq!(err, ViewError::UnknownNetwork("b".into()));
+    assert_eq!(held, before);
+}
