@@ -320,19 +320,25 @@ impl pb::broker_admin_server::BrokerAdmin for Broker {
             "ListClusters",
             req,
             async |b: &Self, r: pb::ListClustersRequest| {
-                let core = b.core.lock().await;
+                let state = b.current();
+                let seen = b.seen.lock().map(|m| m.clone()).unwrap_or_default();
                 let (clusters, next_page_token) = page(
-                    core.state.clusters.iter(),
+                    state.clusters.iter(),
                     &r.page_token,
                     r.page_size,
                     PAGE_BYTES,
                     |c| {
-                        cluster_info(
-                            &core.state,
+                        let mut info = cluster_info(
+                            &state,
                             c,
                             b.hub.is_connected(&c.name),
                             b.links_of(&c.name),
-                        )
+                        );
+                        // Calls since the last commit are in memory only.
+                        if let Some(at) = seen.get(&c.name) {
+                            info.last_seen_unix = info.last_seen_unix.max(*at);
+                        }
+                        info
                     },
                 );
                 Ok(pb::ListClustersResponse {

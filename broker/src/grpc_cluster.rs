@@ -11,6 +11,7 @@ use l2mesh_proto::broker as pb;
 use l2mesh_proto::limits::{
     MAX_FIELD_BYTES, MAX_LABEL_BYTES, MAX_LINKS_PER_REPORT, check_len, preview,
 };
+use prost::Message as _;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -80,7 +81,7 @@ impl Broker {
         if let Err(wait) = limited {
             // Over the limit, only a valid token gets through: failures of
             // others (same NAT, same token id guessed) must not lock it out.
-            let valid = self.core.lock().await.state.check_token(
+            let valid = self.current().check_token(
                 &req.token_id,
                 &req.token_secret,
                 &req.cluster_name,
@@ -180,14 +181,8 @@ impl Broker {
         Ok(name)
     }
 
-    async fn view_rev(&self, name: &str) -> u64 {
-        self.core
-            .lock()
-            .await
-            .state
-            .clusters
-            .get(name)
-            .map_or(0, |c| c.view_rev)
+    fn view_rev(&self, name: &str) -> u64 {
+        self.current().clusters.get(name).map_or(0, |c| c.view_rev)
     }
 
     async fn do_watch(&self, req: Request<pb::WatchRequest>) -> Result<ViewStream, Error> {
@@ -208,19 +203,23 @@ impl Broker {
             .subscribe(&name)
             .ok_or_else(|| Error::Unauthenticated(format!("cluster {name:?} was removed")))?;
         let asked = req.get_ref().last_revision;
-        let current = self.view_rev(&name).await;
-        if asked > current {
-            // Defined answer: the current view, whose lower revision tells
-            // the agent to replace everything it holds.
-            tracing::warn!(cluster = %name, last_revision = asked, current, "watch resumes from a revision this broker never issued (store restored or replaced?): sending the current view");
+        let deltas = req.get_ref().deltas;
+        let current = self.view_rev(&name);
+        let future = asked > current;
+        if future {
+            // Defined answer: a snapshot, whose lower revision tells the
+            // agent to replace everything it holds.
+            tracing::warn!(cluster = %name, last_revision = asked, current, "watch resumes from a revision this broker never issued (store restored or replaced?): sending a snapshot");
         }
-        tracing::info!(cluster = %name, last_revision = asked, "watch opened");
+        tracing::info!(cluster = %name, last_revision = asked, deltas, "watch opened");
         let st = WatchState {
             name: name.clone(),
             rx,
             shutdown: self.hub.shutdown_signal(),
             cert,
             last_sent: asked,
+            deltas,
+            snapshot_due: future,
             sent_at: None,
             done: false,
             broker: self.clone(),
@@ -239,6 +238,10 @@ struct WatchState {
     shutdown: watch::Receiver<bool>,
     cert: [u8; 32],
     last_sent: u64,
+    /// The client applies deltas.
+    deltas: bool,
+    /// The next message must be a snapshot.
+    snapshot_due: bool,
     sent_at: Option<tokio::time::Instant>,
     done: bool,
     broker: Broker,
@@ -281,9 +284,9 @@ async fn next_view(mut st: WatchState) -> Option<(Result<pb::ClusterView, Status
                     st,
                 ));
             }
-            Some(p) if p.view.revision != st.last_sent => {
+            Some(p) if p.revision != st.last_sent || st.snapshot_due => {
                 // Changes that come faster than the view interval are
-                // merged: wait out the interval, then send the newest view.
+                // merged: wait out the interval, then send what is new.
                 let interval = st.broker.config.view_interval;
                 if let Some(at) = st.sent_at
                     && at.elapsed() < interval
@@ -294,10 +297,42 @@ async fn next_view(mut st: WatchState) -> Option<(Result<pb::ClusterView, Status
                     }
                     continue;
                 }
-                st.last_sent = p.view.revision;
+                let delta = (st.deltas && !st.snapshot_due)
+                    .then(|| p.since(st.last_sent))
+                    .flatten();
+                let msg = match delta {
+                    Some(delta) => {
+                        st.broker.metrics.deltas_sent.inc();
+                        pb::ClusterView {
+                            revision: p.revision,
+                            cluster_name: st.name.clone(),
+                            delta: Some(delta),
+                            ..pb::ClusterView::default()
+                        }
+                    }
+                    None => {
+                        let Some(view) = crate::view::compute(&st.broker.current(), &st.name)
+                        else {
+                            st.done = true;
+                            return Some((
+                                Err(Status::unauthenticated(
+                                    "this cluster was removed from the broker",
+                                )),
+                                st,
+                            ));
+                        };
+                        st.broker.metrics.views_sent.inc();
+                        view
+                    }
+                };
+                st.snapshot_due = false;
+                st.last_sent = msg.revision;
                 st.sent_at = Some(tokio::time::Instant::now());
-                st.broker.metrics.views_sent.inc();
-                return Some((Ok((*p.view).clone()), st));
+                st.broker
+                    .metrics
+                    .watch_bytes_sent
+                    .inc_by(msg.encoded_len() as u64);
+                return Some((Ok(msg), st));
             }
             Some(_) => {}
         }
@@ -346,7 +381,7 @@ impl pb::broker_server::Broker for Broker {
             self.mutate(move |s| Ok(((), s.report_gateways(&n, gateways)?)))
                 .await?;
             Ok(pb::ReportAck {
-                revision: self.view_rev(&name).await,
+                revision: self.view_rev(&name),
             })
         }
         .await;
@@ -363,10 +398,7 @@ impl pb::broker_server::Broker for Broker {
             let n = name.clone();
             self.mutate(move |s| Ok(((), s.request_networks(&n, nets)?)))
                 .await?;
-            let core = self.core.lock().await;
-            let admissions = crate::view::compute(&core.state, &name)
-                .map(|v| v.admissions)
-                .unwrap_or_default();
+            let admissions = crate::view::admissions(&self.current(), &name);
             Ok(pb::NetworkRequestResult { admissions })
         }
         .await;
@@ -388,7 +420,7 @@ impl pb::broker_server::Broker for Broker {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .insert(name.clone(), links);
             Ok(pb::ReportAck {
-                revision: self.view_rev(&name).await,
+                revision: self.view_rev(&name),
             })
         }
         .await;

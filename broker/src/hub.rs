@@ -1,18 +1,85 @@
-//! Fan-out of views to watch streams. One `watch` channel per cluster holds
-//! the latest published view, so a slow watcher skips to the newest
-//! snapshot instead of queueing old ones.
+//! Fan-out of view changes to watch streams. One `watch` channel per cluster
+//! holds its latest revision and the recent deltas that lead to it, so a
+//! slow watcher skips ahead: it merges the deltas it missed into one, or
+//! gets a snapshot once they are no longer held.
 
-use l2mesh_proto::broker::ClusterView;
-use std::collections::HashMap;
+use l2mesh_proto::broker::ViewDelta;
+use prost::Message as _;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::watch;
 
-/// The latest view of a cluster and the certificates allowed to receive it
-/// (the current one and, after a renewal, the one before).
-#[derive(Clone, Debug, PartialEq)]
+/// Deltas held per cluster for watchers that fall behind or reconnect.
+pub const HISTORY_DELTAS: usize = 32;
+/// Bytes of deltas held per cluster: a change larger than this (a whole
+/// large network arriving) is not held, and resuming across it costs a
+/// snapshot, which is about as large.
+pub const HISTORY_BYTES: usize = 32 << 10;
+
+/// One change of a cluster's view: the delta from `delta.base_revision`
+/// to `revision`.
+#[derive(Debug, PartialEq)]
+pub struct Change {
+    pub revision: u64,
+    pub delta: ViewDelta,
+    bytes: usize,
+}
+
+/// The latest revision of a cluster's view, the changes that lead to it
+/// (oldest first, each starting where the one before ends), and the
+/// certificates allowed to receive it (the current one and, after a
+/// renewal, the one before).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Published {
-    pub view: Arc<ClusterView>,
+    pub revision: u64,
+    pub history: VecDeque<Arc<Change>>,
     pub certs: Vec<[u8; 32]>,
+}
+
+impl Published {
+    /// Add the change to `revision`: `Some(delta)` from the revision held,
+    /// or `None` when there is no delta (a new cluster): the history is
+    /// dropped and watchers behind get a snapshot.
+    pub fn advance(&mut self, revision: u64, delta: Option<ViewDelta>) {
+        match delta {
+            Some(delta) if delta.base_revision == self.revision => {
+                let bytes = delta.encoded_len();
+                if bytes > HISTORY_BYTES {
+                    self.history.clear();
+                } else {
+                    self.history.push_back(Arc::new(Change {
+                        revision,
+                        delta,
+                        bytes,
+                    }));
+                    let mut held: usize = self.history.iter().map(|c| c.bytes).sum();
+                    while self.history.len() > HISTORY_DELTAS || held > HISTORY_BYTES {
+                        held -= self.history.pop_front().map_or(0, |c| c.bytes);
+                    }
+                }
+            }
+            _ => self.history.clear(),
+        }
+        self.revision = revision;
+    }
+
+    /// One delta from `from` to the latest revision, merged from the held
+    /// changes, if they reach back to `from`.
+    #[must_use]
+    pub fn since(&self, from: u64) -> Option<ViewDelta> {
+        let start = self
+            .history
+            .iter()
+            .position(|c| c.delta.base_revision == from)?;
+        let mut merged: Option<ViewDelta> = None;
+        for c in self.history.iter().skip(start) {
+            merged = Some(match merged {
+                None => c.delta.clone(),
+                Some(m) => l2mesh_proto::view::merge(m, c.delta.clone()),
+            });
+        }
+        merged
+    }
 }
 
 /// `None` in a channel means the cluster was removed.
@@ -37,22 +104,27 @@ impl Default for Hub {
 }
 
 impl Hub {
-    /// Publish a view; watchers wake only if revision or certificate changed.
-    pub fn publish(&self, name: &str, p: Published) {
+    /// Update a cluster's channel; watchers wake if revision or
+    /// certificates changed.
+    pub fn update(&self, name: &str, f: impl FnOnce(&mut Published)) {
         let mut chans = self.chans.lock().unwrap_or_else(PoisonError::into_inner);
         match chans.get(name) {
             Some(tx) => {
                 tx.send_if_modified(|cur| {
+                    let mut next = cur.clone().unwrap_or_default();
+                    f(&mut next);
                     let changed = cur
                         .as_ref()
-                        .is_none_or(|c| c.view.revision != p.view.revision || c.certs != p.certs);
+                        .is_none_or(|c| c.revision != next.revision || c.certs != next.certs);
                     if changed {
-                        *cur = Some(p);
+                        *cur = Some(next);
                     }
                     changed
                 });
             }
             None => {
+                let mut p = Published::default();
+                f(&mut p);
                 chans.insert(name.to_owned(), watch::channel(Some(p)).0);
             }
         }

@@ -17,8 +17,12 @@ pub struct Metrics {
     pub joins: Family<Labels, Counter>,
     /// gRPC calls by method and status code.
     pub calls: Family<Labels, Counter>,
-    /// Views sent on watch streams.
+    /// Snapshots (whole views) sent on watch streams.
     pub views_sent: Counter,
+    /// Deltas sent on watch streams.
+    pub deltas_sent: Counter,
+    /// Encoded bytes of the watch messages (snapshots and deltas) sent.
+    pub watch_bytes_sent: Counter,
     /// Open watch streams.
     pub watchers: Gauge,
     /// Joined clusters.
@@ -49,6 +53,8 @@ impl Default for Metrics {
         let joins = Family::<Labels, Counter>::default();
         let calls = Family::<Labels, Counter>::default();
         let views_sent = Counter::default();
+        let deltas_sent = Counter::default();
+        let watch_bytes_sent = Counter::default();
         let watchers = Gauge::default();
         let clusters = Gauge::default();
         let networks = Gauge::default();
@@ -99,8 +105,18 @@ impl Default for Metrics {
         registry.register("calls", "gRPC calls by method and code", calls.clone());
         registry.register(
             "views_sent",
-            "Views sent on watch streams",
+            "Snapshots (whole views) sent on watch streams",
             views_sent.clone(),
+        );
+        registry.register(
+            "deltas_sent",
+            "View deltas sent on watch streams",
+            deltas_sent.clone(),
+        );
+        registry.register(
+            "watch_bytes_sent",
+            "Encoded bytes of the snapshots and deltas sent on watch streams",
+            watch_bytes_sent.clone(),
         );
         registry.register("watchers", "Open watch streams", watchers.clone());
         registry.register("clusters", "Joined clusters", clusters.clone());
@@ -116,6 +132,8 @@ impl Default for Metrics {
             joins,
             calls,
             views_sent,
+            deltas_sent,
+            watch_bytes_sent,
             watchers,
             clusters,
             networks,

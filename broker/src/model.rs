@@ -47,10 +47,8 @@ pub struct Cluster {
     pub gateways: Vec<Gateway>,
     /// Multi-cluster networks its L2Networks ask for (sorted, unique).
     pub requested: BTreeSet<String>,
-    /// Revision of the last view computed for it, and that view's hash, so
-    /// an unchanged view is recognised across restarts.
+    /// Revision of its view: bumped whenever what it sees changes.
     pub view_rev: u64,
-    pub view_sha256: [u8; 32],
 }
 
 /// A multi-cluster network declared by the admin.
@@ -76,4 +74,8 @@ pub struct Meta {
     /// Where the next automatic VNI search starts, so a deleted network's VNI
     /// is not handed out again right away.
     pub next_vni: u32,
+    /// How the views of the stored revisions were built (see
+    /// `view::VIEW_FORMAT`); 0 for brokers from before it was recorded.
+    #[serde(default)]
+    pub view_format: u32,
 }

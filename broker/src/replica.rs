@@ -4,20 +4,19 @@
 //! watch streams. A write that loses a race ([`Error::Conflict`]) reloads
 //! the state and is applied again (see `Broker::commit`).
 //!
-//! Views are computed by the replica that made the change, which records
-//! each changed view's revision and hash in the cluster's record; the
-//! others recompute the view from the same records and publish it under
-//! that revision, so an agent sees the same revisions whichever replica it
-//! is connected to.
+//! The replica that makes a change moves the view revision of every
+//! cluster it reaches and records it in the cluster's record; the others
+//! see the revisions move in the records they follow and derive the same
+//! deltas from the two states (`view::follow`), so an agent sees the same
+//! revisions whichever replica it is connected to.
 
 use crate::error::{Error, Result};
-use crate::server::{Broker, Core};
+use crate::server::{Broker, Core, certs_of};
 use crate::state::State;
 use crate::store::etcd::WatchEvent;
 use crate::store::{EtcdStore, Store, apply_changes};
 use crate::view;
-use l2mesh_proto::broker::ClusterView;
-use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Tries of one batch of writes when other replicas keep writing first.
@@ -26,19 +25,23 @@ pub(crate) const MAX_ATTEMPTS: u32 = 20;
 /// Longest pause between two attempts to re-open the etcd watch.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-/// Load the state and bring every view's revision up to date (a replica
-/// that starts after a change of the view rules writes the new hashes).
-/// Returns the state and every cluster's view.
-pub(crate) async fn load_and_refresh(store: &Store) -> Result<(State, Vec<ClusterView>)> {
+/// Load the state; if views are now built differently from what the
+/// stored revisions describe, give every cluster a new revision (and write
+/// it, retrying when another replica writes first).
+pub(crate) async fn load_and_upgrade(store: &Store) -> Result<State> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let mut state = store.load().await?;
-        let all: BTreeSet<String> = state.clusters.keys().cloned().collect();
-        let views = view::refresh(&mut state, &all);
+        if state.upgrade_view_format(view::VIEW_FORMAT) {
+            tracing::info!(
+                format = view::VIEW_FORMAT,
+                "views are built differently from the stored revisions: every cluster gets a new revision"
+            );
+        }
         let dirty = state.take_dirty();
         match store.persist(&state, &dirty).await {
-            Ok(()) => return Ok((state, views)),
+            Ok(()) => return Ok(state),
             Err(Error::Conflict) if attempt < MAX_ATTEMPTS => {}
             Err(e) => return Err(e),
         }
@@ -57,14 +60,6 @@ pub(crate) async fn catch_up(broker: &Broker, core: &mut Core) -> Result<()> {
     Ok(())
 }
 
-/// Whether two records of one cluster give the same published view.
-fn same_view(a: &crate::model::Cluster, b: &crate::model::Cluster) -> bool {
-    a.view_rev == b.view_rev
-        && a.view_sha256 == b.view_sha256
-        && a.cert_sha256 == b.cert_sha256
-        && a.prev_cert_sha256 == b.prev_cert_sha256
-}
-
 impl Broker {
     /// Whether a token lets `cluster` join now. On etcd a refusal is checked
     /// against etcd's latest write first: the token may have been created
@@ -76,9 +71,9 @@ impl Broker {
         cluster: &str,
         now: i64,
     ) -> Result<()> {
-        let mut core = self.core.lock().await;
-        let first = core.state.check_token(id, secret, cluster, now);
+        let first = self.current().check_token(id, secret, cluster, now);
         let Err(denied) = first else { return Ok(()) };
+        let mut core = self.core.lock().await;
         let Some(etcd) = core.store.etcd().cloned() else {
             return Err(denied.into());
         };
@@ -91,31 +86,33 @@ impl Broker {
     }
 
     /// Make `next` (read from the store: other replicas' writes) the current
-    /// state; publish the views whose revision or certificates changed and
-    /// close the streams of removed clusters.
+    /// state; hand the watch streams the revisions the writer moved (with
+    /// their deltas) and the certificates that changed, and close the
+    /// streams of removed clusters.
     pub(crate) fn adopt(&self, core: &mut Core, next: State) {
         let old = std::mem::replace(&mut core.state, next);
-        let mut views = Vec::new();
-        for (name, c) in &core.state.clusters {
-            if old.clusters.get(name).is_some_and(|o| same_view(o, c)) {
-                continue;
-            }
-            let Some(mut v) = view::compute(&core.state, name) else {
-                continue;
-            };
-            v.revision = c.view_rev;
-            if view::digest(&v) != c.view_sha256 {
-                tracing::warn!(cluster = %name, revision = c.view_rev, "the view computed here differs from the one the writing replica recorded (different broker versions?)");
-            }
-            views.push(v);
-        }
+        let moved = view::follow(&old, &core.state);
+        self.committed.set(Arc::new(core.state.clone()));
         for name in old.clusters.keys() {
             if !core.state.clusters.contains_key(name) {
                 self.hub.close(name);
                 self.forget(name);
             }
         }
-        self.publish(&core.state, views);
+        for (name, c) in &core.state.clusters {
+            let change = moved.get(name);
+            let certs = certs_of(c);
+            let same_certs = old.clusters.get(name).map(certs_of).as_ref() == Some(&certs);
+            if change.is_none() && same_certs {
+                continue;
+            }
+            self.hub.update(name, |p| {
+                if let Some((revision, delta)) = change {
+                    p.advance(*revision, delta.clone());
+                }
+                p.certs = certs;
+            });
+        }
         self.update_gauges(&core.state);
     }
 

@@ -1,9 +1,10 @@
-//! The running broker: shared state behind one lock, persistence before
-//! acknowledgement, fan-out of views, and the TLS gRPC + metrics servers.
+//! The running broker: one writer (group commit, persistence before
+//! acknowledgement), readers on the last committed state, fan-out of view
+//! changes, and the TLS gRPC + metrics servers.
 
 use crate::conn::{ConnLimits, RequestConn, Tracker};
 use crate::error::{Error, Result};
-use crate::hub::{Hub, Published};
+use crate::hub::Hub;
 use crate::limiter::{JoinLimiter, ReportLimiter};
 use crate::metrics::Metrics;
 use crate::pki::Pki;
@@ -17,7 +18,7 @@ use std::any::Any;
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::{Arc, Mutex as StdMutex, RwLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
@@ -79,6 +80,13 @@ impl ServeConfig {
     }
 }
 
+/// The certificates that may receive a cluster's view.
+pub(crate) fn certs_of(c: &crate::model::Cluster) -> Vec<[u8; 32]> {
+    std::iter::once(c.cert_sha256)
+        .chain(c.prev_cert_sha256)
+        .collect()
+}
+
 /// Unix time now, in seconds.
 #[must_use]
 pub fn now_unix() -> i64 {
@@ -100,10 +108,37 @@ pub(crate) struct Core {
     pub(crate) store: Store,
 }
 
+/// The last committed state, for readers that must not wait for a commit.
+#[derive(Default)]
+pub(crate) struct Committed(RwLock<Arc<State>>);
+
+impl Committed {
+    pub(crate) fn get(&self) -> Arc<State> {
+        Arc::clone(
+            &self
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    pub(crate) fn set(&self, state: Arc<State>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = state;
+    }
+}
+
 /// The broker: clone it freely, it is a handle.
 #[derive(Clone)]
 pub struct Broker {
     pub(crate) core: Arc<Mutex<Core>>,
+    /// What the last commit made current (readers and watch snapshots).
+    pub(crate) committed: Arc<Committed>,
+    /// When each cluster last called in (memory; folded into the state by
+    /// the next commit, so persisted with its next write).
+    pub(crate) seen: Arc<StdMutex<HashMap<String, i64>>>,
     queue: Arc<StdMutex<Vec<Pending>>>,
     pub(crate) pki: Arc<Pki>,
     pub(crate) hub: Arc<Hub>,
@@ -142,9 +177,13 @@ impl Broker {
         if let Some(etcd) = store.etcd() {
             etcd.claim_ca_pin(&pki.ca_pin()).await?;
         }
-        let (state, views) = crate::replica::load_and_refresh(&store).await?;
+        let state = crate::replica::load_and_upgrade(&store).await?;
+        let committed = Arc::new(Committed::default());
+        committed.set(Arc::new(state.clone()));
         let broker = Self {
             core: Arc::new(Mutex::new(Core { state, store })),
+            committed,
+            seen: Arc::default(),
             queue: Arc::default(),
             pki: Arc::new(pki),
             hub: Arc::new(Hub::default()),
@@ -162,10 +201,15 @@ impl Broker {
             config: Arc::new(config),
         };
         {
-            let core = broker.core.lock().await;
-            broker.publish(&core.state, views);
-            broker.update_gauges(&core.state);
-            if let Some(etcd) = core.store.etcd() {
+            let state = broker.committed.get();
+            for (name, c) in &state.clusters {
+                broker.hub.update(name, |p| {
+                    p.advance(c.view_rev, None);
+                    p.certs = certs_of(c);
+                });
+            }
+            broker.update_gauges(&state);
+            if let Some(etcd) = broker.core.lock().await.store.etcd() {
                 broker.follow(etcd.clone());
             }
         }
@@ -184,21 +228,9 @@ impl Broker {
         self.pki.admin_path.clone()
     }
 
-    pub(crate) fn publish(&self, state: &State, views: Vec<l2mesh_proto::broker::ClusterView>) {
-        for v in views {
-            if let Some(c) = state.clusters.get(&v.cluster_name) {
-                let name = v.cluster_name.clone();
-                self.hub.publish(
-                    &name,
-                    Published {
-                        view: Arc::new(v),
-                        certs: std::iter::once(c.cert_sha256)
-                            .chain(c.prev_cert_sha256)
-                            .collect(),
-                    },
-                );
-            }
-        }
+    /// The last committed state. Never waits for a commit in progress.
+    pub(crate) fn current(&self) -> Arc<State> {
+        self.committed.get()
     }
 
     /// Drop what memory holds of a removed cluster.
@@ -230,7 +262,7 @@ impl Broker {
                     _ = stop.wait_for(|s| *s) => return,
                 }
                 let now = now_unix();
-                let due = me.core.lock().await.state.tokens_due(now, retention_secs);
+                let due = me.current().tokens_due(now, retention_secs);
                 if !due {
                     continue;
                 }
@@ -350,24 +382,18 @@ impl Broker {
         batch: &mut [Pending],
     ) -> Result<Vec<Result<Box<dyn Any + Send>>>> {
         let mut next: Option<State> = None;
-        // Latest view of each affected cluster: a later op that changes a
-        // cluster's view names it again, so the last one computed is current.
-        let mut views = std::collections::BTreeMap::new();
+        let mut affected = BTreeSet::new();
         let mut outcomes = Vec::with_capacity(batch.len());
+        let max_view = self.config.max_view_bytes.min(MAX_MESSAGE_BYTES);
         for p in batch.iter_mut() {
             let mut trial = next.as_ref().unwrap_or(&core.state).clone();
-            let applied = (p.op)(&mut trial).and_then(|(out, affected)| {
-                view::compute_bounded(
-                    &trial,
-                    &affected,
-                    self.config.max_view_bytes.min(MAX_MESSAGE_BYTES),
-                )
-                .map(|computed| (out, computed))
+            let applied = (p.op)(&mut trial).and_then(|(out, touched)| {
+                view::check_bounded(&trial, &touched, max_view).map(|()| (out, touched))
             });
             match applied {
-                Ok((out, computed)) => {
+                Ok((out, touched)) => {
                     next = Some(trial);
-                    views.extend(computed.into_iter().map(|v| (v.cluster_name.clone(), v)));
+                    affected.extend(touched);
                     outcomes.push(Ok(out));
                 }
                 Err(e) => outcomes.push(Err(e)),
@@ -385,22 +411,61 @@ impl Broker {
             }
             return Ok(outcomes);
         };
-        let views = view::record(&mut next, views.into_values().collect());
+        // Copied, not drained: if this write loses a race on a shared store
+        // it is applied again, last-seen times included.
+        let seen: Vec<(String, i64)> = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(name, at)| (name.clone(), *at))
+            .collect();
+        for (name, at) in &seen {
+            next.seen(name, *at);
+        }
+        // One delta per affected cluster for the whole batch: the views
+        // move from the last committed state to this one.
+        let moved = view::advance(&core.state, &mut next, &affected);
         let dirty = next.take_dirty();
         core.store.persist(&next, &dirty).await?;
-        let removed: Vec<String> = core
-            .state
-            .clusters
-            .keys()
-            .filter(|k| !next.clusters.contains_key(*k))
-            .cloned()
+        {
+            let mut pending = self
+                .seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (name, at) in &seen {
+                if pending.get(name) == Some(at) {
+                    pending.remove(name);
+                }
+            }
+        }
+        let removed: Vec<String> = dirty
+            .iter()
+            .filter_map(|k| match k {
+                crate::state::Key::Cluster(name) if !next.clusters.contains_key(name) => {
+                    Some(name.clone())
+                }
+                _ => None,
+            })
             .collect();
         core.state = next;
+        self.committed.set(Arc::new(core.state.clone()));
         for name in removed {
             self.hub.close(&name);
             self.forget(&name);
         }
-        self.publish(&core.state, views);
+        for name in &affected {
+            let Some(c) = core.state.clusters.get(name) else {
+                continue;
+            };
+            let change = moved.get(name);
+            self.hub.update(name, |p| {
+                if let Some((revision, delta)) = change {
+                    p.advance(*revision, delta.clone());
+                }
+                p.certs = certs_of(c);
+            });
+        }
         self.update_gauges(&core.state);
         Ok(outcomes)
     }
@@ -408,14 +473,14 @@ impl Broker {
     /// Who the verified client certificate of this request belongs to.
     pub(crate) async fn identify<T>(&self, req: &tonic::Request<T>) -> Result<Principal> {
         let conn = req.extensions().get::<RequestConn>();
-        let principal = self.identify_certs(conn).await?;
+        let principal = self.identify_certs(conn)?;
         if let Some(c) = conn {
             c.get_ref().handle.authenticate();
         }
         Ok(principal)
     }
 
-    async fn identify_certs(&self, conn: Option<&RequestConn>) -> Result<Principal> {
+    fn identify_certs(&self, conn: Option<&RequestConn>) -> Result<Principal> {
         let certs = conn.and_then(RequestConn::peer_certs).ok_or_else(|| {
             Error::Unauthenticated(
                 "this call needs a client certificate: the one Join returned, or the admin credential"
@@ -429,10 +494,16 @@ impl Broker {
         if hash == self.pki.admin_sha256 {
             return Ok(Principal::Admin);
         }
-        let mut core = self.core.lock().await;
-        let name = core
-            .state
-            .cluster_for_cert(&hash)
+        self.principal_for_cert(&hash)
+    }
+
+    /// The cluster a certificate hash speaks for, from the committed state:
+    /// authentication never waits for the writer (a commit holds it across
+    /// its flush to disk).
+    pub(crate) fn principal_for_cert(&self, hash: &[u8; 32]) -> Result<Principal> {
+        let name = self
+            .current()
+            .cluster_for_cert(hash)
             .map(str::to_owned)
             .ok_or_else(|| {
                 Error::Unauthenticated(
@@ -440,7 +511,10 @@ impl Broker {
                         .into(),
                 )
             })?;
-        core.state.seen(&name, now_unix());
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.clone(), now_unix());
         Ok(Principal::Cluster(name))
     }
 
@@ -568,5 +642,40 @@ impl Broker {
             let _ = t.await;
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn authentication_does_not_wait_for_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(ServeConfig::new(
+            dir.path().to_owned(),
+            vec!["127.0.0.1:1".into()],
+        ))
+        .await
+        .unwrap();
+        broker
+            .mutate(|s| {
+                s.create_token("edge", "t".into(), "sec", 60, 1, 0)?;
+                s.join("t", "sec", "edge", [7; 32], 1)?;
+                Ok(((), BTreeSet::from(["edge".to_string()])))
+            })
+            .await
+            .unwrap();
+        // A commit in progress holds the writer's lock across its flush.
+        let writer = broker.core.lock().await;
+        assert_eq!(
+            broker.principal_for_cert(&[7; 32]).unwrap(),
+            Principal::Cluster("edge".into())
+        );
+        assert!(broker.principal_for_cert(&[8; 32]).is_err());
+        drop(writer);
+        // The last call is remembered and folded into the next commit.
+        broker.mutate(|_| Ok(((), BTreeSet::new()))).await.unwrap();
+        assert!(broker.current().clusters["edge"].last_seen_unix > 0);
     }
 }

@@ -2,16 +2,18 @@
 //!
 //! A mutation works on a clone of the [`State`]; the shell persists the keys
 //! it marked dirty and only then swaps the clone in, so a failed write
-//! changes nothing.
+//! changes nothing. The maps are persistent (structure-sharing): a clone
+//! costs O(1) and a change copies only the path to what it touches.
 
 use crate::error::{Error, Result};
 use crate::model::{Cluster, Gateway, Meta, Network, Token};
+use imbl::{OrdMap, OrdSet};
 use ipnet::{IpNet, Ipv4Net};
 use l2mesh_proto::limits::{
     MAX_ENDPOINT_BYTES, MAX_ENDPOINTS_PER_GATEWAY, MAX_GATEWAYS_PER_CLUSTER, MAX_LABEL_BYTES,
     MAX_NAME_BYTES, MAX_NETWORKS_PER_CLUSTER, check_len, preview,
 };
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use subtle::ConstantTimeEq;
 
@@ -50,12 +52,15 @@ pub enum Principal {
 /// Everything the broker knows.
 #[derive(Clone, Debug, Default)]
 pub struct State {
-    pub tokens: BTreeMap<String, Token>,
-    pub clusters: BTreeMap<String, Cluster>,
-    pub networks: BTreeMap<String, Network>,
+    pub tokens: OrdMap<String, Token>,
+    pub clusters: OrdMap<String, Cluster>,
+    pub networks: OrdMap<String, Network>,
     pub meta: Meta,
-    cert_index: HashMap<[u8; 32], String>,
-    dirty: BTreeSet<Key>,
+    /// Certificate hash -> the cluster it speaks for.
+    cert_index: imbl::HashMap<[u8; 32], String>,
+    /// Network name -> the clusters that ask for it (admitted or not).
+    requesters: OrdMap<String, OrdSet<String>>,
+    dirty: OrdSet<Key>,
 }
 
 /// SHA-256 of some bytes (the same function that checks join-string pins).
@@ -167,21 +172,9 @@ impl State {
         s
     }
 
-    fn reindex(&mut self) {
-        self.cert_index = self
-            .clusters
-            .values()
-            .flat_map(|c| {
-                std::iter::once(c.cert_sha256)
-                    .chain(c.prev_cert_sha256)
-                    .map(|h| (h, c.name.clone()))
-            })
-            .collect();
-    }
-
     /// The keys changed since the last call; the caller persists them.
     pub fn take_dirty(&mut self) -> BTreeSet<Key> {
-        std::mem::take(&mut self.dirty)
+        std::mem::take(&mut self.dirty).into_iter().collect()
     }
 
     fn touch(&mut self, key: Key) {
@@ -315,10 +308,11 @@ impl State {
             Some(c) => c.subnet_index,
             None => self.free_subnet_index()?,
         };
-        let entry = self
+        let mut c = self
             .clusters
-            .entry(cluster.to_owned())
-            .or_insert_with(|| Cluster {
+            .get(cluster)
+            .cloned()
+            .unwrap_or_else(|| Cluster {
                 name: cluster.to_owned(),
                 subnet_index,
                 cert_sha256,
@@ -328,15 +322,13 @@ impl State {
                 gateways: Vec::new(),
                 requested: BTreeSet::new(),
                 view_rev: 0,
-                view_sha256: [0; 32],
             });
-        entry.cert_sha256 = cert_sha256;
-        entry.prev_cert_sha256 = None;
-        entry.joined_unix = now;
-        let out = entry.clone();
+        c.cert_sha256 = cert_sha256;
+        c.prev_cert_sha256 = None;
+        c.joined_unix = now;
+        self.put_cluster(c.clone());
         self.touch(Key::Cluster(cluster.to_owned()));
-        self.reindex();
-        Ok(out)
+        Ok(c)
     }
 
     fn free_subnet_index(&self) -> Result<u32> {
@@ -357,11 +349,11 @@ impl State {
     /// Give a cluster a renewed certificate; the one it called with stays
     /// valid (until it expires), any older one stops working.
     pub fn renew_cert(&mut self, name: &str, current: [u8; 32], renewed: [u8; 32]) -> Result<()> {
-        let cluster = self.cluster_mut(name)?;
-        cluster.prev_cert_sha256 = Some(current);
-        cluster.cert_sha256 = renewed;
+        let mut c = self.cluster_mut(name)?.clone();
+        c.prev_cert_sha256 = Some(current);
+        c.cert_sha256 = renewed;
+        self.put_cluster(c);
         self.touch(Key::Cluster(name.to_owned()));
-        self.reindex();
         Ok(())
     }
 
@@ -410,11 +402,12 @@ impl State {
             validate_name("network", n)?;
         }
         let new: BTreeSet<String> = networks.into_iter().collect();
-        let cluster = self.cluster_mut(name)?;
+        let mut cluster = self.cluster_mut(name)?.clone();
         if cluster.requested == new {
             return Ok(BTreeSet::new());
         }
         let old = std::mem::replace(&mut cluster.requested, new.clone());
+        self.put_cluster(cluster);
         self.touch(Key::Cluster(name.to_owned()));
         // Other clusters' views change only where the membership did: asking
         // for an unknown network, or being denied, changes nothing for them.
@@ -433,6 +426,7 @@ impl State {
         let cluster = self.clusters.remove(name).ok_or_else(|| {
             Error::NotFound(format!("no cluster named {name:?}: see `cluster list`"))
         })?;
+        self.unindex(&cluster);
         self.touch(Key::Cluster(name.to_owned()));
         // Its unused tokens go too, so a removed cluster cannot walk back in
         // with a leftover multi-use token; re-adding it takes a new token.
@@ -452,25 +446,37 @@ impl State {
         for net in &cluster.requested {
             let _ = self.reconcile_slots(net);
         }
-        self.reindex();
         let affected = self.requesters_of(&cluster.requested);
         Ok((cluster, affected))
     }
 
-    /// Record a freshly computed view hash; bumps the cluster's revision if
-    /// the view changed. Returns the cluster's (possibly new) revision.
-    pub fn record_view(&mut self, cluster: &str, view_sha256: [u8; 32]) -> Option<u64> {
+    /// A cluster's view changed: give it the next revision (durable, with
+    /// the cluster record). Returns the new revision.
+    pub fn bump_view_rev(&mut self, cluster: &str) -> Option<u64> {
         let next = self.meta.revision + 1;
         let c = self.clusters.get_mut(cluster)?;
-        if c.view_sha256 == view_sha256 && c.view_rev != 0 {
-            return Some(c.view_rev);
-        }
-        c.view_sha256 = view_sha256;
         c.view_rev = next;
         self.meta.revision = next;
         self.touch(Key::Cluster(cluster.to_owned()));
         self.touch(Key::Meta);
         Some(next)
+    }
+
+    /// Views of the stored revisions were built by a broker that built them
+    /// differently (`meta.view_format` is not `format`): give every cluster
+    /// a new revision, so every agent gets a fresh snapshot. Returns whether
+    /// it did.
+    pub fn upgrade_view_format(&mut self, format: u32) -> bool {
+        if self.meta.view_format == format {
+            return false;
+        }
+        let names: Vec<String> = self.clusters.keys().cloned().collect();
+        for name in names {
+            self.bump_view_rev(&name);
+        }
+        self.meta.view_format = format;
+        self.touch(Key::Meta);
+        true
     }
 }
 
@@ -683,6 +689,7 @@ fn validate_gateways(gateways: &[Gateway], subnet: Ipv4Net) -> Result<()> {
     Ok(())
 }
 
+mod index;
 mod networks;
 
 #[cfg(test)]

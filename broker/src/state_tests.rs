@@ -257,12 +257,19 @@ fn names_are_validated() {
 }
 
 #[test]
-fn record_view_bumps_only_on_change() {
-    let mut s = joined(&["a"]);
-    let r1 = s.record_view("a", [1; 32]).unwrap();
-    assert_eq!(s.record_view("a", [1; 32]), Some(r1));
-    let r2 = s.record_view("a", [2; 32]).unwrap();
+fn view_revisions_increase_and_a_new_view_format_moves_every_cluster() {
+    let mut s = joined(&["a", "b"]);
+    let r1 = s.bump_view_rev("a").unwrap();
+    let r2 = s.bump_view_rev("a").unwrap();
     assert!(r2 > r1);
+    assert_eq!(s.clusters["a"].view_rev, r2);
+    assert!(s.take_dirty().contains(&Key::Cluster("a".into())));
+    assert!(s.upgrade_view_format(7));
+    assert!(s.clusters["a"].view_rev > r2);
+    assert!(s.clusters["b"].view_rev > r2);
+    let before = s.meta.revision;
+    assert!(!s.upgrade_view_format(7), "same format: nothing to do");
+    assert_eq!(s.meta.revision, before);
 }
 
 #[test]

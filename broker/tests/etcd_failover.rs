@@ -61,7 +61,10 @@ async fn a_cluster_fails_over_to_another_replica_and_resumes_its_watch() {
     .await
     .unwrap();
     let mut w = c
-        .watch(pb::WatchRequest { last_revision: 0 })
+        .watch(pb::WatchRequest {
+            last_revision: 0,
+            deltas: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -115,6 +118,7 @@ async fn a_cluster_fails_over_to_another_replica_and_resumes_its_watch() {
     let mut w = c
         .watch(pb::WatchRequest {
             last_revision: first.revision,
+            deltas: false,
         })
         .await
         .unwrap()

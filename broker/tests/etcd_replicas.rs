@@ -166,6 +166,10 @@ async fn a_change_on_one_replica_reaches_a_watch_on_the_other() {
     let (_, mut beta) = a.join("beta").await;
     request(&mut alpha_b, &["blue"]).await;
     let mut w = watch(&mut alpha_b, 0).await;
+    // The same cluster taking deltas on b: what a above writes reaches it
+    // as deltas derived from the followed records.
+    let mut wd = common::watch_deltas(&mut alpha_b.clone(), 0).await;
+    let mut held = None;
     request(&mut beta, &["blue"]).await;
     beta.report_gateways(pb::GatewayReport {
         gateways: vec![gateway("gw", 7, "100.64.1.1")],
@@ -229,6 +233,23 @@ async fn a_change_on_one_replica_reaches_a_watch_on_the_other() {
         finals.push(end);
     }
     assert_eq!(finals[0], finals[1], "the replicas end on different views");
+    let mut deltas = 0;
+    loop {
+        let msg = common::next_applied(&mut wd, &mut held).await;
+        deltas += usize::from(msg.delta.is_some());
+        if held
+            .as_ref()
+            .is_some_and(|h| h.revision >= finals[0].revision)
+        {
+            break;
+        }
+    }
+    assert!(deltas > 0, "the replica sent no delta");
+    assert_eq!(
+        held.as_ref(),
+        Some(&finals[0]),
+        "deltas applied on the following replica differ from its snapshot"
+    );
 
     // A removal on a closes alpha's stream on b.
     a.admin()

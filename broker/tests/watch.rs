@@ -3,9 +3,13 @@
 
 mod common;
 
-use common::{TestBroker, assert_quiet, gateway, next_view, request, view_until, watch};
+use common::{
+    TestBroker, assert_quiet, gateway, next_applied, next_view, request, view_until, watch,
+    watch_deltas,
+};
 use l2mesh_broker::client;
 use l2mesh_proto::broker as pb;
+use prost::Message as _;
 use std::time::Duration;
 use tonic::Code;
 
@@ -212,4 +216,105 @@ async fn watch_streams_per_cluster_are_limited() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ok, "a closed stream must free its slot");
+}
+
+/// A fresh snapshot of `c`'s view, from a new stream.
+async fn snapshot(
+    c: &mut l2mesh_proto::broker::broker_client::BrokerClient<tonic::transport::Channel>,
+) -> pb::ClusterView {
+    let mut w = watch(c, 0).await;
+    next_view(&mut w).await
+}
+
+#[tokio::test]
+async fn a_delta_watch_gets_small_deltas_that_rebuild_the_snapshot() {
+    let b = TestBroker::start().await;
+    let (_, mut a) = b.join("alpha").await;
+    let (_, mut c) = b.join("beta").await;
+    b.network("blue", &[]).await;
+    request(&mut a, &["blue"]).await;
+    request(&mut c, &["blue"]).await;
+    c.report_gateways(pb::GatewayReport {
+        gateways: vec![gateway("gw", 1, "100.64.1.1")],
+    })
+    .await
+    .unwrap();
+    let mut held = None;
+    let mut w = watch_deltas(&mut a, 0).await;
+    let first = next_applied(&mut w, &mut held).await;
+    assert!(first.delta.is_none(), "the first message is a snapshot");
+    // Key rotation at beta: alpha gets only beta's new entry.
+    c.report_gateways(pb::GatewayReport {
+        gateways: vec![gateway("gw", 2, "100.64.1.1")],
+    })
+    .await
+    .unwrap();
+    let msg = next_applied(&mut w, &mut held).await;
+    let delta = msg.delta.as_ref().expect("a delta");
+    assert_eq!(delta.base_revision, first.revision);
+    assert_eq!(delta.changed_networks[0].members[0].cluster, "beta");
+    assert!(msg.encoded_len() < 300, "{} bytes", msg.encoded_len());
+    assert_eq!(held.as_ref(), Some(&snapshot(&mut a).await));
+    // An admission-only change of alpha: only the admission travels.
+    request(&mut a, &["blue", "nosuch"]).await;
+    let msg = next_applied(&mut w, &mut held).await;
+    let delta = msg.delta.as_ref().expect("a delta");
+    assert!(delta.changed_networks.is_empty() && delta.upserted_networks.is_empty());
+    assert_eq!(delta.admissions.len(), 1);
+    assert_eq!(delta.admissions[0].network, "nosuch");
+    assert_eq!(held.as_ref(), Some(&snapshot(&mut a).await));
+    // beta leaves: alpha sees it go.
+    request(&mut c, &[]).await;
+    next_applied(&mut w, &mut held).await;
+    let now = held.clone().unwrap();
+    assert_eq!(now.networks[0].members, vec!["alpha".to_string()]);
+    assert!(now.networks[0].peers.is_empty());
+    assert_eq!(Some(now), Some(snapshot(&mut a).await));
+}
+
+#[tokio::test]
+async fn a_resumed_delta_watch_gets_what_it_missed_in_one_delta() {
+    let b = TestBroker::start().await;
+    let (_, mut a) = b.join("alpha").await;
+    let (_, mut c) = b.join("beta").await;
+    b.network("blue", &[]).await;
+    request(&mut a, &["blue"]).await;
+    request(&mut c, &["blue"]).await;
+    let mut held = None;
+    let mut w = watch_deltas(&mut a, 0).await;
+    next_applied(&mut w, &mut held).await;
+    drop(w);
+    let at = held.as_ref().unwrap().revision;
+    for key in [3, 4, 5] {
+        c.report_gateways(pb::GatewayReport {
+            gateways: vec![gateway("gw", key, "100.64.1.1")],
+        })
+        .await
+        .unwrap();
+    }
+    let mut w = watch_deltas(&mut a, at).await;
+    let msg = next_applied(&mut w, &mut held).await;
+    assert_eq!(msg.delta.as_ref().map(|d| d.base_revision), Some(at));
+    assert_eq!(
+        held.as_ref().unwrap().networks[0].peers[0].public_key,
+        vec![5; 32]
+    );
+    assert_eq!(held.as_ref(), Some(&snapshot(&mut a).await));
+    assert_quiet(&mut w, "caught up: nothing more to send").await;
+}
+
+#[tokio::test]
+async fn a_revision_from_the_future_gets_a_snapshot_with_the_current_revision() {
+    let b = TestBroker::start().await;
+    let (_, mut a) = b.join("alpha").await;
+    request(&mut a, &["blue"]).await;
+    let current = snapshot(&mut a).await;
+    let mut w = watch_deltas(&mut a, current.revision + 1000).await;
+    let msg = next_view(&mut w).await;
+    assert!(msg.delta.is_none(), "a snapshot, not a delta");
+    assert_eq!(
+        msg.revision, current.revision,
+        "lower than asked: replace everything"
+    );
+    assert_eq!(msg, current);
 }

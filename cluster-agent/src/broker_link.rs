@@ -1,5 +1,6 @@
 //! The agent's session with the broker: mTLS with the cluster identity, a
-//! watch on the cluster view that resumes from the last revision, and the
+//! watch on the cluster view that resumes from the last revision (a
+//! snapshot first, then deltas applied to the view held), and the
 //! reports (gateways, requested networks, link health). Reconnects with
 //! backoff; the nodes keep their last state meanwhile. Two thirds into the
 //! certificate's life the session renews it (no token needed), stores the
@@ -9,7 +10,9 @@ use crate::engine::Shared;
 use crate::identity::{Backoff, Identity};
 use crate::tls;
 use l2mesh_proto::broker::broker_client::BrokerClient;
-use l2mesh_proto::broker::{GatewayReport, LinkHealthReport, NetworkRequest, WatchRequest};
+use l2mesh_proto::broker::{
+    ClusterView, GatewayReport, LinkHealthReport, NetworkRequest, WatchRequest,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -96,9 +99,22 @@ async fn renew_if_due(
 /// Run until the process stops.
 pub async fn run(mut id: Identity, shared: Arc<Shared>, store: StoreIdentity) {
     let mut backoff = Backoff::default();
+    // Which broker replica to try first: the one after the last connected to.
     let mut first = 0;
+    // The view as the broker last sent it in this run: deltas apply to it,
+    // and a reconnect resumes from its revision.
+    let mut held: Option<ClusterView> = None;
     loop {
-        match session(&mut id, &shared, &mut backoff, &store, &mut first).await {
+        match session(
+            &mut id,
+            &shared,
+            &mut backoff,
+            &store,
+            &mut first,
+            &mut held,
+        )
+        .await
+        {
             Ok(()) => tracing::warn!("the broker closed the watch; reconnecting"),
             Err(e) => tracing::warn!(error = %e, "broker session failed"),
         }
@@ -113,6 +129,7 @@ async fn session(
     backoff: &mut Backoff,
     store: &StoreIdentity,
     first: &mut usize,
+    held: &mut Option<ClusterView>,
 ) -> Result<(), String> {
     let mut client = connect(id, first).await?;
     let mut renew_failed = false;
@@ -130,7 +147,8 @@ async fn session(
     }
     let mut stream = client
         .watch(WatchRequest {
-            last_revision: shared.view_revision(),
+            last_revision: held.as_ref().map_or(0, |v| v.revision),
+            deltas: true,
         })
         .await
         .map_err(|s| match s.code() {
@@ -157,16 +175,45 @@ async fn session(
             Duration::from_secs(u64::try_from(t).unwrap_or(0).saturating_sub(now))
         })
     };
-    let result = session_loop(&mut client, &mut stream, shared, renew_in).await;
+    let result = session_loop(&mut client, &mut stream, shared, renew_in, held).await;
     shared.metrics.broker_connected.set(0);
     result
 }
 
+/// Apply one watch message to the view held and hand the result to the
+/// engine. A delta that does not fit the view held (a broker bug, or a
+/// stream crossed with a restore) drops the view: the next session starts
+/// from a snapshot.
+fn apply_view(
+    shared: &Shared,
+    held: &mut Option<ClusterView>,
+    msg: ClusterView,
+) -> Result<(), String> {
+    let delta = l2mesh_proto::view::is_delta(&msg);
+    if let Err(e) = l2mesh_proto::view::apply(held, msg) {
+        *held = None;
+        return Err(format!("watch: {e}: resuming from a snapshot"));
+    }
+    let Some(view) = held.as_ref() else {
+        return Ok(());
+    };
+    tracing::info!(
+        revision = view.revision,
+        networks = view.networks.len(),
+        delta,
+        "cluster view"
+    );
+    shared.metrics.broker_views.inc();
+    shared.set_view(view.clone());
+    Ok(())
+}
+
 async fn session_loop(
     client: &mut BrokerClient<Channel>,
-    stream: &mut tonic::Streaming<l2mesh_proto::broker::ClusterView>,
+    stream: &mut tonic::Streaming<ClusterView>,
     shared: &Shared,
     renew_in: Option<Duration>,
+    held: &mut Option<ClusterView>,
 ) -> Result<(), String> {
     let mut reports = shared.reports();
     reports.mark_changed();
@@ -181,11 +228,7 @@ async fn session_loop(
                 return Ok(());
             }
             msg = stream.message() => match msg {
-                Ok(Some(view)) => {
-                    tracing::info!(revision = view.revision, networks = view.networks.len(), "cluster view");
-                    shared.metrics.broker_views.inc();
-                    shared.set_view(view);
-                }
+                Ok(Some(msg)) => apply_view(shared, held, msg)?,
                 Ok(None) => return Ok(()),
                 Err(s) if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => {
                     let why = refusal(s.message());

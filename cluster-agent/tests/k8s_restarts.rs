@@ -185,7 +185,7 @@ async fn watch_as_other_cluster(
         .await
         .unwrap();
     let mut views = client
-        .watch(WatchRequest { last_revision: 0 })
+        .watch(WatchRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -1,6 +1,8 @@
 //! The gRPC APIs of l2mesh, generated from `proto/*.proto`.
 //!
 //! - [`broker`]: what cluster agents and the admin CLI say to the broker.
+//! - [`view`]: the cluster view as the broker's watch stream builds it
+//!   (snapshots and deltas).
 //! - [`node`]: desired dataplane state and node status between the cluster
 //!   agent, the per-node dataplane, the CLI and the CNI plugin.
 //! - [`etcd`]: the subset of etcd's API the broker's etcd store speaks.
@@ -15,6 +17,7 @@ use std::fmt;
 pub mod join;
 pub mod limits;
 pub mod pinned;
+pub mod view;
 
 /// `l2mesh.broker.v1`: onboarding, reports, the cluster view and admin calls.
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
@@ -125,6 +128,7 @@ mod tests {
                 members: vec!["edge-1".into(), "cloud".into()],
             }],
             admissions: vec![],
+            delta: None,
         };
         let decoded = ClusterView::decode(view.encode_to_vec().as_slice()).unwrap();
         assert_eq!(decoded, view);

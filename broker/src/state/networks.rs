@@ -130,10 +130,10 @@ impl State {
     /// Clusters that ask for any of `networks`.
     #[must_use]
     pub fn requesters_of(&self, networks: &BTreeSet<String>) -> BTreeSet<String> {
-        self.clusters
-            .values()
-            .filter(|c| !c.requested.is_disjoint(networks))
-            .map(|c| c.name.clone())
+        networks
+            .iter()
+            .filter_map(|n| self.requesters.get(n))
+            .flat_map(|set| set.iter().cloned())
             .collect()
     }
 
@@ -148,10 +148,12 @@ impl State {
             return false;
         };
         let wanting: BTreeSet<String> = self
-            .clusters
-            .values()
-            .filter(|c| c.requested.contains(net) && Self::allowed(network, &c.name))
-            .map(|c| c.name.clone())
+            .requesters
+            .get(net)
+            .into_iter()
+            .flat_map(|set| set.iter())
+            .filter(|c| Self::allowed(network, c))
+            .cloned()
             .collect();
         let capacity = network.cidr.as_ref().map_or(u32::MAX, slice_count);
         let mut slots = network.slots.clone();

@@ -286,9 +286,9 @@ pub fn apply_changes(state: &State, changes: Vec<(Key, Option<Vec<u8>>)>) -> Res
         }
     }
     Ok(State::from_records(
-        tokens.into_values().collect(),
-        clusters.into_values().collect(),
-        networks.into_values().collect(),
+        tokens.into_iter().map(|(_, v)| v).collect(),
+        clusters.into_iter().map(|(_, v)| v).collect(),
+        networks.into_iter().map(|(_, v)| v).collect(),
         meta,
     ))
 }

@@ -158,10 +158,37 @@ pub async fn watch(
     c: &mut BrokerClient<Channel>,
     last_revision: u64,
 ) -> tonic::Streaming<pb::ClusterView> {
-    c.watch(pb::WatchRequest { last_revision })
-        .await
-        .unwrap()
-        .into_inner()
+    c.watch(pb::WatchRequest {
+        last_revision,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Opens a watch that takes deltas, resuming after `last_revision`.
+pub async fn watch_deltas(
+    c: &mut BrokerClient<Channel>,
+    last_revision: u64,
+) -> tonic::Streaming<pb::ClusterView> {
+    c.watch(pb::WatchRequest {
+        last_revision,
+        deltas: true,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Next message of a delta watch, applied to `held`; returns the message.
+pub async fn next_applied(
+    s: &mut tonic::Streaming<pb::ClusterView>,
+    held: &mut Option<pb::ClusterView>,
+) -> pb::ClusterView {
+    let msg = next_view(s).await;
+    l2mesh_proto::view::apply(held, msg.clone()).unwrap();
+    msg
 }
 
 /// Asserts that a watch stays silent for 400 ms (nothing changed, so

@@ -157,6 +157,7 @@ fn view(cli: &Cli, revision: u64, moved: Option<usize>) -> ClusterView {
         tunnel_subnet: "100.64.0.0/16".into(),
         networks,
         admissions: vec![],
+        delta: None,
     }
 }
 

@@ -47,6 +47,7 @@ fn view() -> ClusterView {
             members: vec!["cloud".into(), "edge".into()],
         }],
         admissions: vec![],
+        delta: None,
     }
 }
 

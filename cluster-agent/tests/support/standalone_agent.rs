@@ -57,6 +57,7 @@ pub fn view() -> ClusterView {
             members: vec!["cloud".into(), "edge".into()],
         }],
         admissions: vec![],
+        delta: None,
     }
 }
 
