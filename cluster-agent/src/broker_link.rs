@@ -23,6 +23,43 @@ const RENEW_RETRY: Duration = Duration::from_secs(600);
 /// How often link health goes to the broker.
 const LINK_HEALTH_EVERY: Duration = Duration::from_secs(10);
 
+/// How long to wait before sending a report the broker could not take
+/// (its store lost quorum, or this cluster's report rate was exceeded).
+const REPORT_RETRY: Duration = Duration::from_secs(3);
+
+/// What a failed report means for the broker session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReportFailure {
+    /// The broker refused what we said: log it, do not resend it as is.
+    Refused,
+    /// The broker cannot take it now: keep the session (and the view) up
+    /// and send it again after [`REPORT_RETRY`].
+    Later,
+    /// The session is broken: reconnect.
+    Session,
+}
+
+fn report_failure(code: tonic::Code) -> ReportFailure {
+    use tonic::Code;
+    match code {
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            ReportFailure::Refused
+        }
+        Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded | Code::Aborted => {
+            ReportFailure::Later
+        }
+        _ => ReportFailure::Session,
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The order in which to try `n` broker addresses, starting at `first`.
 fn try_order(n: usize, first: usize) -> impl Iterator<Item = usize> {
     (0..n).map(move |i| (first + i) % n.max(1))
@@ -221,8 +258,14 @@ async fn session_loop(
     // Far enough to never fire when the certificate cannot be read.
     let renew_at =
         tokio::time::Instant::now() + renew_in.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+    // When to send again a report the broker could not take.
+    let mut resend_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
+            () = until(resend_at) => {
+                resend_at = None;
+                reports.mark_changed();
+            }
             () = tokio::time::sleep_until(renew_at) => {
                 tracing::info!("certificate renewal due: reconnecting to renew it");
                 return Ok(());
@@ -248,13 +291,20 @@ async fn session_loop(
                     continue;
                 };
                 // A report the broker refuses is logged, not retried in a
-                // loop: the session (and the view) stays up.
-                match client.report_gateways(GatewayReport { gateways: r.gateways }).await {
-                    Ok(_) => {}
-                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                        tracing::error!(error = %s.message(), "the broker refused the gateway report");
+                // loop; one it cannot take now is sent again later. Either
+                // way the session (and the view) stays up.
+                if let Err(s) = client.report_gateways(GatewayReport { gateways: r.gateways }).await {
+                    match report_failure(s.code()) {
+                        ReportFailure::Refused => {
+                            tracing::error!(error = %s.message(), "the broker refused the gateway report");
+                        }
+                        ReportFailure::Later => {
+                            tracing::warn!(error = %s.message(), retry_in = ?REPORT_RETRY, "the broker cannot take the gateway report now");
+                            resend_at = Some(tokio::time::Instant::now() + REPORT_RETRY);
+                            continue;
+                        }
+                        ReportFailure::Session => return Err(format!("report gateways: {}", s.message())),
                     }
-                    Err(s) => return Err(format!("report gateways: {}", s.message())),
                 }
                 match client.request_networks(NetworkRequest { networks: r.networks }).await {
                     Ok(answer) => {
@@ -264,21 +314,30 @@ async fn session_loop(
                         }
                         shared.set_admissions(answer.admissions);
                     }
-                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                        tracing::error!(error = %s.message(), "the broker refused the network request");
-                    }
-                    Err(s) => return Err(format!("request networks: {}", s.message())),
+                    Err(s) => match report_failure(s.code()) {
+                        ReportFailure::Refused => {
+                            tracing::error!(error = %s.message(), "the broker refused the network request");
+                        }
+                        ReportFailure::Later => {
+                            tracing::warn!(error = %s.message(), retry_in = ?REPORT_RETRY, "the broker cannot take the network request now");
+                            resend_at = Some(tokio::time::Instant::now() + REPORT_RETRY);
+                        }
+                        ReportFailure::Session => return Err(format!("request networks: {}", s.message())),
+                    },
                 }
             }
             _ = ticker.tick() => {
                 let links = shared.link_health();
                 if !links.is_empty() {
-                    match client.report_link_health(LinkHealthReport { links }).await {
-                        Ok(_) => {}
-                        Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                            tracing::warn!(error = %s.message(), "the broker refused the link health report");
+                    // The next tick sends fresh health anyway: a report the
+                    // broker cannot take now is not resent.
+                    if let Err(s) = client.report_link_health(LinkHealthReport { links }).await {
+                        match report_failure(s.code()) {
+                            ReportFailure::Refused | ReportFailure::Later => {
+                                tracing::warn!(error = %s.message(), "the broker did not take the link health report");
+                            }
+                            ReportFailure::Session => return Err(format!("report link health: {}", s.message())),
                         }
-                        Err(s) => return Err(format!("report link health: {}", s.message())),
                     }
                 }
             }
@@ -288,7 +347,30 @@ async fn session_loop(
 
 #[cfg(test)]
 mod tests {
-    use super::try_order;
+    use super::{ReportFailure, report_failure, try_order};
+
+    #[test]
+    fn a_broker_that_cannot_take_a_report_now_keeps_the_session() {
+        use tonic::Code;
+        for code in [
+            Code::Unavailable,
+            Code::ResourceExhausted,
+            Code::DeadlineExceeded,
+        ] {
+            assert_eq!(report_failure(code), ReportFailure::Later, "{code:?}");
+        }
+        assert_eq!(
+            report_failure(Code::InvalidArgument),
+            ReportFailure::Refused
+        );
+        for code in [
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::Internal,
+        ] {
+            assert_eq!(report_failure(code), ReportFailure::Session, "{code:?}");
+        }
+    }
 
     #[test]
     fn replicas_are_tried_in_turn_from_the_one_after_the_last_used() {

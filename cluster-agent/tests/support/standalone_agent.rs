@@ -29,6 +29,11 @@ pub struct Seen {
     pub gateways: Vec<GatewayReport>,
     pub mtls_reports: usize,
     pub requests: Vec<NetworkRequest>,
+    /// Watch streams opened (a new one means the agent reconnected).
+    pub watches: usize,
+    /// Gateway reports still to answer UNAVAILABLE, as a broker whose
+    /// store lost quorum does.
+    pub unavailable_reports: usize,
 }
 
 pub struct FakeBroker {
@@ -87,6 +92,12 @@ impl Broker for FakeBroker {
     ) -> Result<Response<ReportAck>, Status> {
         let mtls = req.peer_certs().is_some_and(|c| !c.is_empty());
         let mut seen = self.seen.lock().unwrap();
+        if seen.unavailable_reports > 0 {
+            seen.unavailable_reports -= 1;
+            return Err(Status::unavailable(
+                "the broker's store (etcd) has no quorum: retry later",
+            ));
+        }
         if mtls {
             seen.mtls_reports += 1;
         }
@@ -134,6 +145,7 @@ impl Broker for FakeBroker {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<ClusterView, Status>> + Send>>;
     async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         use tokio_stream::StreamExt as _;
+        self.seen.lock().unwrap().watches += 1;
         let s = tokio_stream::iter(vec![Ok(view())]).chain(tokio_stream::pending());
         Ok(Response::new(Box::pin(s)))
     }
