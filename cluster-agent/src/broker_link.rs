@@ -255,9 +255,8 @@ async fn session_loop(
     let mut reports = shared.reports();
     reports.mark_changed();
     let mut ticker = tokio::time::interval(LINK_HEALTH_EVERY);
-    // Far enough to never fire when the certificate cannot be read.
-    let renew_at =
-        tokio::time::Instant::now() + renew_in.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+    // None when the certificate cannot be read: no renewal is due then.
+    let renew_at = renew_in.map(|d| tokio::time::Instant::now() + d);
     // When to send again a report the broker could not take.
     let mut resend_at: Option<tokio::time::Instant> = None;
     loop {
@@ -266,7 +265,7 @@ async fn session_loop(
                 resend_at = None;
                 reports.mark_changed();
             }
-            () = tokio::time::sleep_until(renew_at) => {
+            () = until(renew_at) => {
                 tracing::info!("certificate renewal due: reconnecting to renew it");
                 return Ok(());
             }
